@@ -1,0 +1,144 @@
+"""Core data types shared by every stream source.
+
+A *source* is a labelled image data set with an optional held-out test split. Images
+are read lazily through :class:`ImageSet` so that a run whose features are already
+cached never decodes a single image.
+
+Conventions (all sources):
+- images are ``uint8`` arrays of shape ``(n, H, W, C)`` with ``C`` in {1, 3};
+  a source may also hold ready-made feature vectors ``(n, D)`` (``float32``), which
+  only the ``pixels`` backbone accepts (it passes vectors through);
+- labels are ``int64`` class indices in ``[0, len(classes))``, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ocl.errors import OCLError
+
+
+class ImageSet:
+    """A fixed, ordered, labelled collection of images read on demand.
+
+    Subclasses implement :meth:`get` and :meth:`fingerprint`; ``labels`` is always
+    in memory (``(n,)`` int64).
+    """
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        """Return the items at ``idx`` as ``(len(idx), H, W, C)`` uint8 (or ``(len(idx), D)``)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hex digest that changes whenever the content or labels change (cache key)."""
+        raise NotImplementedError
+
+
+class ArrayImageSet(ImageSet):
+    """An :class:`ImageSet` held in memory.
+
+    Args:
+        data: ``(n, H, W)``, ``(n, H, W, C)`` uint8 images, or ``(n, D)`` feature vectors.
+        labels: ``(n,)`` integer labels.
+        where: a description of where the data came from, used in error messages.
+    """
+
+    def __init__(self, data: np.ndarray, labels: np.ndarray, where: str = "arrays") -> None:
+        data = np.asarray(data)
+        labels = np.asarray(labels)
+        if data.ndim == 3:  # (n, H, W) grayscale -> (n, H, W, 1)
+            data = data[..., None]
+        if data.ndim not in (2, 4):
+            raise OCLError(
+                f"{where}: expected images of shape (n, H, W), (n, H, W, C) or feature "
+                f"vectors (n, D); got shape {tuple(data.shape)}."
+            )
+        if data.ndim == 4 and data.shape[-1] not in (1, 3):
+            raise OCLError(
+                f"{where}: images must have 1 or 3 channels in the last axis (n, H, W, C); "
+                f"got shape {tuple(data.shape)}."
+            )
+        if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
+            raise OCLError(
+                f"{where}: labels must have shape ({data.shape[0]},) to match the data; "
+                f"got {tuple(labels.shape)}."
+            )
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            if not np.all(np.equal(np.mod(labels, 1), 0)):
+                raise OCLError(f"{where}: labels must be integers; got dtype {labels.dtype}.")
+        if data.ndim == 4:
+            if data.dtype != np.uint8:
+                if data.size and (np.nanmin(data) < 0 or np.nanmax(data) > 255):
+                    raise OCLError(f"{where}: image values must lie in [0, 255].")
+                data = data.astype(np.uint8)
+        else:
+            data = data.astype(np.float32, copy=False)
+            if not np.isfinite(data).all():
+                bad = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
+                raise OCLError(f"{where}: feature vector {bad} contains NaN or inf.")
+        self.data = data
+        self.labels = labels.astype(np.int64)
+        self._fp: str | None = None
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        return self.data[np.asarray(idx)]
+
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            h = hashlib.sha1()
+            h.update(str((self.data.shape, self.data.dtype.str)).encode())
+            h.update(np.ascontiguousarray(self.data).data)
+            h.update(np.ascontiguousarray(self.labels).data)
+            self._fp = h.hexdigest()
+        return self._fp
+
+
+@dataclass
+class Source:
+    """A labelled data set: a training stream and an optional held-out test split.
+
+    Attributes:
+        name: short name used in results and cache keys (e.g. ``"cifar10"``).
+        train: the examples the stream is built from.
+        test: held-out examples for task-boundary evaluation, or ``None``.
+        classes: class names; labels index this list.
+    """
+
+    name: str
+    train: ImageSet
+    test: ImageSet | None
+    classes: Sequence[str]
+
+    def __post_init__(self) -> None:
+        self.classes = [str(c) for c in self.classes]
+        for split, s in (("train", self.train), ("test", self.test)):
+            if s is not None:
+                check_labels(s.labels, len(self.classes), f"{self.name} ({split})")
+        if len(self.train) == 0:
+            raise OCLError(f"{self.name}: the training split is empty; nothing to stream.")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise :class:`OCLError` if any label lies outside ``[0, num_classes)``."""
+    if labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
+        raise OCLError(
+            f"{where}: label {int(labels[bad])} at index {bad} is outside the declared "
+            f"{num_classes} classes [0, {num_classes - 1}]."
+        )
