@@ -1,0 +1,64 @@
+"""The learner interface every online learner implements.
+
+The runner drives a learner strictly prequentially, one chunk at a time::
+
+    logp = learner.predict(x)      # (C, K) log-probabilities; no label visible
+    tracker.record(logp, y)        # scored before any update
+    learner.update(x, y)           # learn from the now-revealed labels
+
+A learner must never let ``predict`` depend on a label it has not yet been given
+through ``update``. Learners are built by the runner as
+``factory(feature_dim=D, num_classes=K, seed=s)`` where ``factory`` is the hydra
+``learner`` config instantiated with ``_partial_: true``.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class Learner(abc.ABC):
+    """An online classifier over feature vectors.
+
+    Args (of every subclass constructor, passed by the runner):
+        feature_dim: D, the size of each input feature vector.
+        num_classes: K, the number of output classes.
+        seed: seed for any randomness inside the learner.
+    """
+
+    name: str = "learner"
+
+    @abc.abstractmethod
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict a chunk before its labels are revealed.
+
+        Args:
+            x: ``(C, D)`` float32 features of the next C examples, in stream order.
+        Returns:
+            ``(C, K)`` log-probabilities (each row log-sum-exps to 0).
+        """
+
+    @abc.abstractmethod
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Learn from the chunk just predicted, now that its labels are revealed.
+
+        Args:
+            x: ``(C, D)`` the same features just passed to :meth:`predict`.
+            y: ``(C,)`` int64 labels in ``[0, K)``.
+        """
+
+    def on_task_boundary(self, task: int) -> None:
+        """Called when the stream's task index changes (only protocols that have tasks).
+
+        Most online learners ignore it (they are task-free); baselines that need it override.
+        """
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities for held-out data without changing any state (``(N, D) -> (N, K)``).
+
+        Defaults to :meth:`predict`; learners whose ``predict`` uses or changes a stream
+        context (e.g. a KV cache) override this with a context-free evaluation.
+        """
+        return self.predict(x)
