@@ -1,0 +1,196 @@
+"""Stream protocols: how a source's training split becomes an ordered, labelled stream.
+
+Every protocol is deterministic given ``seed`` and returns a :class:`Stream`:
+the order in which training examples arrive, the label the learner sees for each
+(after any relabelling), the task index of each step, and each task's held-out test
+examples when the source has a test split.
+
+Hydra configs name these functions with ``_partial_: true``; the runner calls
+``protocol(source, seed=seed)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ocl.errors import OCLError
+from ocl.streams.base import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskTest:
+    """Held-out test examples of one task.
+
+    Attributes:
+        index: ``(m,)`` indices into ``source.test``.
+        labels: ``(m,)`` labels as the learner sees them for this task.
+    """
+
+    index: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class Stream:
+    """An ordered labelled stream over ``source.train``.
+
+    Attributes:
+        name: protocol name (``"split"``, ``"iid"``, ``"permuted"``).
+        order: ``(N,)`` indices into ``source.train``, in arrival order.
+        labels: ``(N,)`` int64 label revealed at each step (after relabelling).
+        tasks: ``(N,)`` int64 task index of each step (non-decreasing).
+        num_classes: K, size of the label space the learner predicts over.
+        tests: one :class:`TaskTest` per task, or empty when the source has no test split.
+        task_classes: the (original) classes of each task, for class-incremental splits.
+    """
+
+    name: str
+    order: np.ndarray
+    labels: np.ndarray
+    tasks: np.ndarray
+    num_classes: int
+    tests: list[TaskTest] = field(default_factory=list)
+    task_classes: list[list[int]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.order.shape[0])
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.tasks[-1]) + 1 if len(self) else 0
+
+    def boundaries(self) -> np.ndarray:
+        """Step indices at which a new task starts (excluding step 0), ``(n_tasks - 1,)``."""
+        return np.flatnonzero(np.diff(self.tasks)) + 1
+
+
+def _truncate(stream: Stream, max_examples: int | None) -> Stream:
+    """Keep the first ``max_examples`` steps (and the tests of the tasks that remain)."""
+    if max_examples is None or max_examples >= len(stream):
+        return stream
+    if max_examples <= 0:
+        raise OCLError(f"max_examples must be positive; got {max_examples}.")
+    n_tasks = int(stream.tasks[max_examples - 1]) + 1
+    return Stream(
+        name=stream.name,
+        order=stream.order[:max_examples],
+        labels=stream.labels[:max_examples],
+        tasks=stream.tasks[:max_examples],
+        num_classes=stream.num_classes,
+        tests=stream.tests[:n_tasks],
+        task_classes=None if stream.task_classes is None else stream.task_classes[:n_tasks],
+    )
+
+
+def split(
+    source: Source,
+    seed: int = 0,
+    n_tasks: int = 5,
+    classes_per_task: int | None = None,
+    class_order: Sequence[int] | None = None,
+    shuffle_classes: bool = True,
+    max_examples: int | None = None,
+) -> Stream:
+    """Class-incremental split: tasks are disjoint groups of classes, one after another.
+
+    The learner predicts over all ``source.num_classes`` classes (single head). Within a
+    task the examples are shuffled.
+
+    Args:
+        n_tasks: number of tasks.
+        classes_per_task: classes in each task (default: ``num_classes // n_tasks``).
+        class_order: explicit order of classes (overrides the seeded shuffle).
+        shuffle_classes: draw the class order from ``seed`` (else 0, 1, 2, ...).
+        max_examples: cut the stream after this many steps (``None``: whole stream).
+    """
+    K = source.num_classes
+    if n_tasks < 1:
+        raise OCLError(f"protocol.n_tasks must be >= 1; got {n_tasks}.")
+    cpt = classes_per_task if classes_per_task is not None else K // n_tasks
+    if cpt < 1 or cpt * n_tasks > K:
+        raise OCLError(
+            f"protocol: {n_tasks} tasks x {cpt} classes per task needs {n_tasks * max(cpt, 1)} "
+            f"classes, but {source.name} has {K}. Lower protocol.n_tasks or "
+            f"protocol.classes_per_task."
+        )
+    rng = np.random.default_rng(seed)
+    if class_order is not None:
+        order_c = np.asarray(list(class_order), dtype=np.int64)
+        if sorted(order_c.tolist()) != sorted(set(order_c.tolist())) or order_c.min() < 0 or order_c.max() >= K:
+            raise OCLError(f"protocol.class_order must list distinct classes in [0, {K}); got {list(order_c)}.")
+        if len(order_c) < cpt * n_tasks:
+            raise OCLError(f"protocol.class_order lists {len(order_c)} classes; {cpt * n_tasks} needed.")
+    else:
+        order_c = rng.permutation(K) if shuffle_classes else np.arange(K)
+    task_classes = [order_c[i * cpt : (i + 1) * cpt].tolist() for i in range(n_tasks)]
+
+    y = source.train.labels
+    order, tasks = [], []
+    for t, cls in enumerate(task_classes):
+        idx = np.flatnonzero(np.isin(y, cls))
+        if idx.size == 0:
+            raise OCLError(f"protocol: task {t} (classes {cls}) has no training examples in {source.name}.")
+        order.append(rng.permutation(idx))
+        tasks.append(np.full(idx.size, t, dtype=np.int64))
+    order_a = np.concatenate(order)
+    tests = []
+    if source.test is not None:
+        yt = source.test.labels
+        for cls in task_classes:
+            idx = np.flatnonzero(np.isin(yt, cls))
+            tests.append(TaskTest(index=idx, labels=yt[idx]))
+    stream = Stream("split", order_a, y[order_a].astype(np.int64), np.concatenate(tasks), K, tests, task_classes)
+    return _truncate(stream, max_examples)
+
+
+def iid(source: Source, seed: int = 0, max_examples: int | None = None) -> Stream:
+    """One task: the training split in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(source.train))
+    tests = []
+    if source.test is not None:
+        tests = [TaskTest(np.arange(len(source.test)), source.test.labels.astype(np.int64))]
+    stream = Stream(
+        "iid", order, source.train.labels[order].astype(np.int64),
+        np.zeros(order.size, dtype=np.int64), source.num_classes, tests,
+    )
+    return _truncate(stream, max_examples)
+
+
+def permuted(
+    source: Source,
+    seed: int = 0,
+    segment_length: int = 1000,
+    max_examples: int | None = None,
+) -> Stream:
+    """Label-permuted segments: examples in seeded random order, and every
+    ``segment_length`` steps the mapping class -> label is re-drawn at random.
+
+    This is the non-stationary setting of Bornschein et al. (2024): the inputs stay
+    i.i.d. but what they mean changes abruptly, so a learner must re-learn fast. Each
+    segment is a task; its test set is the whole test split under that segment's mapping.
+    The first segment uses a random mapping too (no segment is privileged).
+    """
+    if segment_length < 1:
+        raise OCLError(f"protocol.segment_length must be >= 1; got {segment_length}.")
+    K = source.num_classes
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(source.train))
+    if max_examples is not None:
+        order = order[:max_examples]
+    n = order.size
+    tasks = np.arange(n, dtype=np.int64) // segment_length
+    n_seg = int(tasks[-1]) + 1
+    perms = np.stack([rng.permutation(K) for _ in range(n_seg)])  # (n_seg, K)
+    labels = perms[tasks, source.train.labels[order]].astype(np.int64)
+    tests = []
+    if source.test is not None:
+        yt = source.test.labels
+        tests = [TaskTest(np.arange(yt.size), perms[s, yt].astype(np.int64)) for s in range(n_seg)]
+    return Stream("permuted", order, labels, tasks, K, tests)

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from ocl.errors import OCLError
+from ocl.streams.base import ArrayImageSet, Source
+from ocl.streams.protocols import iid, permuted, split
+
+
+def make_source(n_per_class=20, K=10, with_test=True):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(K), n_per_class)
+    x = rng.integers(0, 255, size=(y.size, 4, 4), dtype=np.uint8)
+    test = ArrayImageSet(x[: K * 3], np.repeat(np.arange(K), 3)) if with_test else None
+    return Source("toy", ArrayImageSet(x, y), test, [str(k) for k in range(K)])
+
+
+def test_split_tasks_are_disjoint_class_groups_in_order():
+    src = make_source()
+    s = split(src, seed=3, n_tasks=5)
+    assert len(s) == 200 and s.n_tasks == 5
+    assert np.all(np.diff(s.tasks) >= 0)
+    np.testing.assert_array_equal(s.boundaries(), [40, 80, 120, 160])
+    seen = set()
+    for t, cls in enumerate(s.task_classes):
+        labels = set(s.labels[s.tasks == t].tolist())
+        assert labels == set(cls) and not (labels & seen)
+        seen |= labels
+        # each task's test set holds exactly that task's classes
+        assert set(s.tests[t].labels.tolist()) == set(cls)
+    # labels are the source's labels at the streamed indices (no relabelling)
+    np.testing.assert_array_equal(s.labels, src.train.labels[s.order])
+    assert sorted(s.order.tolist()) == list(range(200))
+
+
+def test_split_is_deterministic_and_seed_dependent():
+    src = make_source()
+    a, b, c = split(src, seed=1), split(src, seed=1), split(src, seed=2)
+    np.testing.assert_array_equal(a.order, b.order)
+    assert a.task_classes == b.task_classes
+    assert a.task_classes != c.task_classes
+
+
+def test_split_explicit_class_order_and_errors():
+    src = make_source()
+    s = split(src, n_tasks=2, classes_per_task=2, class_order=[9, 8, 7, 6])
+    assert s.task_classes == [[9, 8], [7, 6]] and len(s) == 80
+    with pytest.raises(OCLError, match="classes"):
+        split(src, n_tasks=6, classes_per_task=2)
+    with pytest.raises(OCLError, match="class_order"):
+        split(src, n_tasks=2, classes_per_task=2, class_order=[1, 1, 2, 3])
+
+
+def test_split_without_test_and_truncation():
+    src = make_source(with_test=False)
+    s = split(src, n_tasks=5, max_examples=50)
+    assert s.tests == [] and len(s) == 50 and s.n_tasks == 2
+
+
+def test_iid_is_a_seeded_permutation():
+    src = make_source()
+    s = iid(src, seed=0)
+    assert sorted(s.order.tolist()) == list(range(200)) and s.n_tasks == 1
+    assert not np.array_equal(s.order, np.arange(200))
+    np.testing.assert_array_equal(s.order, iid(src, seed=0).order)
+    assert len(s.tests) == 1 and s.tests[0].index.size == 30
+
+
+def test_permuted_redraws_mapping_every_segment():
+    src = make_source()
+    s = permuted(src, seed=0, segment_length=50)
+    assert s.n_tasks == 4
+    np.testing.assert_array_equal(s.boundaries(), [50, 100, 150])
+    y_orig = src.train.labels[s.order]
+    maps = []
+    for t in range(4):
+        m = s.tasks == t
+        mapping = dict(zip(y_orig[m].tolist(), s.labels[m].tolist()))
+        # a consistent bijection within the segment
+        assert all(s.labels[m][y_orig[m] == c][0] == mapping[c] for c in mapping)
+        assert len(set(mapping.values())) == len(mapping)
+        maps.append(mapping)
+        # test labels use the same mapping as the segment
+        tl = s.tests[t]
+        assert all(mapping.get(c, v) == v for c, v in zip(src.test.labels[tl.index].tolist(), tl.labels.tolist()))
+    assert maps[0] != maps[1]
+    np.testing.assert_array_equal(s.labels, permuted(src, seed=0, segment_length=50).labels)
+    with pytest.raises(OCLError):
+        permuted(src, segment_length=0)
