@@ -1,0 +1,57 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ocl.metrics import (
+    Tracker,
+    average_anytime_accuracy,
+    backward_transfer,
+    final_average_accuracy,
+    forgetting,
+    near_future_accuracy,
+    online_accuracy_curve,
+)
+
+ACC = np.array([
+    [0.9, 0.1, 0.0],
+    [0.6, 0.8, 0.2],
+    [0.3, 0.7, 0.9],
+])
+
+
+def test_boundary_metrics_hand_computed():
+    assert final_average_accuracy(ACC) == pytest.approx((0.3 + 0.7 + 0.9) / 3)
+    # forgetting: task0 max(0.9, 0.6) - 0.3 = 0.6; task1 max(0.8) - 0.7 = 0.1
+    assert forgetting(ACC) == pytest.approx(0.35)
+    # bwt: (0.3 - 0.9 + 0.7 - 0.8) / 2
+    assert backward_transfer(ACC) == pytest.approx(-0.35)
+    # anytime: mean(0.9, mean(0.6, 0.8), mean(0.3, 0.7, 0.9))
+    assert average_anytime_accuracy(ACC) == pytest.approx((0.9 + 0.7 + 1.9 / 3) / 3)
+    assert math.isnan(forgetting(ACC[:1, :1]))
+
+
+def test_online_curve_and_near_future():
+    c = np.array([1, 0, 1, 1, 0], dtype=bool)
+    np.testing.assert_allclose(online_accuracy_curve(c, 2), [1, 0.5, 0.5, 1, 0.5])
+    np.testing.assert_allclose(online_accuracy_curve(c, 10), [1, 0.5, 2 / 3, 0.75, 0.6])
+    pred = np.array([1, 2, 3, 4])
+    y = np.array([0, 1, 2, 3])
+    assert near_future_accuracy(pred, y, 0) == 0.0
+    assert near_future_accuracy(pred, y, 1) == 1.0
+
+
+def test_tracker_scores_log_loss_in_nats():
+    tr = Tracker(3)
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
+    tr.record(logp, torch.tensor([0, 2]))
+    tr.record(torch.log(torch.tensor([[0.2, 0.8, 0.0]])), torch.tensor([2]))  # p_true = 0
+    s = tr.summary()
+    assert s["n_examples"] == 3
+    assert s["avg_online_accuracy"] == pytest.approx(2 / 3)
+    assert tr.loss[0] == pytest.approx(math.log(2)) and tr.loss[1] == pytest.approx(-math.log(0.7))
+    # -log(0) is clamped to a large finite loss and counted
+    assert tr.nonfinite == 1 and np.isfinite(s["cumulative_log_loss"]) and tr.loss[2] > 60
+    with pytest.raises(ValueError):
+        tr.record(logp, torch.tensor([0, 1]))
