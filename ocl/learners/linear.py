@@ -1,0 +1,91 @@
+"""Online softmax regression trained with SGD: the simplest baseline over features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ocl.learners.base import Learner
+
+
+class RunningStandardizer:
+    """Standardises features with running mean/variance of the inputs seen so far.
+
+    Statistics are updated only in :meth:`update`, i.e. from examples the learner has
+    already been trained on, so prediction never uses anything it has not been given.
+
+    Args:
+        dim: D, the feature size.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(C, D) -> (C, D)`` standardised; identity until two examples were seen."""
+        if self.n < 2:
+            return x
+        std = (self.m2 / (self.n - 1)).sqrt().clamp_min(1e-3)
+        return ((x.double() - self.mean) / std).to(x.dtype)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Chan et al.'s parallel update of mean and M2 with a chunk ``(C, D)``."""
+        x = x.double()
+        c = x.shape[0]
+        mean_c = x.mean(0)
+        m2_c = ((x - mean_c) ** 2).sum(0)
+        delta = mean_c - self.mean
+        tot = self.n + c
+        self.mean += delta * c / tot
+        self.m2 += m2_c + delta**2 * self.n * c / tot
+        self.n = tot
+
+
+class LinearLearner(Learner):
+    """Online multinomial logistic regression: one SGD step per chunk on its mean loss.
+
+    Args:
+        feature_dim: D.
+        num_classes: K.
+        seed: unused (zero initialisation is deterministic) but accepted for uniformity.
+        lr: SGD learning rate.
+        standardize: standardise inputs with running statistics of past inputs; makes one
+            learning rate work for pixels and for ViT features of very different scales.
+        weight_decay: L2 penalty.
+    """
+
+    name = "linear"
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_classes: int,
+        seed: int = 0,
+        lr: float = 0.01,
+        standardize: bool = True,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.linear = torch.nn.Linear(feature_dim, num_classes)
+        # Zero init: the first prediction is uniform (log-loss log K), the honest prior.
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+        self.opt = torch.optim.SGD(self.linear.parameters(), lr=lr, weight_decay=weight_decay)
+        self.norm = RunningStandardizer(feature_dim) if standardize else None
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x) if self.norm is not None else x)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self._logits(x), dim=1)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.cross_entropy(self._logits(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            self.opt.step()
+        if self.norm is not None:
+            self.norm.update(x)
