@@ -1,0 +1,83 @@
+"""Writing results for people (tables) and for programs (JSON, CSV)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ocl.metrics import Tracker
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> str:
+    """Plain-text table with aligned columns; floats shown with 4 significant decimals."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "-"
+            return f"{v:.4f}" if abs(v) < 1e4 else f"{v:,.1f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    if headers:
+        cells = [list(headers)] + cells
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    if headers:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, (np.floating, float)):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temp file + rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_steps_csv(path: Path, tracker: Tracker) -> None:
+    """One row per step: step, task, label, pred, correct, loss (nats), p_true."""
+    n = tracker.t
+    cols = np.column_stack([
+        np.arange(n), tracker.task[:n], tracker.label[:n], tracker.pred[:n],
+        (tracker.pred[:n] == tracker.label[:n]).astype(np.int64),
+    ])
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("step,task,label,pred,correct,loss,p_true\n")
+        for row, loss, p in zip(cols.tolist(), tracker.loss[:n].tolist(), tracker.p_true[:n].tolist()):
+            f.write(f"{row[0]},{row[1]},{row[2]},{row[3]},{row[4]},{loss:.6g},{p:.6g}\n")
+    os.replace(tmp, path)
