@@ -1,0 +1,392 @@
+"""Frozen feature extraction with an on-disk cache.
+
+An :class:`Extractor` maps a batch of images ``(n, H, W, C)`` uint8 to features
+``(n, D)`` float32. :func:`extract_features` runs one over a whole :class:`ImageSet`
+and caches the result under ``cache_dir/<key>/``::
+
+    features.npy   (n, D) float32, read back as a read-only np.memmap
+    meta.json      shape, dtype, sha1 of the feature bytes, fingerprint, extractor key
+
+``<key>`` is the sha1 of the images' fingerprint and the extractor's key (model, weights,
+preprocessing), so any change to either is a cache miss. Files are written to a temp file,
+fsynced and renamed (atomic), meta.json last; on load every check (meta present and
+matching, file size, sha1) must pass, otherwise a WARNING says why and the cache is rebuilt.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ocl.errors import OCLError
+from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cache layout or meta fields change
+
+
+class Extractor(abc.ABC):
+    """Maps image batches to feature vectors: ``(n, H, W, C)`` uint8 -> ``(n, D)`` float32."""
+
+    #: whether :func:`extract_features` should cache this extractor's output on disk
+    cacheable: bool = True
+
+    @property
+    @abc.abstractmethod
+    def feature_dim(self) -> int | None:
+        """D, or ``None`` while it depends on inputs not yet seen."""
+
+    @abc.abstractmethod
+    def key(self) -> str:
+        """A string that changes whenever the features would (model, weights, preprocessing)."""
+
+    @abc.abstractmethod
+    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+        """``(n, H, W, C)`` uint8 -> ``(n, D)`` float32 on the CPU."""
+
+
+class PixelExtractor(Extractor):
+    """Raw pixels as features: ``(n, H, W, C)`` uint8 -> ``(n, H*W*C)`` in [0, 1].
+
+    Ready-made feature vectors ``(n, D)`` pass through unchanged. Not cached: reading the
+    images is as cheap as computing this.
+    """
+
+    cacheable = False
+
+    def __init__(self) -> None:
+        self._dim: int | None = None
+
+    @property
+    def feature_dim(self) -> int | None:
+        return self._dim
+
+    def key(self) -> str:
+        return "pixels/v1"
+
+    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+        batch = np.asarray(batch)
+        if batch.ndim == 2:  # (n, D) feature vectors
+            out = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        elif batch.ndim == 4:  # (n, H, W, C) images
+            x = torch.from_numpy(np.ascontiguousarray(batch))
+            out = x.reshape(x.shape[0], -1).to(torch.float32) / 255.0  # (n, H*W*C)
+        else:
+            raise OCLError(f"pixels: expected (n, H, W, C) images or (n, D) vectors; got {batch.shape}.")
+        self._dim = int(out.shape[1])
+        return out
+
+
+class TimmExtractor(Extractor):
+    """Pooled features of a frozen timm backbone (DINO ViT-S/16 by default).
+
+    Preprocessing, all in torch: grayscale -> 3 channels, bicubic antialiased resize to
+    ``image_size`` (clamped to [0, 1] like a uint8 resize), normalise with the model's
+    mean/std. No crop: the whole image is kept.
+
+    Args:
+        model: backbone name (see :mod:`ocl.streams.backbones`).
+        weights: ``"auto"``, ``"random"`` or a checkpoint path.
+        image_size: side S of the model input.
+        batch_size: images per forward pass.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ...
+        model_kwargs: extra ``timm.create_model`` arguments.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_BACKBONE,
+        weights: str = "auto",
+        image_size: int = 224,
+        batch_size: int = 64,
+        device: str = "auto",
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise OCLError(
+                f"backbone.device={device!r} but no CUDA GPU is available; use 'auto' or 'cpu'.")
+        if batch_size < 1:
+            raise OCLError(f"backbone.batch_size must be >= 1; got {batch_size}.")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.net, self._info = build_backbone(model, weights, image_size, self.model_kwargs)
+        self.net.to(self.device)
+        self.image_size = self._info["image_size"]
+        self._mean = torch.tensor(self._info["mean"], device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self._info["std"], device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The backbone info dict (model, weights source, weights_sha1, D, mean, std, size)."""
+        return dict(self._info)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._info["feature_dim"])
+
+    def key(self) -> str:
+        i = self._info
+        return json.dumps({
+            "kind": "timm/v1", "model": i["model"], "weights_sha1": i["weights_sha1"],
+            "image_size": i["image_size"], "mean": i["mean"], "std": i["std"],
+            "resize": "bicubic-antialias-clamp", "model_kwargs": repr(sorted(self.model_kwargs.items())),
+        }, sort_keys=True)
+
+    def preprocess(self, batch: np.ndarray) -> torch.Tensor:
+        """``(n, H, W, C)`` uint8 -> ``(n, 3, S, S)`` normalised float32 on the device."""
+        if batch.ndim != 4:
+            raise OCLError(
+                f"backbone {self._info['model']} needs images (n, H, W, C); got shape {batch.shape}. "
+                f"Feature-vector data sets can only be used with backbone=pixels."
+            )
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        x = x.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (n, C, H, W)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
+        S = self.image_size
+        if x.shape[-2:] != (S, S):
+            x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp_(0.0, 1.0)  # bicubic overshoots; a uint8 resize would clip too
+        return (x - self._mean) / self._std  # (n, 3, S, S)
+
+    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(batch), self.batch_size):
+                x = self.preprocess(batch[s:s + self.batch_size])
+                out.append(self.net(x).float().cpu())  # (b, D)
+        if not out:
+            return torch.zeros(0, self.feature_dim)
+        return torch.cat(out)  # (n, D)
+
+
+def make_extractor(name: str = DEFAULT_BACKBONE, **kwargs: Any) -> Extractor:
+    """Build an extractor from a config: ``"pixels"`` or a backbone name plus TimmExtractor options."""
+    if name == "pixels":
+        if kwargs:
+            raise OCLError(f"backbone 'pixels' takes no options; got {sorted(kwargs)}.")
+        return PixelExtractor()
+    try:
+        return TimmExtractor(name, **kwargs)
+    except TypeError as e:
+        raise OCLError(f"backbone {name!r}: invalid option ({e}).") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Extraction and the disk cache
+# ---------------------------------------------------------------------------------------
+
+
+def cache_key(fingerprint: str, extractor_key: str) -> str:
+    """Directory name of a cache entry: sha1 of the image fingerprint and the extractor key."""
+    return hashlib.sha1(json.dumps([fingerprint, extractor_key]).encode()).hexdigest()
+
+
+def extract_features(
+    images: Any,
+    extractor: Extractor,
+    cache_dir: str | os.PathLike | None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features of every item of ``images`` (an :class:`ImageSet`), cached on disk.
+
+    Args:
+        images: the ImageSet, read in order in batches of ``batch_size``.
+        extractor: maps ``(b, H, W, C)`` uint8 to ``(b, D)`` float32.
+        cache_dir: cache root; ``None`` (or a non-cacheable extractor) computes in memory.
+        batch_size: images read per step.
+        progress: show a tqdm bar (only on a terminal).
+
+    Returns:
+        ``(n, D)`` float32: a read-only ``np.memmap`` when cached, else an array.
+
+    Raises:
+        OCLError: the extractor produced NaN/inf (nothing is cached) or a bad shape.
+    """
+    if batch_size < 1:
+        raise OCLError(f"batch_size must be >= 1; got {batch_size}.")
+    if cache_dir is None or not extractor.cacheable:
+        return _compute(images, extractor, None, batch_size, progress)[0]
+
+    fp, ekey = images.fingerprint(), extractor.key()
+    entry = Path(cache_dir) / cache_key(fp, ekey)
+    feats = _load_cached(entry, fp, ekey, len(images))
+    if feats is not None:
+        log.info("feature cache hit: %s (%d x %d)", entry, *feats.shape)
+        return feats
+
+    entry.mkdir(parents=True, exist_ok=True)
+    meta_path, feat_path = entry / "meta.json", entry / "features.npy"
+    meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
+    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=entry)
+    os.close(fd)
+    try:
+        written, sha1, shape = _compute(images, extractor, Path(tmp), batch_size, progress)
+        del written  # close the writable memmap; the caller gets a read-only one
+        os.replace(tmp, feat_path)
+    except BaseException:
+        os.unlink(tmp)
+        _rmdir_if_empty(entry)  # a failed first build leaves nothing behind
+        raise
+    meta = {
+        "format": CACHE_FORMAT, "shape": list(shape), "dtype": "float32", "sha1": sha1,
+        "n_bytes": feat_path.stat().st_size, "fingerprint": fp, "extractor": ekey,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    _fsync_dir(entry)
+    log.info("feature cache written: %s", entry)
+    return np.load(feat_path, mmap_mode="r")
+
+
+def _compute(
+    images: Any, extractor: Extractor, out_path: Path | None, batch_size: int, progress: bool
+) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Run the extractor over all images; write to ``out_path`` (.npy) if given.
+
+    Returns ``(features, sha1 of their bytes, shape)``.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(images)
+    h = hashlib.sha1()
+    out: np.ndarray | None = None
+    if n == 0:
+        out = np.zeros((0, extractor.feature_dim or 0), np.float32)
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, unit="img", desc="features", disable=not progress or not sys.stderr.isatty())
+    try:
+        for s in range(0, n, batch_size):
+            idx = np.arange(s, min(s + batch_size, n))
+            f = extractor(images.get(idx))
+            f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+            f = f.astype(np.float32, copy=False)  # (b, D)
+            if f.ndim != 2 or f.shape[0] != len(idx) or (out is not None and f.shape[1] != out.shape[1]):
+                raise OCLError(
+                    f"extractor {extractor.key()} returned shape {f.shape} for {len(idx)} images.")
+            if not np.isfinite(f).all():
+                bad = s + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
+                raise OCLError(
+                    f"the feature extractor produced NaN/inf (first at image {bad}); nothing was "
+                    f"cached. Extractor: {extractor.key()}. Check the weights and the input images."
+                )
+            if out is None:  # D is known only after the first batch
+                shape = (n, f.shape[1])
+                out = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+                       if out_path is not None else np.empty(shape, np.float32))
+            f = np.ascontiguousarray(f)
+            out[s:s + len(idx)] = f
+            h.update(f.data)  # row-major batches in order == the bytes of the whole array
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    dt = time.perf_counter() - t0
+    log.info("extracted %d features of dim %d in %.1f s (%.1f images/s)",
+             n, out.shape[1], dt, n / dt if dt > 0 else float("inf"))
+    if out_path is not None:
+        if isinstance(out, np.memmap):
+            out.flush()
+        else:  # n == 0: no batch opened the memmap; still write a valid file
+            np.save(out_path, out)
+        with open(out_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    return out, h.hexdigest(), (n, int(out.shape[1]))
+
+
+def _load_cached(entry: Path, fp: str, ekey: str, n: int) -> np.ndarray | None:
+    """The cached features if every check passes; else None (with a WARNING if an entry existed)."""
+    if not (entry / "meta.json").exists() and not (entry / "features.npy").exists():
+        return None  # nothing there yet: a plain miss
+    why = _cache_problem(entry, fp, ekey, n)
+    if why is None:
+        return np.load(entry / "features.npy", mmap_mode="r")
+    log.warning("feature cache %s is invalid (%s); rebuilding it.", entry, why)
+    return None
+
+
+def _cache_problem(entry: Path, fp: str, ekey: str, n: int) -> str | None:
+    """Why the cache entry cannot be trusted, or None if it can."""
+    meta_path, feat_path = entry / "meta.json", entry / "features.npy"
+    if not meta_path.is_file():
+        return "meta.json is missing: an interrupted or partial write"
+    try:
+        meta = json.loads(meta_path.read_text())
+        shape, sha1, n_bytes = tuple(meta["shape"]), meta["sha1"], int(meta["n_bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({type(e).__name__}: {e})"
+    if meta.get("format") != CACHE_FORMAT or meta.get("dtype") != "float32":
+        return f"format/dtype {meta.get('format')}/{meta.get('dtype')}, expected {CACHE_FORMAT}/float32"
+    if meta.get("fingerprint") != fp or meta.get("extractor") != ekey:
+        return "meta.json was written for other images or another extractor"
+    if len(shape) != 2 or shape[0] != n:
+        return f"meta.json shape {list(shape)} does not match {n} images"
+    if not feat_path.is_file():
+        return "features.npy is missing"
+    size = feat_path.stat().st_size
+    if size != n_bytes:
+        return f"features.npy has {size} bytes, meta.json says {n_bytes} (truncated or replaced)"
+    try:
+        arr = np.load(feat_path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        return f"features.npy is unreadable ({type(e).__name__}: {e})"
+    if arr.shape != shape or arr.dtype != np.float32:
+        return f"features.npy holds {arr.shape} {arr.dtype}, meta.json says {list(shape)} float32"
+    h = hashlib.sha1()
+    flat = arr.reshape(-1)
+    step = 1 << 22  # hash 16 MB at a time: never loads a big cache whole
+    for s in range(0, flat.shape[0], step):
+        h.update(np.ascontiguousarray(flat[s:s + step]).data)
+    if h.hexdigest() != sha1:
+        return "sha1 of features.npy does not match meta.json (corrupted bytes)"
+    return None
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + "-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,260 @@
+"""Feature extractors and the on-disk feature cache (tiny models, no network)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ocl.errors import OCLError
+from ocl.streams.base import ArrayImageSet
+from ocl.streams.features import (
+    Extractor,
+    PixelExtractor,
+    TimmExtractor,
+    cache_key,
+    extract_features,
+    make_extractor,
+)
+
+TINY = dict(embed_dim=24, depth=1, num_heads=2)
+
+
+def images(n: int = 10, h: int = 8, c: int = 3, seed: int = 0) -> ArrayImageSet:
+    rng = np.random.default_rng(seed)
+    return ArrayImageSet(rng.integers(0, 256, (n, h, h, c), dtype=np.uint8), rng.integers(0, 3, n))
+
+
+class Counting(Extractor):
+    """Per-channel means (n, H, W, C) -> (n, C): cheap, exact, and counts its calls."""
+
+    def __init__(self, tag: str = "a", nan_at: int | None = None) -> None:
+        self.tag, self.nan_at, self.calls, self.seen = tag, nan_at, 0, 0
+
+    @property
+    def feature_dim(self) -> int:
+        return 3
+
+    def key(self) -> str:
+        return f"counting/{self.tag}"
+
+    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+        self.calls += 1
+        out = torch.from_numpy(batch.astype(np.float32).mean(axis=(1, 2)))  # (n, C)
+        if self.nan_at is not None and self.seen <= self.nan_at < self.seen + len(batch):
+            out[self.nan_at - self.seen, 0] = float("nan")
+        self.seen += len(batch)
+        return out
+
+
+def expected(ims: ArrayImageSet) -> np.ndarray:
+    return ims.data.astype(np.float32).mean(axis=(1, 2))
+
+
+def entry_of(cache: Path, ims: ArrayImageSet, ex: Extractor) -> Path:
+    return cache / cache_key(ims.fingerprint(), ex.key())
+
+
+# --- cache ---------------------------------------------------------------------------
+
+
+def test_miss_then_hit_does_no_extractor_work(tmp_path) -> None:
+    ims = images()
+    ex = Counting()
+    a = extract_features(ims, ex, tmp_path, batch_size=4, progress=False)
+    assert ex.calls == 3  # 10 images in batches of 4
+    np.testing.assert_array_equal(a, expected(ims))
+    assert isinstance(a, np.memmap) and not a.flags.writeable and a.dtype == np.float32
+
+    entry = entry_of(tmp_path, ims, ex)
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["shape"] == [10, 3] and meta["dtype"] == "float32"
+    assert meta["fingerprint"] == ims.fingerprint() and meta["extractor"] == ex.key()
+    assert {"sha1", "created"} <= set(meta)
+    assert sorted(p.name for p in entry.iterdir()) == ["features.npy", "meta.json"]  # no temp files
+
+    fresh = Counting()  # a new process would build a new extractor with the same key
+    b = extract_features(ims, fresh, tmp_path, batch_size=4, progress=False)
+    assert fresh.calls == 0
+    np.testing.assert_array_equal(a, b)
+
+
+def test_changed_images_or_extractor_is_a_miss(tmp_path) -> None:
+    ims, ex = images(), Counting()
+    extract_features(ims, ex, tmp_path, progress=False)
+    other = images(seed=1)
+    extract_features(other, ex, tmp_path, progress=False)
+    assert ex.calls == 2
+    ex_b = Counting(tag="b")
+    extract_features(ims, ex_b, tmp_path, progress=False)
+    assert ex_b.calls == 1
+    relabelled = ArrayImageSet(ims.data, (ims.labels + 1) % 3)  # labels are part of the fingerprint
+    extract_features(relabelled, ex, tmp_path, progress=False)
+    assert ex.calls == 3
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def _flip(entry: Path) -> None:
+    p = entry / "features.npy"
+    b = bytearray(p.read_bytes())
+    b[-5] ^= 0xFF  # inside the data, not the header
+    p.write_bytes(bytes(b))
+
+
+def _truncate(entry: Path) -> None:
+    p = entry / "features.npy"
+    p.write_bytes(p.read_bytes()[:-12])
+
+
+def _drop_meta(entry: Path) -> None:
+    (entry / "meta.json").unlink()
+
+
+def _meta_of_other_shape(entry: Path) -> None:
+    # the meta.json a 3-image run would have written: a different shape and byte count
+    other = entry.parent / "other"
+    extract_features(images(n=3), Counting(), other, progress=False)
+    (src,) = list(other.iterdir())
+    meta = json.loads((src / "meta.json").read_text())
+    meta.update(fingerprint=json.loads((entry / "meta.json").read_text())["fingerprint"])
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def _garbage_meta(entry: Path) -> None:
+    (entry / "meta.json").write_text("{not json")
+
+
+def _corrupt_header(entry: Path) -> None:
+    p = entry / "features.npy"
+    b = bytearray(p.read_bytes())
+    b[:6] = b"XXXXXX"  # the .npy magic
+    p.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("corrupt,why", [
+    (_flip, "sha1"),
+    (_truncate, "bytes"),
+    (_drop_meta, "meta.json is missing"),
+    (_meta_of_other_shape, "shape"),
+    (_garbage_meta, "unreadable"),
+    (_corrupt_header, "unreadable"),
+], ids=["flipped-bytes", "truncated", "missing-meta", "other-shape-meta", "garbage-meta", "bad-header"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog, corrupt, why) -> None:
+    cache = tmp_path / "cache"
+    ims, ex = images(), Counting()
+    extract_features(ims, ex, cache, progress=False)
+    corrupt(entry_of(cache, ims, ex))
+
+    with caplog.at_level(logging.WARNING, logger="ocl.streams.features"):
+        out = extract_features(ims, ex, cache, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and why in warnings[0] and "rebuilding" in warnings[0]
+    assert ex.calls == 2  # rebuilt, not used
+    np.testing.assert_array_equal(out, expected(ims))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ocl.streams.features"):
+        extract_features(ims, ex, cache, progress=False)
+    assert ex.calls == 2 and not caplog.records  # the rebuilt cache is clean
+
+
+def test_nan_features_raise_and_cache_nothing(tmp_path) -> None:
+    ims = images()
+    with pytest.raises(OCLError, match="NaN/inf .*image 6"):
+        extract_features(ims, Counting(nan_at=6), tmp_path, batch_size=4, progress=False)
+    assert list(tmp_path.rglob("*")) == []
+    with pytest.raises(OCLError, match="NaN"):
+        extract_features(ims, Counting(nan_at=0), None, progress=False)
+
+
+def test_no_cache_dir_computes_in_memory(tmp_path) -> None:
+    ims, ex = images(), Counting()
+    a = extract_features(ims, ex, None, batch_size=3, progress=False)
+    b = extract_features(ims, ex, None, batch_size=3, progress=False)
+    assert ex.calls == 8 and not isinstance(a, np.memmap)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_throughput_is_logged(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="ocl.streams.features"):
+        extract_features(images(), Counting(), tmp_path, progress=False)
+    assert any("images/s" in r.getMessage() for r in caplog.records)
+
+
+# --- pixels --------------------------------------------------------------------------
+
+
+def test_pixel_extractor_images_and_vectors(tmp_path) -> None:
+    ims = images(n=4, h=5, c=1)
+    ex = PixelExtractor()
+    out = extract_features(ims, ex, tmp_path, progress=False)
+    assert out.shape == (4, 25) and out.dtype == np.float32 and ex.feature_dim == 25
+    np.testing.assert_allclose(out, ims.data.reshape(4, -1) / 255.0, rtol=1e-6)
+    assert out.min() >= 0 and out.max() <= 1
+    assert list(tmp_path.iterdir()) == []  # not cacheable: nothing written
+
+    vecs = np.random.default_rng(0).standard_normal((6, 7)).astype(np.float32)
+    out = extract_features(ArrayImageSet(vecs, np.zeros(6)), PixelExtractor(), tmp_path, progress=False)
+    np.testing.assert_array_equal(out, vecs)
+
+
+def test_make_extractor() -> None:
+    assert isinstance(make_extractor("pixels"), PixelExtractor)
+    with pytest.raises(OCLError, match="takes no options"):
+        make_extractor("pixels", image_size=32)
+    ex = make_extractor("vit_small_patch16_224", weights="random", image_size=32, model_kwargs=TINY, device="cpu")
+    assert isinstance(ex, TimmExtractor) and ex.feature_dim == 24
+    with pytest.raises(OCLError, match="invalid option"):
+        make_extractor("vit_small_patch16_224", weights="random", no_such_option=1)
+
+
+# --- timm ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> TimmExtractor:
+    return TimmExtractor("vit_small_patch16_224", weights="random", image_size=32,
+                         batch_size=4, device="cpu", model_kwargs=TINY)
+
+
+def test_timm_extractor_shapes_cache_and_info(tiny_vit, tmp_path) -> None:
+    assert tiny_vit.info["weights"] == "random" and tiny_vit.feature_dim == 24
+    ims = images(n=9, h=20, c=1)  # grayscale, resized 20 -> 32
+    out = extract_features(ims, tiny_vit, tmp_path, batch_size=5, progress=False)
+    assert out.shape == (9, 24) and out.dtype == np.float32 and np.isfinite(out).all()
+    again = extract_features(ims, tiny_vit, tmp_path, batch_size=5, progress=False)
+    np.testing.assert_array_equal(out, again)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_timm_preprocessing(tiny_vit) -> None:
+    gray = images(n=3, h=16, c=1).data
+    rgb = np.repeat(gray, 3, axis=-1)
+    torch.testing.assert_close(tiny_vit(gray), tiny_vit(rgb))  # grayscale -> 3 channels
+    x = tiny_vit.preprocess(rgb)
+    assert x.shape == (3, 3, 32, 32)
+    # sub-batching (batch_size=4) must not change results
+    many = images(n=7, h=32).data
+    torch.testing.assert_close(tiny_vit(many), torch.cat([tiny_vit(many[i:i + 1]) for i in range(7)]),
+                               rtol=1e-5, atol=1e-5)
+    # at native size no resize happens: plain (x/255 - mean) / std
+    ref = (torch.from_numpy(many).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5  # this arch: mean=std=0.5
+    torch.testing.assert_close(tiny_vit.preprocess(many), ref)
+
+
+def test_timm_extractor_rejects_feature_vectors(tiny_vit) -> None:
+    with pytest.raises(OCLError, match="pixels"):
+        tiny_vit(np.zeros((2, 5), np.float32))
+
+
+def test_timm_key_tracks_weights_and_preprocessing(tiny_vit) -> None:
+    other_size = TimmExtractor("vit_small_patch16_224", weights="random", image_size=48,
+                               device="cpu", model_kwargs=TINY)
+    assert other_size.key() != tiny_vit.key()
+    same = TimmExtractor("vit_small_patch16_224", weights="random", image_size=32,
+                         batch_size=64, device="cpu", model_kwargs=TINY)
+    assert same.key() == tiny_vit.key()  # batch size does not change features
