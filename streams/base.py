@@ -77,8 +77,15 @@ class ArrayImageSet(ImageSet):
                 raise OCLError(f"{where}: labels must be integers; got dtype {labels.dtype}.")
         if data.ndim == 4:
             if data.dtype != np.uint8:
-                if data.size and (np.nanmin(data) < 0 or np.nanmax(data) > 255):
-                    raise OCLError(f"{where}: image values must lie in [0, 255].")
+                if data.size and not np.isfinite(data).all():
+                    raise OCLError(f"{where}: images contain NaN or inf values.")
+                if data.size and (data.min() < 0 or data.max() > 255 or np.any(data != np.round(data))):
+                    # Refuse rather than truncate: float images in [0, 1] would silently become zeros.
+                    raise OCLError(
+                        f"{where}: images must be integers in [0, 255] (uint8); got {data.dtype} values in "
+                        f"[{float(data.min()):g}, {float(data.max()):g}]. Scale float images with "
+                        f"(x * 255).round().astype('uint8') first."
+                    )
                 data = data.astype(np.uint8)
         else:
             data = data.astype(np.float32, copy=False)

@@ -1,0 +1,173 @@
+"""Getting data onto disk: network check, missing-file errors, torchvision downloads, zips.
+
+Downloads always go through torchvision's own dataset code (it knows the URLs and
+checksums); this module only decides *whether* to try and turns every failure into
+an :class:`OCLError` that names the exact paths the loader expected.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+
+from ocl.errors import OCLError
+
+log = logging.getLogger(__name__)
+
+#: Where loaders without an explicit ``root`` look for (and download) data.
+DEFAULT_ROOT = "~/.cache/ocl/data"
+#: Fallback place for zip extractions when the zip's own folder is read-only.
+EXTRACT_CACHE = "~/.cache/ocl/extracted"
+_MARKER = ".ocl-extracted"  # written last, so its presence means "extraction complete"
+
+
+def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Return True if a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:  # DNS failure, refused, unreachable, timeout
+        return False
+
+
+def missing_files(name: str, expected: Sequence[str], hint: str) -> OCLError:
+    """Build (not raise) the error for data that is not where a loader looked.
+
+    Args:
+        name: the data set, e.g. ``"cifar10"``.
+        expected: the exact paths that were looked for.
+        hint: how to fix it (where to put files, which argument / config key to set).
+    """
+    lines = [f"{name}: data not found. Looked for:"]
+    lines += [f"  {p}" for p in expected]
+    lines.append(f"How to fix: {hint}")
+    return OCLError("\n".join(lines))
+
+
+def fetch(
+    name: str,
+    host: str,
+    get: Callable[[], object],
+    expected: Sequence[str],
+    hint: str,
+    download: bool,
+) -> None:
+    """Run ``get`` (a torchvision download) if allowed and the host is reachable.
+
+    Raises :class:`OCLError` naming ``expected`` when ``download`` is False, when
+    ``host`` cannot be reached, or when ``get`` fails for any reason.
+    """
+    if not download:
+        raise missing_files(name, expected, f"{hint} (download=False, so nothing was fetched.)")
+    if not network_available(host):
+        raise missing_files(
+            name, expected, f"{hint} (download=True, but {host} cannot be reached from this machine.)"
+        )
+    log.info("%s: downloading with torchvision from %s", name, host)
+    try:
+        get()
+    except Exception as e:  # any failure of third-party download code is the user's to fix
+        raise missing_files(
+            name, expected, f"{hint} (download from {host} failed: {type(e).__name__}: {e})"
+        ) from e
+
+
+# ----------------------------------------------------------------------------- zips
+
+
+def _writable_dir(path: str) -> bool:
+    """True if ``path`` (created if needed) accepts new entries.
+
+    A directory whose mode has no write bit at all is treated as read-only even for
+    root, so shared read-only data folders are not written into.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(path, os.W_OK)
+
+
+def _stamp(zip_path: str) -> str:
+    st = os.stat(zip_path)
+    return f"{zip_path}\n{st.st_size}\n{st.st_mtime_ns}\n"
+
+
+def _is_complete(target: str, stamp: str) -> bool:
+    try:
+        with open(os.path.join(target, _MARKER)) as f:
+            return f.read() == stamp
+    except OSError:
+        return False
+
+
+def _extract_into(zip_path: str, tmp: str) -> None:
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for info in zf.infolist():
+                dest = zf.extract(info, tmp)  # strips absolute paths and '..' components
+                if not info.is_dir():
+                    # Keep the archive's timestamps (read as UTC, so the result does not depend
+                    # on the time zone) so file fingerprints survive re-extraction.
+                    t = calendar.timegm(info.date_time + (0, 0, 0))
+                    os.utime(dest, (t, t))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise OCLError(f"{zip_path}: not a readable zip archive ({e}). Re-download or re-create it.") from e
+
+
+def extract_zip(zip_path: str) -> str:
+    """Extract ``zip_path`` once and return the folder holding its contents.
+
+    The folder is ``<dirname(zip)>/.<zipstem>-extracted/``, or
+    ``~/.cache/ocl/extracted/<zipstem>`` when the zip's folder is read-only. A marker
+    file (written last, recording the zip's path, size and mtime) makes later calls
+    reuse a complete extraction and redo a partial or stale one.
+    """
+    zip_path = os.path.abspath(os.path.expanduser(zip_path))
+    if not os.path.isfile(zip_path):
+        raise missing_files("zip", [zip_path], "check the path to the .zip file.")
+    stem = os.path.splitext(os.path.basename(zip_path))[0]
+    targets = [
+        os.path.join(os.path.dirname(zip_path), f".{stem}-extracted"),
+        os.path.join(os.path.expanduser(EXTRACT_CACHE), stem),
+    ]
+    stamp = _stamp(zip_path)
+    for target in targets:
+        if _is_complete(target, stamp):
+            return target
+    for target in targets:
+        parent = os.path.dirname(target)
+        if not _writable_dir(parent):
+            log.info("%s is not writable; trying the next extraction folder", parent)
+            continue
+        tmp = tempfile.mkdtemp(prefix=f".{stem}-partial-", dir=parent)
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the extraction is ordinary data
+            log.info("extracting %s into %s (once)", zip_path, target)
+            _extract_into(zip_path, tmp)
+            with open(os.path.join(tmp, _MARKER), "w") as f:
+                f.write(stamp)
+            if _is_complete(target, stamp):  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            if os.path.lexists(target):  # partial or stale extraction
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+    raise OCLError(
+        f"{zip_path}: cannot extract; none of these folders is writable: "
+        + ", ".join(os.path.dirname(t) for t in targets)
+        + ". Extract the zip yourself and pass the extracted folder as root."
+    )

@@ -1,0 +1,221 @@
+"""Image folders: ``root/<class>/*`` or ``root/{train,test}/<class>/*``, decoded lazily.
+
+Discovery uses torchvision's own ``find_classes`` / ``make_dataset`` so the folder
+rules match what users know from ``torchvision.datasets.ImageFolder``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ocl.errors import OCLError
+from ocl.streams.base import ImageSet, Source
+from ocl.streams.download import extract_zip, missing_files
+
+log = logging.getLogger(__name__)
+
+_IGNORED_DIRS = {"__MACOSX"}  # junk that macOS zips carry next to the real folders
+_SPLIT_DIRS = {"train", "test", "val", "valid", "validation"}  # val folders are ignored
+
+
+class FileImageSet(ImageSet):
+    """Images stored as files, decoded with PIL only when :meth:`get` asks for them.
+
+    Args:
+        root: folder the file paths are relative to (kept relative, so moving the data
+            set does not change :meth:`fingerprint`).
+        files: ``(relative_path, label)`` pairs, in stream order.
+        channels: 3 (RGB) or 1 (grayscale, PIL mode ``L``).
+        image_size: resize every image to ``image_size x image_size``; if None, every
+            image must have the size of the first one.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        files: Sequence[tuple[str, int]],
+        channels: int = 3,
+        image_size: int | None = None,
+    ) -> None:
+        if channels not in (1, 3):
+            raise OCLError(f"{root}: channels must be 1 (grayscale) or 3 (RGB); got {channels}.")
+        if image_size is not None and (int(image_size) != image_size or image_size <= 0):
+            raise OCLError(f"{root}: image_size must be a positive integer or None; got {image_size!r}.")
+        self.root = root
+        self.paths = [p for p, _ in files]
+        self.labels = np.asarray([y for _, y in files], dtype=np.int64)
+        self.channels = channels
+        self.image_size = None if image_size is None else int(image_size)
+        self._first_size: tuple[int, int] | None = None  # (W, H) of file 0, read on demand
+
+    def _decode(self, i: int):
+        from PIL import Image
+
+        path = os.path.join(self.root, self.paths[i])
+        try:
+            with Image.open(path) as img:
+                img.load()  # force decoding here so truncation surfaces as an error now
+                img = img.convert("RGB" if self.channels == 3 else "L")
+        except FileNotFoundError as e:
+            raise OCLError(f"{path}: image file disappeared after the folder was listed.") from e
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "bad file"
+            raise OCLError(f"{path}: cannot decode image ({e}); the file is corrupt or truncated.") from e
+        return path, img
+
+    def _reference_size(self) -> tuple[int, int]:
+        if self._first_size is None:
+            self._first_size = self._decode(0)[1].size
+        return self._first_size
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        """Decode the files at ``idx`` into ``(len(idx), H, W, C)`` uint8."""
+        from PIL import Image
+
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if self.image_size is not None:
+            w = h = self.image_size
+        else:
+            w, h = self._reference_size()
+        out = np.empty((len(idx), h, w, self.channels), dtype=np.uint8)  # (n, H, W, C)
+        for k, i in enumerate(idx):
+            path, img = self._decode(int(i))
+            if self.image_size is not None:
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.Resampling.BILINEAR)
+            elif img.size != (w, h):
+                first = os.path.join(self.root, self.paths[0])
+                raise OCLError(
+                    f"{path}: image is {img.size[0]}x{img.size[1]} (WxH) but the first image "
+                    f"{first} is {w}x{h}. Set image_size to resize all images to one size."
+                )
+            arr = np.asarray(img, dtype=np.uint8)
+            out[k] = arr if arr.ndim == 3 else arr[..., None]
+        return out
+
+    def fingerprint(self) -> str:
+        """sha1 over (relative path, size, mtime_ns, label) of every file, plus options.
+
+        Not cached: a file edited after loading must change the key.
+        """
+        h = hashlib.sha1(f"files|channels={self.channels}|size={self.image_size}".encode())
+        for rel, y in zip(self.paths, self.labels.tolist()):
+            path = os.path.join(self.root, rel)
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise OCLError(f"{path}: image file disappeared after the folder was listed.") from e
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{y}\n".encode())
+        return h.hexdigest()
+
+
+def _class_dirs(directory: str) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        classes, _ = find_classes(directory)
+    except FileNotFoundError:
+        return []
+    return [c for c in classes if not c.startswith(".") and c not in _IGNORED_DIRS]
+
+
+def _list_files(directory: str, classes: list[str]) -> list[tuple[str, int]]:
+    """``(path relative to directory, class index)`` for every image under ``directory/<class>``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+    def valid(path: str) -> bool:
+        rel = os.path.relpath(path, directory)
+        hidden = any(part.startswith(".") for part in rel.split(os.sep))  # e.g. ._x.jpg, .ipynb_checkpoints
+        return not hidden and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+    present = set(_class_dirs(directory))
+    class_to_idx = {c: i for i, c in enumerate(classes) if c in present}
+    if not class_to_idx:
+        return []
+    samples = make_dataset(directory, class_to_idx, is_valid_file=valid, allow_empty=True)
+    samples.sort(key=lambda s: s[1])  # stable: class index order, files sorted within a class
+    return [(os.path.relpath(p, directory), y) for p, y in samples]
+
+
+def _is_split_layout(root: str) -> bool:
+    dirs = set(_class_dirs(root))
+    return "train" in dirs and dirs <= _SPLIT_DIRS
+
+
+def load_imagefolder(
+    root: str,
+    image_size: int | None = None,
+    channels: int = 3,
+    name: str | None = None,
+    class_order: list[str] | None = None,
+) -> Source:
+    """Load ``root/<class>/*`` (no test split) or ``root/train/<class>/*`` + ``root/test/<class>/*``.
+
+    Images decode lazily to ``(n, H, W, channels)`` uint8. ``root`` may also be a
+    ``.zip`` of either layout (extracted once, see :func:`extract_zip`).
+
+    Args:
+        root: the data set folder (or zip).
+        image_size: resize to a square of this side; None keeps the native size, which
+            must then be the same for all images.
+        channels: 3 for RGB, 1 for grayscale.
+        name: source name; defaults to the folder name.
+        class_order: class names in label order; default is the sorted folder names.
+            Every class folder must appear in it.
+    """
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if root.lower().endswith(".zip"):
+        name = name or os.path.splitext(os.path.basename(root))[0]
+        root = extract_zip(root)
+    name = name or os.path.basename(root.rstrip(os.sep))
+    if not os.path.isdir(root):
+        raise missing_files(
+            name,
+            [os.path.join(root, "<class>", "<image>"), os.path.join(root, "train", "<class>", "<image>")],
+            "point root at a folder with one sub-folder per class (optionally under train/ and test/).",
+        )
+    split = _is_split_layout(root)
+    train_dir = os.path.join(root, "train") if split else root
+    test_dir = os.path.join(root, "test") if split else None
+
+    found = _class_dirs(train_dir)
+    if class_order is None:
+        classes = found
+    else:
+        classes = [str(c) for c in class_order]
+        if len(set(classes)) != len(classes):
+            raise OCLError(f"{name}: class_order lists a class twice: {classes}.")
+    if not found:
+        raise OCLError(f"{train_dir}: no class folders found; expected {train_dir}/<class>/<image>.")
+    for d in (train_dir, test_dir):
+        extra = [c for c in (_class_dirs(d) if d and os.path.isdir(d) else []) if c not in classes]
+        if extra:
+            raise OCLError(
+                f"{d}: class folders {extra} are not in class_order {classes}. "
+                "Add them to class_order or remove the folders."
+            )
+
+    train_files = _list_files(train_dir, classes)
+    if not train_files:
+        raise OCLError(
+            f"{train_dir}: no image files found (extensions: jpg, jpeg, png, ppm, bmp, pgm, tif, tiff, webp)."
+        )
+    counts = np.bincount([y for _, y in train_files], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        log.warning("%s: no training images for classes %s", name, empty)
+    train = FileImageSet(train_dir, train_files, channels, image_size)
+
+    test = None
+    if test_dir is not None and os.path.isdir(test_dir):
+        test_files = _list_files(test_dir, classes)
+        if test_files:
+            test = FileImageSet(test_dir, test_files, channels, image_size)
+        else:
+            log.warning("%s: %s holds no images; no test split", name, test_dir)
+    log.info("%s: %d train / %s test images, %d classes", name, len(train), len(test) if test else 0, len(classes))
+    return Source(name=name, train=train, test=test, classes=classes)
