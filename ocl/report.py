@@ -14,8 +14,13 @@ import numpy as np
 from ocl.metrics import Tracker
 
 
-def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> str:
-    """Plain-text table with aligned columns; floats shown with 4 significant decimals."""
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None,
+                 align: str | None = None) -> str:
+    """Plain-text table with aligned columns; floats shown with 4 decimals.
+
+    ``align`` has one character per column, ``l`` or ``r`` (default: first column
+    left, the others right).
+    """
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -30,7 +35,8 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = 
     if headers:
         cells = [list(headers)] + cells
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    align = align or "l" + "r" * (len(widths) - 1)
+    lines = ["  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)).rstrip()
              for r in cells]
     if headers:
         lines.insert(1, "  ".join("-" * w for w in widths))

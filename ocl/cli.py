@@ -1,0 +1,105 @@
+"""The ``ocl`` command line.
+
+``ocl run [key=value ...]`` runs one prequential experiment configured with hydra
+(config groups ``stream=``, ``protocol=``, ``backbone=``, ``learner=``; see configs/).
+Errors a user can fix are printed as one message, with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ocl.errors import OCLError
+from ocl.report import format_table
+
+log = logging.getLogger("ocl")
+
+USAGE = """\
+usage: ocl <command> [key=value ...]
+
+commands:
+  run       one learner on one stream, scored prequentially (predict, score, then learn)
+
+examples:
+  ocl run                                            # digits, 5-task split, pixels, linear
+  ocl run stream=cifar10 stream.root=DIR protocol=split protocol.n_tasks=5
+  ocl run stream=emnist stream.format=csv stream.train_file=F stream.test_file=G
+  ocl run backbone=dino_vits16 backbone.weights=/path/to/dino_deitsmall16_pretrain.pth
+  ocl run --help                                     # every config group and option
+"""
+
+
+def results_table(res: dict[str, Any], out_dir: str) -> str:
+    """The summary a person reads after a run."""
+    bb = res.get("backbone", {})
+    weights = bb.get("weights", "-")
+    rows: list[tuple[str, Any]] = [
+        ("stream", f"{res['stream']} / {res['protocol']} ({res['n_tasks']} tasks, {res['num_classes']} classes)"),
+        ("backbone", f"{bb.get('model', '-')} (weights: {weights}), D={res['feature_dim']}"),
+        ("learner", f"{res['learner']} (chunk {res['chunk_size']}, seed {res['seed']})"),
+        ("examples", res["n_examples"]),
+        ("avg online accuracy", res["avg_online_accuracy"]),
+        ("cumulative log-loss (nats)", res["cumulative_log_loss"]),
+        ("mean log-loss (nats/example)", res["mean_log_loss"]),
+    ]
+    if "final_avg_accuracy" in res:
+        rows += [
+            ("final avg test accuracy", res["final_avg_accuracy"]),
+            ("forgetting", res["forgetting"]),
+            ("backward transfer", res["backward_transfer"]),
+        ]
+    rows += [
+        ("examples / second (learner)", res["examples_per_second"]),
+        ("feature time (s)", res["feature_seconds"]),
+        ("results", out_dir),
+    ]
+    table = format_table(rows, headers=("metric", "value"), align="ll")
+    if res.get("random_backbone"):
+        table += "\nWARNING: the backbone has RANDOM weights (backbone.weights=random); these are not DINO features."
+    return table
+
+
+def _fail(e: OCLError) -> None:
+    log.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="config")
+def _run(cfg: DictConfig) -> None:
+    from ocl.experiment import run_experiment  # heavy imports after hydra parsed the args
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        res = run_experiment(cfg, out_dir)
+    except OCLError as e:
+        _fail(e)
+    print(results_table(res, out_dir))
+
+
+COMMANDS: dict[str, Callable[[], Any]] = {"run": _run}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``ocl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    # hydra.main parses sys.argv itself; hand it only the overrides.
+    sys.argv = [f"ocl {cmd}", *rest]
+    COMMANDS[cmd]()
+
+
+if __name__ == "__main__":
+    main()
