@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,10 +26,16 @@ class RunningStandardizer:
         self.m2 = torch.zeros(dim, dtype=torch.float64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(C, D) -> (C, D)`` standardised; identity until two examples were seen."""
+        """``(C, D) -> (C, D)`` standardised and scaled by ``1/sqrt(D)`` so ``||x|| ~ 1``.
+
+        The unit norm makes one learning rate fit any D. The variance floor is relative
+        (1% of the mean variance): near-constant inputs such as image borders would
+        otherwise blow up the first time they change.
+        """
         if self.n < 2:
-            return x
-        std = (self.m2 / (self.n - 1)).sqrt().clamp_min(1e-3)
+            return x / math.sqrt(x.shape[1])
+        var = self.m2 / (self.n - 1)
+        std = (var + 1e-2 * var.mean() + 1e-12).sqrt() * math.sqrt(x.shape[1])
         return ((x.double() - self.mean) / std).to(x.dtype)
 
     def update(self, x: torch.Tensor) -> None:
@@ -63,7 +71,7 @@ class LinearLearner(Learner):
         feature_dim: int,
         num_classes: int,
         seed: int = 0,
-        lr: float = 0.01,
+        lr: float = 1.0,
         standardize: bool = True,
         weight_decay: float = 0.0,
     ) -> None:
