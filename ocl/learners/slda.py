@@ -1,0 +1,134 @@
+"""Streaming linear discriminant analysis (Hayes & Kanan, CVPR-W 2020, "Lifelong Machine
+Learning with Deep Streaming Linear Discriminant Analysis")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ocl.errors import OCLError
+from ocl.learners.base import Learner
+
+
+class SLDALearner(Learner):
+    """Streaming LDA: running class means + one shared covariance, linear discriminants.
+
+    State: per-class counts ``n_k`` and means ``mu_k``, and the pooled within-class scatter
+    ``S``, all updated exactly (Chan et al.'s parallel update per class in the chunk), so the
+    covariance ``Sigma = S / n`` equals the batch pooled within-class covariance of
+    everything seen. (The paper's update uses the global count in the rank-one term, a
+    close approximation of this.) Prediction uses the shrunk covariance
+
+        Sigma_s = (1 - shrinkage) * Sigma + shrinkage * (trace(Sigma) / D) * I
+
+    (scikit-learn's ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage=s)`` form; the
+    trace-scaled target makes ``shrinkage`` independent of the feature scale), precision
+    ``Lambda = Sigma_s^-1``, and for each seen class
+
+        score_k(x) = x^T Lambda mu_k - mu_k^T Lambda mu_k / 2  [+ log prior_k]
+
+    ``p(k | x) = (1 - floor) * softmax_k(score) + floor / K``; never-seen classes get the
+    floor only. The precision is recomputed lazily: at a prediction, and only when at
+    least ``refresh_every`` examples arrived since the last inversion (means are always
+    current).
+
+    Args:
+        feature_dim: D.
+        num_classes: K.
+        seed: unused (deterministic) but accepted for uniformity.
+        shrinkage: covariance shrinkage in [0, 1] (the paper uses 1e-4 with an identity
+            target; a larger value is more robust with few examples or dead pixels).
+        priors: add log class frequencies to the scores (scikit-learn does; the paper
+            does not, which treats classes as equally likely).
+        floor: weight of the uniform mixture (probability floor, in (0, 1)).
+        refresh_every: examples between precision inversions (1 = always exact; larger
+            saves O(D^3) work per chunk on wide features).
+    """
+
+    name = "slda"
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_classes: int,
+        seed: int = 0,
+        shrinkage: float = 0.1,
+        priors: bool = False,
+        floor: float = 0.01,
+        refresh_every: int = 1,
+    ) -> None:
+        if not 0 <= shrinkage <= 1 or not 0 < floor < 1 or refresh_every < 1:
+            raise OCLError(
+                f"slda: need 0 <= shrinkage <= 1, 0 < floor < 1, refresh_every >= 1; "
+                f"got {shrinkage}, {floor}, {refresh_every}."
+            )
+        self.shrinkage = shrinkage
+        self.priors = priors
+        self.floor = floor
+        self.refresh_every = refresh_every
+        self.num_classes = num_classes
+        self.dim = feature_dim
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
+        self.means = torch.zeros(num_classes, feature_dim, dtype=torch.float64)  # (K, D)
+        self.scatter = torch.zeros(feature_dim, feature_dim, dtype=torch.float64)  # (D, D) S
+        self.n = 0
+        self._precision: torch.Tensor | None = None  # (D, D), cached Lambda
+        self._stale = 0  # examples since the last inversion
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """``(D, D)`` pooled within-class covariance ``S / n`` (biased, like scikit-learn's)."""
+        return self.scatter / max(self.n, 1)
+
+    def precision(self) -> torch.Tensor:
+        """``(D, D)`` inverse of the shrunk covariance, recomputed lazily."""
+        if self._precision is None or self._stale >= self.refresh_every:
+            cov = self.covariance
+            scale = float(torch.diagonal(cov).mean())
+            scale = scale if scale > 0 else 1.0  # one example per class: no spread yet
+            eye = torch.eye(self.dim, dtype=torch.float64)
+            shrunk = (1 - self.shrinkage) * cov + self.shrinkage * scale * eye
+            shrunk = shrunk + 1e-10 * scale * eye  # keeps shrinkage=0 invertible on dead dims
+            chol, info = torch.linalg.cholesky_ex(shrunk)
+            if int(info) == 0:
+                self._precision = torch.cholesky_inverse(chol)
+            else:  # numerically singular (shrinkage ~0, fewer examples than D): pseudo-inverse
+                self._precision = torch.linalg.pinv(shrunk, hermitian=True)
+            self._stale = 0
+        return self._precision
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``(C, K_seen)`` discriminant scores of the seen classes (in class order)."""
+        seen = self.counts > 0
+        mu = self.means[seen]  # (K', D)
+        w = self.precision() @ mu.T  # (D, K')
+        b = -0.5 * (mu * w.T).sum(1)  # (K',)
+        if self.priors:
+            b = b + (self.counts[seen] / self.n).log()
+        return x.double() @ w + b
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        c, k = x.shape[0], self.num_classes
+        seen = self.counts > 0
+        if not bool(seen.any()):
+            return torch.full((c, k), -math.log(k))
+        p = torch.full((c, k), self.floor / k, dtype=torch.float64)
+        p[:, seen] += (1 - self.floor) * torch.softmax(self.scores(x), dim=1)
+        return p.log().float()
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.double()
+        for cls in torch.unique(y).tolist():
+            xb = x[y == cls]  # (m, D)
+            m, n_k = xb.shape[0], float(self.counts[cls])
+            mean_b = xb.mean(0)
+            centred = xb - mean_b
+            delta = mean_b - self.means[cls]
+            # Chan et al.: merge the chunk's scatter and the shift between the two means.
+            self.scatter += centred.T @ centred + torch.outer(delta, delta) * (n_k * m / (n_k + m))
+            self.means[cls] += delta * (m / (n_k + m))
+            self.counts[cls] += m
+        self.n += x.shape[0]
+        self._stale += x.shape[0]

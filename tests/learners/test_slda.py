@@ -1,0 +1,99 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+from ocl.learners.slda import SLDALearner
+
+D, K = 8, 4
+CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
+
+
+def clusters(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable Gaussian clusters: ``(n, D)`` features, ``(n,)`` labels."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(K, D, generator=g) * 3
+    y = torch.randint(K, (n,), generator=g)
+    return centres[y] + torch.randn(n, D, generator=g), y
+
+
+def prequential(learner, x, y, chunk):
+    out = []
+    for s in range(0, len(y), chunk):
+        out.append(learner.predict(x[s : s + chunk]))
+        learner.update(x[s : s + chunk], y[s : s + chunk])
+    return torch.cat(out)
+
+
+def assert_proper(lp):
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    torch.testing.assert_close(lp.logsumexp(1), torch.zeros(lp.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_slda_beats_chance_with_proper_log_probs():
+    x, y = clusters()
+    lp = prequential(SLDALearner(D, K), x, y, 1)
+    assert_proper(lp)
+    assert (lp.argmax(1) == y).float()[-200:].mean() > 0.8
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.05, 0.5])
+def test_matches_sklearn_lda_after_streaming(shrinkage):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)
+    y = torch.randint(K, (300,), generator=g)
+    x = x + 2 * torch.randn(K, D, generator=g, dtype=torch.float64)[y]  # overlapping classes
+    slda = SLDALearner(D, K, shrinkage=shrinkage, priors=True, floor=1e-12)
+    for s in range(0, 300, 13):  # uneven chunks
+        slda.update(x[s : s + 13], y[s : s + 13])
+    sk = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage).fit(x.numpy(), y.numpy())
+    q = x[:50]
+    torch.testing.assert_close(slda.scores(q), torch.from_numpy(sk.decision_function(q.numpy())), rtol=1e-6, atol=1e-6)
+    ours = slda.predict(q.float()).double().exp()
+    torch.testing.assert_close(ours, torch.from_numpy(sk.predict_proba(q.numpy())), rtol=1e-4, atol=1e-5)
+    assert (ours.argmax(1).numpy() == sk.predict(q.numpy())).all()
+
+
+def test_streamed_statistics_equal_batch_statistics():
+    x, y = clusters(120)
+    x = x.double()
+    slda = SLDALearner(D, K)
+    prequential(slda, x.float(), y, 1)
+    centred = x - torch.stack([x[y == c].mean(0) for c in range(K)])[y]
+    torch.testing.assert_close(slda.covariance, centred.T @ centred / 120, rtol=1e-4, atol=1e-5)
+
+
+def test_unseen_classes_get_the_floor_and_refresh_is_lazy():
+    slda = SLDALearner(2, 3, floor=0.3, refresh_every=5)
+    assert torch.allclose(slda.predict(torch.zeros(1, 2)), torch.full((1, 3), -math.log(3)))
+    slda.update(torch.tensor([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]]), torch.tensor([0, 0, 2]))
+    p = slda.predict(torch.tensor([[0.0, 0.0]])).exp()[0]
+    assert p[1].item() == pytest.approx(0.1) and p[0] > p[2]
+    first = slda._precision
+    slda.update(torch.tensor([[5.0, 3.0]]), torch.tensor([2]))
+    slda.predict(torch.zeros(1, 2))
+    assert slda._precision is first  # 1 new example < refresh_every: precision reused
+    slda.update(torch.randn(4, 2), torch.tensor([0, 2, 0, 2]))
+    slda.predict(torch.zeros(1, 2))
+    assert slda._precision is not first
+
+
+def test_slda_is_label_blind_and_pure():
+    x, y = clusters(60)
+    y2 = y.clone()
+    y2[20:30] = (y[20:30] + 1) % K
+    a = prequential(SLDALearner(D, K), x, y, 10)
+    b = prequential(SLDALearner(D, K), x, y2, 10)
+    assert torch.equal(a[:30], b[:30]) and not torch.allclose(a[30:], b[30:])
+    slda = SLDALearner(D, K)
+    slda.update(x, y)
+    assert torch.equal(slda.predict(x), slda.predict(x))
+
+
+def test_config_instantiates():
+    learner = instantiate(OmegaConf.load(CONFIGS / "slda.yaml"))(feature_dim=D, num_classes=K, seed=0)
+    assert isinstance(learner, SLDALearner)
