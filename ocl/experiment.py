@@ -6,13 +6,14 @@ plain ``DictConfig`` and an output directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -59,6 +60,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def learning_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: unchanged); restores
+    the previous setting after. Yields the thread count in effect."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if int(threads) < 1:
+            raise OCLError(f"threads={threads}: must be >= 1 (or null for torch's default).")
+        torch.set_num_threads(int(threads))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def prepare(cfg: DictConfig) -> tuple[Source, Stream, Extractor, np.ndarray, np.ndarray | None, float]:
@@ -121,7 +137,8 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     log.info("stream %s/%s: %d examples, %d classes, %d tasks, D=%d, chunk %d",
              source.name, stream.name, len(stream), stream.num_classes, stream.n_tasks,
              train.shape[1], cfg.chunk_size)
-    result = run_stream(learner, train, stream, int(cfg.chunk_size), test, progress=bool(cfg.progress))
+    with learning_threads(cfg.get("threads")) as n_threads:  # after extraction, which wants every core
+        result = run_stream(learner, train, stream, int(cfg.chunk_size), test, progress=bool(cfg.progress))
     res = summarize(result, stream, int(cfg.curve_window))
     info = getattr(extractor, "info", {"model": "pixels", "weights": "none"})
     res.update({
@@ -136,6 +153,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "feature_seconds": feat_s,
         "seed": int(cfg.seed),
         "chunk_size": int(cfg.chunk_size),
+        "threads": n_threads,
         "torch": torch.__version__,
         "host": platform.node(),
         "config": OmegaConf.to_container(cfg, resolve=True),

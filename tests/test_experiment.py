@@ -75,3 +75,22 @@ def test_missing_dataset_names_expected_paths(tmp_path):
         run_experiment(config(tmp_path, "stream=cifar10", f"stream.root={tmp_path / 'nope'}", "stream.download=false"),
                        tmp_path / "r")
     assert str(tmp_path / "nope") in str(e.value)
+
+
+def test_threads_setting_applies_to_learning_and_is_restored(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    res = run_experiment(config(tmp_path, "threads=1", "protocol.max_examples=50"), tmp_path / "r")
+    assert res["threads"] == 1 and torch.get_num_threads() == before
+    with pytest.raises(OCLError, match="threads"):
+        run_experiment(config(tmp_path, "threads=0", "protocol.max_examples=50"), tmp_path / "r2")
+
+
+def test_transformer_learner_runs_in_both_label_modes(tmp_path):
+    tiny = ["learner=transformer", "learner.d_model=16", "learner.window=4", "learner.replay_streams=2",
+            "protocol.max_examples=60"]
+    for mode in ("kv", "context"):
+        res = run_experiment(config(tmp_path, *tiny, f"learner.label_mode={mode}"), tmp_path / mode)
+        assert res["learner"] == "transformer" and res["n_examples"] == 60
+        assert res["config"]["learner"]["label_mode"] == mode

@@ -1,0 +1,461 @@
+"""Transformer learner for supervised online continual learning.
+
+Bornschein, Li, Rannen-Triki, *Transformers for Supervised Online Continual Learning*
+(arXiv 2403.01554, 2024): a transformer over the stream of examples that learns in
+context (it attends to the last W revealed examples and their labels) and in weights
+(one online AdamW step per chunk, Transformer-XL style, with R replay streams).
+
+Tokens come from frozen feature vectors (input LayerNorm + Linear). Two ways to give the
+model the labels of past examples (``label_mode``):
+
+- ``"kv"`` (pi-transformer, "privileged information"): one token per example. In every
+  layer the key and value of an example's token are a projection of its normalised hidden
+  state **plus** a projection of its label embedding; its query and residual stream never
+  see a label. The mask is strictly causal (zero diagonal), so a query never meets its own
+  label. A learned per-layer "sink" key/value is always attendable, so the very first
+  example (empty context) has something to attend to.
+- ``"context"`` (2-token): the sequence interleaves an x-token and a y-token (the label
+  embedding) per example; causal attention including the diagonal; the loss is taken at
+  x-tokens only, and an x-token never sees its own y-token (it comes right after it).
+
+Labels not yet revealed (the chunk being predicted) use an extra "unknown" label, index K
+(zero-initialised: it adds nothing to keys/values in kv mode). ``predict`` builds the
+chunk's tokens with the unknown label; ``update`` uses the true labels (teacher forcing,
+as in Transformer-XL training). With C = 1 the two are identical (an example's own label
+is masked from its own query anyway). With C > 1 they differ: in ``update`` example i of
+a chunk sees the true labels of examples j < i of the same chunk, in ``predict`` it sees
+"unknown" there, a label the default update never trains. So C > 1 trades some accuracy
+inside each chunk for throughput; the cached past always carries true labels.
+
+Memory (Transformer-XL): each chunk attends causally to itself and to the cached,
+detached keys/values of the last W examples before it (:mod:`ocl.learners.kv_cache`), so
+a query late in a chunk sees up to W + C - 1 earlier examples (W = 0: only its own chunk).
+Results do not depend on the ring's slot order or wrap-around: incremental processing equals
+one cache-free forward with the matching block-banded mask (``q_lo``, used by the tests).
+Positions are relative: ALiBi biases ``-slope_h * distance_in_examples``, so any stream
+length works. Replay (:mod:`ocl.learners.replay`): stream 0 is the newest chunk; streams
+1..R-1 walk over the revealed history with their own caches; one forward and one AdamW
+step per chunk cover all streams at once (the batch dimension is the stream). A chunk whose
+loss is not finite is skipped (counted in ``skipped_updates``) and kept out of the history.
+
+CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
+(on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ocl.errors import OCLError
+from ocl.learners.base import Learner
+from ocl.learners.kv_cache import KVCache
+from ocl.learners.replay import History, ReplayCursors
+
+
+@dataclass
+class TransformerConfig:
+    label_mode: str = "kv"  # "kv": one token per example, the paper's best and 2x fewer tokens; "context": 2-token
+    d_model: int = 128  # width; digits: 64 about as good and 1.3x faster on CPU, 128 safer for rich features
+    n_layers: int = 2  # two layers give a "look up similar x, copy its y" path; 4 was worse on digits
+    n_heads: int = 4  # 4 ALiBi slopes: from very local (1/4 per example) to nearly flat over W
+    mlp_ratio: int = 4  # standard transformer MLP expansion
+    dropout: float = 0.0  # online learning sees each example once per stream: no overfitting to fight early
+    window: int = 64  # W examples of cached context; the paper gains up to ~512 on CLOC, 64 suits small streams
+    replay_streams: int = 8  # R (incl. stream 0); paper: 1 far worse than >= 4; digits: 8 > 4 >> 1
+    lr: float = 1e-3  # AdamW peak learning rate (digits: 1e-3 with inv_sqrt beat 3e-4 and 3e-3)
+    warmup: int = 100  # examples of linear warm-up (Adam's second moments are noisy at first)
+    lr_decay: str = "inv_sqrt"  # lr * sqrt(warmup / t) after warm-up (the paper's best run) | "constant"
+    weight_decay: float = 0.01  # mild AdamW decay on matrices, keeps the net plastic on long streams
+    grad_clip: float = 1.0  # single-example steps are noisy; clip the global gradient norm
+    reset_rule: str = "start"  # cursors jump w.p. C/t back to 0 (uniform replay) | "prob": random point (recent-heavy)
+    temperature: bool = True  # learned output temperature, updated after each chunk is scored (log-loss)
+    temp_lr: float = 0.01  # Adam step size on the log-temperature (one step per chunk)
+    device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when available)
+    attn: str = "torch"  # attention backend; only the PyTorch reference so far
+    eval_batch: int = 256  # held-out examples per evaluate() forward
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> OCLError:
+            return OCLError(f"learner.{key}={getattr(self, key)!r}: {why}")
+
+        if self.label_mode not in ("kv", "context"):
+            raise bad("label_mode", "must be 'kv' or 'context'.")
+        if self.lr_decay not in ("constant", "inv_sqrt"):
+            raise bad("lr_decay", "must be 'constant' or 'inv_sqrt'.")
+        if self.reset_rule not in ("prob", "start"):
+            raise bad("reset_rule", "must be 'prob' or 'start'.")
+        if self.attn != "torch":
+            raise bad("attn", "only 'torch' is implemented.")
+        if self.d_model % self.n_heads:
+            raise bad("d_model", f"must be divisible by n_heads={self.n_heads}.")
+        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1.")
+        for key in ("window", "warmup", "lr", "weight_decay", "grad_clip", "temp_lr"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be >= 0.")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "must be in [0, 1).")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention with an additive bias (the one place to swap backends).
+
+    Args:
+        q: ``(B, H, T, Dh)``; k, v: ``(B, H, Tk, Dh)``.
+        bias: ``(B, H, T, Tk)`` float, ``-inf`` where masked; every row has a finite entry.
+    Returns:
+        ``(B, H, T, Dh)``.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes ``2^(-8 h / H)``, h = 1..H (Press et al. 2022), ``(H,)``."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
+
+
+class Dropout(nn.Module):
+    """Dropout drawing from the learner's own generator, so runs are seeded and repeatable."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.gen: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.gen)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block whose keys/values may carry a label term (kv mode)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d, self.n_heads = cfg.d_model, cfg.n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, cfg.mlp_ratio * d)
+        self.fc_out = nn.Linear(cfg.mlp_ratio * d, d)
+        self.drop = Dropout(cfg.dropout)
+        # The attention sink: a learned key/value every query can always attend to.
+        self.sink_kv = nn.Parameter(torch.randn(2, cfg.n_heads, 1, d // cfg.n_heads) * 0.02)  # (2, H, 1, Dh)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # (B, T, d) residual stream
+        lab: torch.Tensor | None,  # (B, T, 2, d) label terms of keys/values, or None
+        ctx_k: torch.Tensor,  # (B, H, S, Dh) cached keys
+        ctx_v: torch.Tensor,  # (B, H, S, Dh) cached values
+        bias: torch.Tensor,  # (B, H, T, 1+S+T)
+        trace: list | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, d = h.shape
+        H = self.n_heads
+        q, k, v = self.qkv(self.ln1(h)).split(d, dim=2)  # each (B, T, d)
+        if lab is not None:  # label enters keys and values only; q and h never see it
+            k = k + lab[:, :, 0]
+            v = v + lab[:, :, 1]
+        q = q.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        if trace is not None:
+            trace.append({"h": h, "q": q, "k": k, "v": v})
+        sink_k, sink_v = self.sink_kv[0].expand(B, H, 1, d // H), self.sink_kv[1].expand(B, H, 1, d // H)
+        keys = torch.cat([sink_k, ctx_k, k], dim=2)  # (B, H, 1+S+T, Dh)
+        vals = torch.cat([sink_v, ctx_v, v], dim=2)  # (B, H, 1+S+T, Dh)
+        a = attention(q, keys, vals, bias).transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+        h = h + self.drop(self.proj(a))
+        h = h + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(h)))))
+        return h, k, v
+
+
+class OnlineTransformer(nn.Module):
+    """The network: feature tokens (+ label tokens or label K/V terms), blocks, class head."""
+
+    def __init__(self, feature_dim: int, num_classes: int, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg, self.num_classes = cfg, num_classes
+        d, L = cfg.d_model, cfg.n_layers
+        self.kv_mode = cfg.label_mode == "kv"
+        self.tokens_per_example = 1 if self.kv_mode else 2
+        self.in_ln = nn.LayerNorm(feature_dim)
+        self.in_proj = nn.Linear(feature_dim, d)
+        self.label_emb = nn.Embedding(num_classes + 1, d)  # index K = "unknown" (not yet revealed)
+        if self.kv_mode:  # one projection for all layers' key and value label terms
+            self.label_kv = nn.Linear(d, L * 2 * d, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(L))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+        # ALiBi slope per head, per *token* so distances count in examples in both modes.
+        self.register_buffer("slopes", alibi_slopes(cfg.n_heads) / self.tokens_per_example, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias") and p.dim() == 1 and "ln" not in name:
+                nn.init.zeros_(p)
+            elif p.dim() == 2 and "ln" not in name:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+        nn.init.normal_(self.in_proj.weight, std=0.02)
+        nn.init.normal_(self.label_emb.weight, std=1.0)  # unit scale like a LayerNorm output
+        with torch.no_grad():
+            self.label_emb.weight[self.num_classes].zero_()  # "unknown": no label information
+        nn.init.zeros_(self.head.weight)  # first predictions uniform: log-loss log K, the honest prior
+        nn.init.zeros_(self.head.bias)
+
+    def set_generator(self, gen: torch.Generator) -> None:
+        for m in self.modules():
+            if isinstance(m, Dropout):
+                m.gen = gen
+
+    def attn_bias(
+        self,
+        tpos: torch.Tensor,  # (B, T) token positions of the chunk
+        ctx_pos: torch.Tensor,  # (B, S) token positions of cached slots, -1 = empty
+        isolated: bool = False,
+        q_lo: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Additive attention bias ``(B, H, T, 1+S+T)`` over [sink, cache, chunk] keys.
+
+        A key is attendable when it is valid, causal (strictly in kv mode) and, if
+        ``isolated``, only the query itself within the chunk (held-out evaluation). ``q_lo``
+        ``(B, T)`` optionally bounds each query's lowest attendable token position (used by
+        the full-recomputation reference, which has no cache).
+        """
+        B, T = tpos.shape
+        S = ctx_pos.shape[1]
+        kpos = torch.cat([ctx_pos, tpos], dim=1)  # (B, S+T)
+        dist = tpos[:, :, None] - kpos[:, None, :]  # (B, T, S+T)
+        ok = dist >= (1 if self.kv_mode else 0)
+        ok[:, :, :S] &= (ctx_pos >= 0)[:, None, :]
+        if isolated:
+            ok[:, :, S:] &= torch.eye(T, dtype=torch.bool, device=tpos.device)
+        if q_lo is not None:
+            ok &= kpos[:, None, :] >= q_lo[:, :, None]
+        bias = -self.slopes[:, None, None] * dist[:, None].to(self.slopes.dtype)  # (B, H, T, S+T)
+        bias = bias.masked_fill(~ok[:, None], float("-inf"))
+        sink = bias.new_zeros(B, bias.shape[1], T, 1)
+        return torch.cat([sink, bias], dim=3)  # (B, H, T, 1+S+T)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, C, D) features
+        y: torch.Tensor | None,  # (B, C) labels, K = unknown; unused when isolated
+        pos: torch.Tensor,  # (B, C) example positions in each stream
+        ctx: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer (B, H, S, Dh) x2
+        ctx_pos: torch.Tensor | None = None,  # (B, S)
+        *,
+        isolated: bool = False,
+        q_lo: torch.Tensor | None = None,  # (B, T) token-position lower bound per query
+        trace: list | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Returns logits ``(B, C, K)``, per-layer chunk keys and values ``(B, H, T, Dh)`` and
+        the chunk's token positions ``(B, T)`` (T = C, or 2C in context mode)."""
+        B, C, _ = x.shape
+        d, L, H = self.cfg.d_model, self.cfg.n_layers, self.cfg.n_heads
+        h = self.in_proj(self.in_ln(x))  # (B, C, d)
+        lab = None
+        if self.kv_mode:
+            tpos = pos
+            if not isolated:  # isolated queries never see their own keys: no label needed
+                lab = self.label_kv(self.label_emb(y)).view(B, C, L, 2, d)  # (B, C, L, 2, d)
+        elif isolated:
+            tpos = 2 * pos  # x-tokens only
+        else:
+            hy = self.label_emb(y)  # (B, C, d)
+            h = torch.stack([h, hy], dim=2).view(B, 2 * C, d)  # (B, 2C, d): x1 y1 x2 y2 ...
+            tpos = (2 * pos[:, :, None] + torch.arange(2, device=pos.device)).view(B, 2 * C)
+        if ctx is None:
+            empty = h.new_zeros(B, H, 0, d // H)
+            ctx, ctx_pos = [(empty, empty)] * L, tpos.new_zeros(B, 0)
+        bias = self.attn_bias(tpos, ctx_pos, isolated, q_lo)  # (B, H, T, 1+S+T)
+        ks, vs = [], []
+        for layer, block in enumerate(self.blocks):
+            h, k, v = block(h, None if lab is None else lab[:, :, layer], *ctx[layer], bias, trace)
+            ks.append(k)
+            vs.append(v)
+        if not self.kv_mode and not isolated:
+            h = h[:, 0::2]  # predictions are read at x-tokens
+        logits = self.head(self.ln_f(h))  # (B, C, K)
+        return logits, ks, vs, tpos
+
+
+class TransformerLearner(Learner):
+    """Online transformer learner (in-context + in-weights), see the module docstring.
+
+    Args:
+        feature_dim: D. num_classes: K. seed: seeds init, dropout and replay cursors.
+        **config: fields of :class:`TransformerConfig`.
+
+    Attributes:
+        t: examples revealed so far (stream 0 position of the next example).
+        skipped_updates: optimizer steps skipped because the loss was not finite.
+    """
+
+    name = "transformer"
+
+    def __init__(self, feature_dim: int, num_classes: int, seed: int = 0, **config) -> None:
+        names = {f.name for f in dataclasses.fields(TransformerConfig)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise OCLError(f"unknown transformer learner option(s) {unknown}; valid: {sorted(names)}.")
+        cfg = self.cfg = TransformerConfig(**config)
+        if cfg.device == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            dev = cfg.device
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise OCLError(f"learner.device={cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'.")
+        self.device = torch.device(dev)
+        self.D, self.K, self.R = feature_dim, num_classes, cfg.replay_streams
+
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.model = OnlineTransformer(feature_dim, num_classes, cfg)
+        self.model.to(self.device)
+        self.gen = torch.Generator(self.device).manual_seed(seed)
+        self.model.set_generator(self.gen)
+
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "sink" not in name else no_decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.99), fused=True,  # beta2 0.99: moments that track a drifting stream
+        )
+        # Forward calibration: logits * exp(log_scale), fitted only on already-scored chunks.
+        self.log_scale = torch.zeros((), device=self.device, requires_grad=True)
+        self.temp_opt = torch.optim.Adam([self.log_scale], lr=cfg.temp_lr, fused=True)
+
+        tpe = self.model.tokens_per_example
+        self.cache = KVCache(cfg.n_layers, self.R, cfg.n_heads, cfg.window * tpe, cfg.d_model // cfg.n_heads,
+                             device=self.device)
+        self.history = History(feature_dim, device=self.device)
+        self.cursors = ReplayCursors(self.R - 1, cfg.reset_rule, seed=seed)
+        self.t = 0
+        self.skipped_updates = 0
+        self._rows0 = torch.zeros(1, dtype=torch.long, device=self.device)  # stream 0 only
+        self._rows_all = torch.arange(self.R, device=self.device)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, raw logits) of the last predict
+
+    # ---------------------------------------------------------------- helpers
+    def _check(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if x.dim() != 2 or x.shape[1] != self.D:
+            raise OCLError(f"transformer learner expects features of shape (C, {self.D}); got {tuple(x.shape)}.")
+        x = x.to(self.device, torch.float32)
+        if y is not None:
+            if y.shape != (x.shape[0],):
+                raise OCLError(f"labels must have shape ({x.shape[0]},); got {tuple(y.shape)}.")
+            y = y.to(self.device, torch.long)
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.K):
+                raise OCLError(f"labels must lie in [0, {self.K}); got range [{int(y.min())}, {int(y.max())}].")
+        return x, y
+
+    def _stream_forward(self, x, y, pos, rows, **kw):
+        """Model forward over the cached context of the selected streams (``rows``: slice)."""
+        ctx = [self.cache.read(layer, rows) for layer in range(self.cfg.n_layers)]
+        return self.model(x, y, pos, ctx, self.cache.positions(rows), **kw)
+
+    def _lr(self, t: int) -> float:
+        """Learning rate when the chunk ending at example t is learned."""
+        cfg, w = self.cfg, max(self.cfg.warmup, 1)
+        if t < cfg.warmup:
+            return cfg.lr * t / cfg.warmup
+        return cfg.lr * math.sqrt(w / t) if cfg.lr_decay == "inv_sqrt" else cfg.lr
+
+    def _scale(self) -> torch.Tensor:
+        return self.log_scale.detach().exp() if self.cfg.temperature else self.log_scale.new_ones(())
+
+    @torch.no_grad()
+    def _raw_predict(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[0]
+        self.model.eval()
+        pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        y = torch.full((1, C), self.K, device=self.device)  # this chunk's labels: unknown
+        return self._stream_forward(x[None], y, pos, slice(0, 1))[0][0]  # (C, K)
+
+    # ---------------------------------------------------------------- protocol
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        xd, _ = self._check(x)
+        logits = self._raw_predict(xd)
+        self._pending = (x, logits)
+        return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        pending, self._pending = self._pending, None
+        x_in = x
+        x, y = self._check(x, y)
+        C, cfg = x.shape[0], self.cfg
+        if cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
+            same = pending is not None and (pending[0] is x_in or torch.equal(pending[0], x_in))
+            self._calibrate(pending[1] if same else self._raw_predict(x), y)
+
+        # Stream 0: the new chunk. Streams 1..R-1: replay chunks of the same length.
+        plan = self.cursors.step(len(self.history), C)
+        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        if plan.active.any():  # all cursors are active together (once a chunk of history exists)
+            for b in np.flatnonzero(plan.reset):
+                self.cache.reset(int(b) + 1)
+            hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
+            hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
+            xs, ys = torch.cat([x[None], hx]), torch.cat([y[None], hy])  # (R, C, D), (R, C)
+            pos, rows, rows_t = torch.cat([pos0, hpos]), slice(None), self._rows_all
+        else:
+            xs, ys, pos, rows, rows_t = x[None], y[None], pos0, slice(0, 1), self._rows0
+
+        self.model.train()
+        logits, ks, vs, tpos = self._stream_forward(xs, ys, pos, rows)
+        loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
+        self.t += C
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr(self.t)
+        self.opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+            self.opt.step()
+            self.cache.write(rows_t, tpos, ks, vs)
+            self.history.append(x, y)
+        else:  # skip the step, keep the chunk out of the history (replay would hit it again),
+            self.skipped_updates += 1  # and empty the caches that may now hold non-finite K/V
+            for b in rows_t.tolist():
+                self.cache.reset(b)
+
+    def _calibrate(self, raw_logits: torch.Tensor, y: torch.Tensor) -> None:
+        loss = F.cross_entropy(raw_logits.detach() * self.log_scale.exp(), y)
+        self.temp_opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            self.temp_opt.step()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Held-out log-probs ``(N, K)``: each example attends to stream 0's current cache as
+        if it were the next example, independently of the others; no cache is modified."""
+        xd, _ = self._check(x)
+        self.model.eval()
+        out = []
+        for s in range(0, xd.shape[0], self.cfg.eval_batch):
+            xb = xd[s : s + self.cfg.eval_batch][None]  # (1, N', D)
+            pos = torch.full(xb.shape[:2], self.t, device=self.device)  # (1, N')
+            logits = self._stream_forward(xb, None, pos, slice(0, 1), isolated=True)[0][0]
+            out.append(F.log_softmax(logits * self._scale(), dim=1))
+        if not out:
+            return torch.zeros(0, self.K)
+        return torch.cat(out).to(x.device)

@@ -1,0 +1,73 @@
+"""History store and replay cursors: only revealed data, forward walks, jumps with resets."""
+
+import numpy as np
+import pytest
+import torch
+
+from ocl.learners.replay import History, ReplayCursors
+
+
+def test_history_grows_and_gathers_chunks():
+    h = History(feature_dim=3, capacity=2)
+    x = torch.arange(30.0).view(10, 3)
+    y = torch.arange(10)
+    for s in range(0, 10, 3):  # chunks 3,3,3,1 force several doublings
+        h.append(x[s : s + 3], y[s : s + 3])
+    assert len(h) == 10
+    cx, cy = h.chunks(np.array([0, 4, 7]), 3)
+    assert cx.shape == (3, 3, 3) and torch.equal(cy, torch.tensor([[0, 1, 2], [4, 5, 6], [7, 8, 9]]))
+    assert torch.equal(cx[1], x[4:7])
+
+
+def test_history_refuses_to_read_unrevealed_examples():
+    h = History(feature_dim=2)
+    h.append(torch.zeros(5, 2), torch.zeros(5, dtype=torch.long))
+    h.chunks(np.array([3]), 2)  # reads 3, 4: fine
+    with pytest.raises(AssertionError):
+        h.chunks(np.array([4]), 2)  # would read index 5, not revealed
+
+
+@pytest.mark.parametrize("rule", ["prob", "start"])
+def test_cursors_walk_forward_read_only_revealed_and_flag_jumps(rule):
+    rng = np.random.default_rng(0)
+    cur = ReplayCursors(n_streams=3, reset_rule=rule, seed=1)
+    n, prev = 0, None
+    for _ in range(400):
+        c = int(rng.integers(1, 5))
+        plan = cur.step(n, c)
+        if n < c:
+            assert not plan.active.any()
+        else:
+            assert plan.active.all()
+            assert (plan.starts >= 0).all() and (plan.starts + c <= n).all()  # only revealed examples
+            if prev is not None:
+                walked = plan.starts == prev
+                assert (walked | plan.reset).all()  # either continued where it stopped, or jumped (reset)
+            if rule == "start":
+                assert (plan.starts[plan.reset] == 0).all()
+            prev = plan.starts + c
+        n += c
+
+
+@pytest.mark.parametrize("rule,mean,lowest_quarter", [("start", 0.5, 0.25), ("prob", 0.75, 1 / 32)])
+def test_reset_rules_spread_cursors_over_the_past(rule, mean, lowest_quarter):
+    """Jumps at rate C/t: back to the start gives uniform positions over the past; to a
+    uniform random point gives the recency-weighted density -log(1 - f) (mean 3/4)."""
+    cur = ReplayCursors(n_streams=64, reset_rule=rule, seed=0)
+    n, fractions = 0, []
+    for step in range(2000):
+        plan = cur.step(n, 1)
+        if step > 500:
+            fractions.append((plan.starts + 0.5) / n)
+        n += 1
+    fractions = np.concatenate(fractions)
+    assert abs(fractions.mean() - mean) < 0.05
+    assert abs((fractions < 0.25).mean() - lowest_quarter) < 0.04
+
+
+def test_cursors_are_seeded():
+    runs = []
+    for seed in (3, 3, 4):
+        cur = ReplayCursors(2, "prob", seed=seed)
+        runs.append(np.stack([cur.step(n, 1).starts for n in range(1, 200)]))
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
