@@ -96,6 +96,7 @@ def split(
     class_order: Sequence[int] | None = None,
     shuffle_classes: bool = True,
     max_examples: int | None = None,
+    examples_per_task: int | None = None,
 ) -> Stream:
     """Class-incremental split: tasks are disjoint groups of classes, one after another.
 
@@ -108,8 +109,12 @@ def split(
         class_order: explicit order of classes (overrides the seeded shuffle).
         shuffle_classes: draw the class order from ``seed`` (else 0, 1, 2, ...).
         max_examples: cut the stream after this many steps (``None``: whole stream).
+        examples_per_task: keep a seeded random subset of at most this many examples of each
+            task (``None``: all); a shorter stream that still visits every task.
     """
     K = source.num_classes
+    if examples_per_task is not None and examples_per_task < 1:
+        raise OCLError(f"protocol.examples_per_task must be >= 1; got {examples_per_task}.")
     if n_tasks < 1:
         raise OCLError(f"protocol.n_tasks must be >= 1; got {n_tasks}.")
     cpt = classes_per_task if classes_per_task is not None else K // n_tasks
@@ -136,7 +141,8 @@ def split(
         idx = np.flatnonzero(np.isin(y, cls))
         if idx.size == 0:
             raise OCLError(f"protocol: task {t} (classes {cls}) has no training examples in {source.name}.")
-        order.append(rng.permutation(idx))
+        idx = rng.permutation(idx)[:examples_per_task]  # [:None] keeps all
+        order.append(idx)
         tasks.append(np.full(idx.size, t, dtype=np.int64))
     order_a = np.concatenate(order)
     tests = []

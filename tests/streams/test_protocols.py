@@ -56,6 +56,18 @@ def test_split_without_test_and_truncation():
     assert s.tests == [] and len(s) == 50 and s.n_tasks == 2
 
 
+def test_split_examples_per_task_subsamples_every_task():
+    src = make_source()
+    full, s = split(src, seed=4, n_tasks=5), split(src, seed=4, n_tasks=5, examples_per_task=15)
+    assert len(s) == 75 and s.n_tasks == 5
+    np.testing.assert_array_equal(s.boundaries(), [15, 30, 45, 60])
+    for t in range(5):  # a subset of each task's own examples, still only its classes
+        assert set(s.order[s.tasks == t]) <= set(full.order[full.tasks == t])
+    assert s.task_classes == full.task_classes and len(s.tests) == 5
+    with pytest.raises(OCLError, match="examples_per_task"):
+        split(src, examples_per_task=0)
+
+
 def test_iid_is_a_seeded_permutation():
     src = make_source()
     s = iid(src, seed=0)
