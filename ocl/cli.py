@@ -73,11 +73,16 @@ def _fail(e: OCLError) -> None:
 
 @hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="config")
 def _run(cfg: DictConfig) -> None:
+    from ocl.checkpoint import RunInterrupted
     from ocl.experiment import run_experiment  # heavy imports after hydra parsed the args
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:
         res = run_experiment(cfg, out_dir)
+    except RunInterrupted as e:  # Ctrl-C/SIGTERM: checkpoint written; a clean stop, not an error
+        log.warning("%s", e)
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
     except OCLError as e:
         _fail(e)
     print(results_table(res, out_dir))

@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,11 +22,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ocl import checkpoint as ckpt
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.metrics import boundary_summary, online_accuracy_curve
+from ocl.metrics import Tracker, boundary_summary
 from ocl.report import write_json_atomic, write_steps_csv
-from ocl.runner import RunResult, run_stream
+from ocl.runner import RunResult, RunState, run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
 from ocl.streams.features import Extractor, extract_features
@@ -108,16 +110,17 @@ def make_learner(cfg: DictConfig, feature_dim: int, num_classes: int) -> Learner
 
 
 def summarize(result: RunResult, stream: Stream, curve_window: int) -> dict[str, Any]:
-    """Metrics dict of one run (the body of ``results.json``)."""
+    """Metrics dict of one run (the body of ``results.json``). Reads the per-step records in
+    blocks: constant memory however long the stream."""
     tr = result.tracker
     out: dict[str, Any] = dict(tr.summary())
     out["examples_per_second"] = tr.t / result.learn_seconds if result.learn_seconds > 0 else float("nan")
     out["learn_seconds"] = result.learn_seconds
     out["eval_seconds"] = result.eval_seconds
     out["nonfinite_predictions"] = tr.nonfinite
-    curve = online_accuracy_curve(tr.correct, curve_window)
     keep = np.unique(np.linspace(0, tr.t - 1, min(tr.t, 500)).astype(int))  # <= 500 points
-    out["online_accuracy_curve"] = {"window": curve_window, "step": keep, "accuracy": curve[keep]}
+    out["online_accuracy_curve"] = {"window": curve_window, "step": keep,
+                                    "accuracy": tr.accuracy_curve_at(keep, curve_window)}
     out["task_boundaries"] = stream.boundaries()
     if result.acc is not None:
         out["accuracy_matrix"] = result.acc
@@ -125,21 +128,80 @@ def summarize(result: RunResult, stream: Stream, curve_window: int) -> dict[str,
     return out
 
 
+def _writable_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable by writing a file there (``os.access`` lies
+    for root and on some network file systems)."""
+    fix = "choose another with hydra.run.dir=DIR (or fix its permissions)."
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise OCLError(f"cannot write to the run directory {out_dir} ({e.strerror or e}); {fix}") from e
+
+
+def _resume_hint(out_dir: Path) -> str:
+    return f"ocl run <the same overrides> resume=true hydra.run.dir={out_dir}"
+
+
 def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run one prequential experiment and write ``results.json`` and ``steps.csv`` to ``out_dir``."""
+    """Run one prequential experiment and write ``results.json`` and ``steps.csv`` to ``out_dir``.
+
+    The run checkpoints itself to ``out_dir/checkpoint.pt`` every ``cfg.checkpoint_every``
+    examples, at the end, and on SIGINT/SIGTERM (then raises
+    :class:`~ocl.checkpoint.RunInterrupted`); with ``cfg.resume`` it continues from that
+    checkpoint and ends with the results an uninterrupted run would have produced.
+    Per-step records go to ``out_dir/steps.npy`` as they are made (not into memory).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise OCLError(f"cannot write to the run directory {out_dir}; choose another with hydra.run.dir=DIR.")
+    _writable_dir(out_dir)
+    resume = bool(cfg.get("resume", False))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path = out_dir / ckpt.CHECKPOINT
+    saved = None
+    if resume:
+        saved = ckpt.load(ckpt_path)
+        ckpt.check_resumable(saved, config, None, ckpt_path)  # before any slow work
+    elif ckpt_path.exists():
+        raise OCLError(
+            f"{out_dir} already holds a checkpoint ({ckpt_path.name}) of an earlier run; nothing was changed. "
+            f"Continue that run with resume=true, or start a new one in another directory (hydra.run.dir=DIR)."
+        )
     seed_everything(int(cfg.seed))
     source, stream, extractor, train, test, feat_s = prepare(cfg)
-    learner = make_learner(cfg, int(train.shape[1]), stream.num_classes)
+    digest = ckpt.stream_digest(stream, tuple(train.shape[1:]))
+    steps_path = out_dir / "steps.npy"
+    if saved is not None:
+        ckpt.check_resumable(saved, config, digest, ckpt_path)
+        learner = saved["learner"]
+        state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path), resume=True), None)
+        try:
+            state.load_state_dict(saved["run"])
+        except (OSError, ValueError) as e:
+            raise OCLError(f"cannot resume {ckpt_path}: {e}. Start a new run in another directory.") from e
+        ckpt.set_rng_state(saved["rng"])
+        log.info("resuming %s at example %d of %d", ckpt_path, state.steps, len(stream))
+    else:
+        learner = make_learner(cfg, int(train.shape[1]), stream.num_classes)
+        learner.set_workdir(out_dir)
+        evaluate = test is not None and len(stream.tests) > 0
+        state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path)),
+                         np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None)
+    checkpointer = ckpt.Checkpointer(ckpt_path, cfg.get("checkpoint_every"), learner, config, digest,
+                                     _resume_hint(out_dir))
+    checkpointer.last_saved = state.steps
     log.info("stream %s/%s: %d examples, %d classes, %d tasks, D=%d, chunk %d",
              source.name, stream.name, len(stream), stream.num_classes, stream.n_tasks,
              train.shape[1], cfg.chunk_size)
-    with learning_threads(cfg.get("threads")) as n_threads:  # after extraction, which wants every core
-        result = run_stream(learner, train, stream, int(cfg.chunk_size), test, progress=bool(cfg.progress))
+    with learning_threads(cfg.get("threads")) as n_threads, checkpointer.catch_signals():
+        # after extraction, which wants every core
+        result = run_stream(learner, train, stream, int(cfg.chunk_size), test, progress=bool(cfg.progress),
+                            on_chunk=checkpointer, state=state)
+        checkpointer.save(result.state)  # the end: resume=true on a finished run just rewrites the results
     res = summarize(result, stream, int(cfg.curve_window))
+    skipped = getattr(learner, "skipped_updates", None)
+    if skipped:
+        log.warning("%d updates were skipped because their loss (or gradient) was not finite", skipped)
     info = getattr(extractor, "info", {"model": "pixels", "weights": "none"})
     res.update({
         "learner": getattr(learner, "name", type(learner).__name__),
@@ -154,10 +216,13 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "chunk_size": int(cfg.chunk_size),
         "threads": n_threads,
+        "skipped_updates": skipped,
+        "resumed": resume,
         "torch": torch.__version__,
         "host": platform.node(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
     })
     write_json_atomic(out_dir / "results.json", res)
     write_steps_csv(out_dir / "steps.csv", result.tracker)
+    result.tracker.close()
     return res

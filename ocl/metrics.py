@@ -9,6 +9,8 @@ task j's held-out test set after training on tasks 0..i.
 from __future__ import annotations
 
 import math
+import os
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -94,27 +96,69 @@ def boundary_summary(acc: np.ndarray) -> dict[str, float]:
 
 # ---------------------------------------------------------------- recording
 
+#: One per-step record: loss (nats), probability of the true label, predicted and true label, task.
+STEP_DTYPE = np.dtype([("loss", "<f8"), ("p_true", "<f4"), ("pred", "<i8"), ("label", "<i8"), ("task", "<i8")])
+_BLOCK = 1 << 16  # steps per block when streaming records from disk (~2.4 MB)
+
 
 class Tracker:
-    """Records per-step prequential outcomes into preallocated arrays (fixed memory).
+    """Records per-step prequential outcomes (fixed memory).
 
     Call :meth:`record` with each chunk's log-probabilities *before* the learner sees
     the chunk's labels.
 
+    Two storages, same interface:
+
+    - in memory (``path=None``): one preallocated ``(n,)`` structured array of
+      :data:`STEP_DTYPE` (36 bytes per step; fine for tests and short streams);
+    - on disk (``path`` given): an ``.npy`` file of ``(n,)`` :data:`STEP_DTYPE` records,
+      written chunk by chunk with ``pwrite`` (never mapped), so the process's memory does
+      not grow with the stream. Everything that reads the records (:meth:`summary`,
+      :meth:`blocks`, the CSV writer) streams them in blocks. The file is a plain
+      ``np.load``-able structured array once the run is complete.
+
     Args:
         n: total number of steps the stream will have.
-        tasks: ``(n,)`` task index of each step (stored alongside the records).
+        tasks: ``(n,)`` task index of each step (stored with each record).
+        path: the ``.npy`` file for on-disk records, or ``None`` for memory.
+        resume: open an existing ``path`` and keep its records (see :meth:`load_state_dict`)
+            instead of creating it afresh.
     """
 
-    def __init__(self, n: int, tasks: np.ndarray | None = None) -> None:
+    def __init__(self, n: int, tasks: np.ndarray | None = None, path: str | None = None,
+                 resume: bool = False) -> None:
         self.n = n
         self.t = 0
-        self.loss = np.zeros(n, dtype=np.float64)  # nats
-        self.p_true = np.zeros(n, dtype=np.float32)
-        self.pred = np.zeros(n, dtype=np.int64)
-        self.label = np.zeros(n, dtype=np.int64)
-        self.task = np.zeros(n, dtype=np.int64) if tasks is None else np.asarray(tasks, dtype=np.int64)
         self.nonfinite = 0  # predictions that were NaN/inf (scored as the worst case)
+        self._tasks = np.zeros(n, dtype=np.int64) if tasks is None else np.asarray(tasks, dtype=np.int64)
+        self.path = None if path is None else str(path)
+        self._mem: np.ndarray | None = None
+        self._fd: int | None = None
+        if self.path is None:
+            self._mem = np.zeros(n, dtype=STEP_DTYPE)
+            self._mem["task"] = self._tasks
+            return
+        if not resume:
+            # A sparse file with a valid .npy header; records are filled in as they come.
+            mm = np.lib.format.open_memmap(self.path, mode="w+", dtype=STEP_DTYPE, shape=(n,))
+            del mm  # unmapped at once: records are written with pwrite, never through a mapping
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            self._offset = f.tell()
+        if shape != (n,) or dtype != STEP_DTYPE:
+            raise ValueError(f"{self.path} holds {shape} {dtype}, expected ({n},) step records")
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    def close(self) -> None:
+        """Close the records file (the tracker can still be read through :meth:`blocks`)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def record(self, logp: torch.Tensor, y: torch.Tensor) -> None:
         """Score one chunk. ``logp``: ``(C, K)`` log-probabilities; ``y``: ``(C,)`` labels."""
@@ -131,23 +175,97 @@ class Tracker:
             # A non-finite prediction is scored as probability ~0 rather than poisoning the sums.
             self.nonfinite += int(bad.sum())
             lp_true = torch.where(bad, torch.full_like(lp_true, math.log(1e-30)), lp_true)
-        sl = slice(self.t, self.t + C)
-        self.loss[sl] = (-lp_true).numpy()
-        self.p_true[sl] = lp_true.exp().numpy()
-        self.pred[sl] = logp.argmax(1).numpy()
-        self.label[sl] = y.numpy()
+        rec = np.empty(C, dtype=STEP_DTYPE)
+        rec["loss"] = (-lp_true).numpy()
+        rec["p_true"] = lp_true.exp().numpy()
+        rec["pred"] = logp.argmax(1).numpy()
+        rec["label"] = y.numpy()
+        rec["task"] = self._tasks[self.t : self.t + C]
+        if self._mem is not None:
+            self._mem[self.t : self.t + C] = rec
+        else:
+            os.pwrite(self._fd, rec.tobytes(), self._offset + self.t * STEP_DTYPE.itemsize)
         self.t += C
+
+    # ------------------------------------------------------------ reading
+    def blocks(self, block: int = _BLOCK) -> Iterator[np.ndarray]:
+        """The records ``[0, t)`` in order, as ``(<=block,)`` :data:`STEP_DTYPE` arrays."""
+        for s in range(0, self.t, block):
+            m = min(block, self.t - s)
+            if self._mem is not None:
+                yield self._mem[s : s + m]
+            else:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset + s * STEP_DTYPE.itemsize)
+                    yield np.fromfile(f, dtype=STEP_DTYPE, count=m)
+
+    def _column(self, name: str) -> np.ndarray:
+        if self._mem is not None:
+            return self._mem[name]  # (n,) view; entries past t are zeros
+        return np.concatenate([b[name] for b in self.blocks()]) if self.t else np.zeros(0, STEP_DTYPE[name])
+
+    # Whole columns, for tests and small streams (on disk they are read into memory: use
+    # :meth:`blocks` on long streams).
+    loss = property(lambda self: self._column("loss"), doc="``(n,)`` (memory) or ``(t,)`` (disk) losses, nats")
+    p_true = property(lambda self: self._column("p_true"), doc="probability of the true label")
+    pred = property(lambda self: self._column("pred"), doc="predicted labels")
+    label = property(lambda self: self._column("label"), doc="true labels")
+    task = property(lambda self: self._tasks, doc="``(n,)`` task of each step")
 
     @property
     def correct(self) -> np.ndarray:
-        return self.pred[: self.t] == self.label[: self.t]
+        """``(t,)`` booleans."""
+        return np.concatenate([b["pred"] == b["label"] for b in self.blocks()]) if self.t else np.zeros(0, bool)
 
     def summary(self) -> dict[str, float]:
-        """Online metrics over the steps recorded so far."""
+        """Online metrics over the steps recorded so far (streamed: constant memory)."""
         n = self.t
+        loss = correct = 0.0
+        for b in self.blocks():
+            loss += float(np.sum(b["loss"]))
+            correct += int(np.count_nonzero(b["pred"] == b["label"]))
         return {
             "n_examples": n,
-            "avg_online_accuracy": float(np.mean(self.correct)) if n else float("nan"),
-            "cumulative_log_loss": float(np.sum(self.loss[:n])),
-            "mean_log_loss": float(np.mean(self.loss[:n])) if n else float("nan"),
+            "avg_online_accuracy": correct / n if n else float("nan"),
+            "cumulative_log_loss": loss,
+            "mean_log_loss": loss / n if n else float("nan"),
         }
+
+    def accuracy_curve_at(self, steps: np.ndarray, window: int) -> np.ndarray:
+        """:func:`online_accuracy_curve` evaluated only at ``steps`` (sorted, ``< t``), streamed."""
+        steps = np.asarray(steps, dtype=np.int64)
+        # curve[s] = (c[s+1] - c[lo]) / (s+1-lo) with c the cumsum (c[0] = 0), lo = max(0, s+1-window)
+        hi = steps + 1
+        lo = np.maximum(0, hi - window)
+        need = np.unique(np.concatenate([hi, lo]))
+        vals = np.zeros(need.size, dtype=np.float64)
+        total, start = 0.0, 0
+        for b in self.blocks():
+            c = total + np.concatenate([[0.0], np.cumsum(b["pred"] == b["label"], dtype=np.float64)])
+            sel = (need >= start) & (need <= start + b.size)
+            vals[sel] = c[need[sel] - start]
+            total, start = c[-1], start + b.size
+        cval = dict(zip(need.tolist(), vals.tolist()))
+        return np.array([(cval[h] - cval[l]) / (h - l) for h, l in zip(hi.tolist(), lo.tolist())])
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs. On disk the records stay in the file (made durable here,
+        before the checkpoint that counts them is written); in memory they are copied."""
+        state: dict[str, Any] = {"n": self.n, "t": self.t, "nonfinite": self.nonfinite, "path": self.path}
+        if self._mem is not None:
+            state["records"] = self._mem[: self.t].copy()
+        else:
+            os.fsync(self._fd)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. Records past ``t`` in the file (written after the
+        checkpoint by a run that then died) are simply overwritten as the run goes on."""
+        if state["n"] != self.n:
+            raise ValueError(f"checkpointed tracker has n={state['n']}, this one {self.n}")
+        self.t, self.nonfinite = int(state["t"]), int(state["nonfinite"])
+        if self._mem is not None:
+            self._mem[: self.t] = state["records"]
+        elif os.fstat(self._fd).st_size < self._offset + self.t * STEP_DTYPE.itemsize:
+            raise ValueError(f"{self.path} is shorter than the {self.t} records the checkpoint counts")

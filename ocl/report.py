@@ -74,16 +74,26 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def write_steps_csv(path: Path, tracker: Tracker) -> None:
-    """One row per step: step, task, label, pred, correct, loss (nats), p_true."""
-    n = tracker.t
-    cols = np.column_stack([
-        np.arange(n), tracker.task[:n], tracker.label[:n], tracker.pred[:n],
-        (tracker.pred[:n] == tracker.label[:n]).astype(np.int64),
-    ])
+    """One row per step: step, task, label, pred, correct, loss (nats), p_true.
+
+    Streamed block by block from the tracker (constant memory on long streams), written to
+    a temp file that is fsynced and renamed: an existing steps.csv is replaced only whole.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write("step,task,label,pred,correct,loss,p_true\n")
-        for row, loss, p in zip(cols.tolist(), tracker.loss[:n].tolist(), tracker.p_true[:n].tolist()):
-            f.write(f"{row[0]},{row[1]},{row[2]},{row[3]},{row[4]},{loss:.6g},{p:.6g}\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("step,task,label,pred,correct,loss,p_true\n")
+            step = 0
+            for b in tracker.blocks():
+                for task, label, pred, loss, p in zip(b["task"].tolist(), b["label"].tolist(), b["pred"].tolist(),
+                                                      b["loss"].tolist(), b["p_true"].tolist()):
+                    f.write(f"{step},{task},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
+                    step += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

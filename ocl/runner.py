@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,43 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class RunState:
+    """Where a prequential pass stands: everything besides the learner that a checkpoint
+    must restore to continue exactly.
+
+    Attributes:
+        tracker: per-step records so far (``tracker.t`` is the stream position).
+        acc: ``(T, T)`` accuracy matrix, rows filled up to the current task, or ``None``.
+        task: the task of the last chunk processed.
+        learn_seconds, eval_seconds: wall time so far.
+        done: the final evaluation has run.
+    """
+
+    tracker: Tracker
+    acc: np.ndarray | None
+    task: int = 0
+    learn_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    done: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.tracker.t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "acc": None if self.acc is None else self.acc.copy(),
+                "task": self.task, "learn_seconds": self.learn_seconds, "eval_seconds": self.eval_seconds,
+                "done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore into this state (its tracker must be built for the same stream)."""
+        self.tracker.load_state_dict(state["tracker"])
+        self.acc = None if state["acc"] is None else np.array(state["acc"])
+        self.task, self.done = int(state["task"]), bool(state["done"])
+        self.learn_seconds, self.eval_seconds = float(state["learn_seconds"]), float(state["eval_seconds"])
+
+
+@dataclass
 class RunResult:
     """What one prequential pass produced.
 
@@ -38,6 +75,7 @@ class RunResult:
         acc: ``(T, T)`` accuracy matrix, or ``None`` without test data.
         learn_seconds: wall time spent in predict + record + update.
         eval_seconds: wall time spent on held-out evaluation at task boundaries.
+        state: the final :class:`RunState` (what the end-of-run checkpoint stores).
     """
 
     tracker: Tracker
@@ -45,16 +83,27 @@ class RunResult:
     learn_seconds: float
     eval_seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    state: RunState | None = None
+
+
+def _iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0) -> Iterator[tuple[int, int]]:
+    """Chunks ``(start, end)`` of at most ``chunk_size`` steps that never straddle a task
+    boundary (so every task starts a fresh chunk), from step ``start`` (a chunk start) on.
+    A generator: a million-step stream must not become a million tuples."""
+    cuts = sorted(set([0, n, *boundaries.tolist()]))
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b <= start:
+            continue
+        first = a if start <= a else start
+        if (first - a) % chunk_size:
+            raise ValueError(f"step {start} is not the start of a chunk of {chunk_size}")
+        for s in range(first, b, chunk_size):
+            yield s, min(s + chunk_size, b)
 
 
 def _chunks(n: int, chunk_size: int, boundaries: np.ndarray) -> list[tuple[int, int]]:
-    """Chunk boundaries ``[(start, end), ...]`` of at most ``chunk_size`` steps that never
-    straddle a task boundary (so every task starts a fresh chunk)."""
-    cuts = sorted(set([0, n, *boundaries.tolist()]))
-    out = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        out.extend((s, min(s + chunk_size, b)) for s in range(a, b, chunk_size))
-    return out
+    """All chunks of :func:`_iter_chunks` as a list (short streams, tests)."""
+    return list(_iter_chunks(n, chunk_size, boundaries))
 
 
 @torch.no_grad()
@@ -80,7 +129,9 @@ def run_stream(
     chunk_size: int = 1,
     test_feats: np.ndarray | None = None,
     progress: bool = True,
-    on_chunk: Callable[[int], None] | None = None,
+    on_chunk: Callable[[RunState], None] | None = None,
+    state: RunState | None = None,
+    tracker: Tracker | None = None,
 ) -> RunResult:
     """Run ``learner`` prequentially over ``stream``.
 
@@ -91,41 +142,45 @@ def run_stream(
         chunk_size: C, examples per predict/update step.
         test_feats: ``(n_test, D)`` features of ``source.test`` for boundary evaluation.
         progress: show a progress bar.
-        on_chunk: optional callback with the number of steps done (for checkpoints, tests).
+        on_chunk: called with the :class:`RunState` after every chunk (checkpoints, tests);
+            it may raise to stop the run.
+        state: continue from this state (a resumed run; the learner must be the one that
+            produced it) instead of from the start.
+        tracker: where to record a fresh run (default: an in-memory :class:`Tracker`).
     """
     if chunk_size < 1:
         raise OCLError(f"chunk_size must be >= 1; got {chunk_size}.")
     n = len(stream)
-    tracker = Tracker(n, stream.tasks)
     evaluate = test_feats is not None and len(stream.tests) > 0
-    acc = np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None
-    boundaries = stream.boundaries()
-    learn_s = eval_s = 0.0
-    task = 0
-    bar = tqdm(total=n, desc=f"{getattr(learner, 'name', 'learner')}", unit="ex", disable=not progress,
-               mininterval=0.5, leave=False)
-    for start, end in _chunks(n, chunk_size, boundaries):
+    if state is None:
+        state = RunState(tracker if tracker is not None else Tracker(n, stream.tasks),
+                         np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None)
+    acc = state.acc
+    bar = tqdm(total=n, initial=state.steps, desc=f"{getattr(learner, 'name', 'learner')}", unit="ex",
+               disable=not progress, mininterval=0.5, leave=False)
+    for start, end in _iter_chunks(n, chunk_size, stream.boundaries(), state.steps):
         new_task = int(stream.tasks[start])
-        if new_task != task:
+        if new_task != state.task:
             if acc is not None:
                 t0 = time.perf_counter()
-                acc[task] = evaluate_tasks(learner, test_feats, stream)
-                eval_s += time.perf_counter() - t0
+                acc[state.task] = evaluate_tasks(learner, test_feats, stream)
+                state.eval_seconds += time.perf_counter() - t0
             learner.on_task_boundary(new_task)
-            task = new_task
+            state.task = new_task
         t0 = time.perf_counter()
         x = torch.from_numpy(np.asarray(feats[stream.order[start:end]], dtype=np.float32))
         y = torch.from_numpy(stream.labels[start:end])
         logp = learner.predict(x)
-        tracker.record(logp, y)
+        state.tracker.record(logp, y)
         learner.update(x, y)
-        learn_s += time.perf_counter() - t0
+        state.learn_seconds += time.perf_counter() - t0
         bar.update(end - start)
         if on_chunk is not None:
-            on_chunk(end)
+            on_chunk(state)
     bar.close()
-    if acc is not None:
+    if acc is not None and not state.done:
         t0 = time.perf_counter()
-        acc[task] = evaluate_tasks(learner, test_feats, stream)
-        eval_s += time.perf_counter() - t0
-    return RunResult(tracker, acc, learn_s, eval_s)
+        acc[state.task] = evaluate_tasks(learner, test_feats, stream)
+        state.eval_seconds += time.perf_counter() - t0
+    state.done = True
+    return RunResult(state.tracker, acc, state.learn_seconds, state.eval_seconds, state=state)

@@ -15,6 +15,7 @@ through ``update``. Learners are built by the runner as
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,11 @@ class Learner(abc.ABC):
 
         Most online learners ignore it (they are task-free); baselines that need it override.
         """
+
+    def set_workdir(self, path: Path) -> None:
+        """Called once before the first chunk with the run directory: a learner may keep large
+        state there on disk (e.g. the transformer's replay history) instead of in memory, so
+        that it survives in checkpoints. Default: nothing."""
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities for held-out data without changing any state (``(N, D) -> (N, K)``).
