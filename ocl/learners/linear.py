@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ocl.learners.base import Learner
+
+log = logging.getLogger(__name__)
 
 
 class RunningStandardizer:
@@ -51,6 +54,33 @@ class RunningStandardizer:
         self.n = tot
 
 
+def guarded_step(loss: torch.Tensor, opt: torch.optim.Optimizer, who: str, skipped: int) -> bool:
+    """One optimizer step on ``loss`` unless the loss or any gradient is NaN/inf.
+
+    A single bad chunk (an overflow, an extreme input) must not poison the weights for the
+    rest of the stream: the step is skipped, its gradients are dropped, and the skip is
+    logged (the first time and then at powers of two, so a long bad stretch does not flood
+    the log). ``skipped`` is the count so far (for the message).
+
+    Returns:
+        whether the step was taken.
+    """
+    opt.zero_grad(set_to_none=True)
+    ok = bool(torch.isfinite(loss))
+    if ok:
+        loss.backward()
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        ok = all(bool(torch.isfinite(g).all()) for g in grads)
+    if ok:
+        opt.step()
+        return True
+    opt.zero_grad(set_to_none=True)
+    n = skipped + 1
+    if n & (n - 1) == 0:
+        log.warning("%s: skipped an update with a non-finite loss or gradient (%d so far)", who, n)
+    return False
+
+
 class LinearLearner(Learner):
     """Online multinomial logistic regression: one SGD step per chunk on its mean loss.
 
@@ -62,6 +92,9 @@ class LinearLearner(Learner):
         standardize: standardise inputs with running statistics of past inputs; makes one
             learning rate work for pixels and for ViT features of very different scales.
         weight_decay: L2 penalty.
+
+    Attributes:
+        skipped_updates: steps skipped because the loss or a gradient was NaN/inf.
     """
 
     name = "linear"
@@ -81,6 +114,7 @@ class LinearLearner(Learner):
         torch.nn.init.zeros_(self.linear.bias)
         self.opt = torch.optim.SGD(self.linear.parameters(), lr=lr, weight_decay=weight_decay)
         self.norm = RunningStandardizer(feature_dim) if standardize else None
+        self.skipped_updates = 0
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(x) if self.norm is not None else x)
@@ -91,9 +125,7 @@ class LinearLearner(Learner):
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = F.cross_entropy(self._logits(x), y)
-        self.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            self.opt.step()
-        if self.norm is not None:
+        if not guarded_step(loss, self.opt, self.name, self.skipped_updates):
+            self.skipped_updates += 1
+        if self.norm is not None and torch.isfinite(x).all():  # never let one bad input poison the statistics
             self.norm.update(x)

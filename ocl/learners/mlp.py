@@ -15,7 +15,7 @@ from torch import nn
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.linear import RunningStandardizer
+from ocl.learners.linear import RunningStandardizer, guarded_step
 
 
 def make_head(feature_dim: int, num_classes: int, hidden: int, seed: int) -> nn.Module:
@@ -69,6 +69,9 @@ class MLPLearner(Learner):
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 penalty.
         standardize: standardise inputs with running statistics of past inputs.
+
+    Attributes:
+        skipped_updates: steps skipped because the loss or a gradient was NaN/inf.
     """
 
     name = "mlp"
@@ -88,6 +91,7 @@ class MLPLearner(Learner):
         self.head = make_head(feature_dim, num_classes, hidden, seed)
         self.opt = make_optimizer(optimizer, self.head.parameters(), lr, momentum, weight_decay)
         self.norm = RunningStandardizer(feature_dim) if standardize else None
+        self.skipped_updates = 0
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x) if self.norm is not None else x)  # (C, K)
@@ -98,9 +102,7 @@ class MLPLearner(Learner):
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = F.cross_entropy(self._logits(x), y)
-        self.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):  # one bad chunk must not poison the weights
-            loss.backward()
-            self.opt.step()
-        if self.norm is not None:
+        if not guarded_step(loss, self.opt, self.name, self.skipped_updates):  # one bad chunk must not poison the weights
+            self.skipped_updates += 1
+        if self.norm is not None and torch.isfinite(x).all():
             self.norm.update(x)
