@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ocl.errors import OCLError
-from ocl.report import format_table
+from ocl.report import check_writable_dir, format_table
 
 log = logging.getLogger("ocl")
 
@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    # hydra creates the run directory before any of our code runs: refuse a bad one first.
+    run_dir = next((a.split("=", 1)[1] for a in rest if a.startswith("hydra.run.dir=")), None)
+    if run_dir and "${" not in run_dir:
+        try:
+            check_writable_dir(run_dir)
+        except OCLError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     # hydra.main parses sys.argv itself; hand it only the overrides.
     sys.argv = [f"ocl {cmd}", *rest]
     COMMANDS[cmd]()

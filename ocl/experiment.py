@@ -7,6 +7,8 @@ plain ``DictConfig`` and an output directory.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import platform
@@ -47,6 +49,8 @@ def build(cfg: DictConfig, what: str, *args: Any, **kwargs: Any) -> Any:
         raise OCLError(f"config group '{what}' needs a `_target_` (e.g. {what}=<name>).")
     try:
         obj = instantiate(node, _convert_="all")
+        if isinstance(obj, functools.partial):
+            _check_options(what, obj, kwargs)
         return obj(*args, **kwargs) if (args or kwargs) else obj
     except InstantiationException as e:
         cause = e.__cause__
@@ -55,6 +59,48 @@ def build(cfg: DictConfig, what: str, *args: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise OCLError(f"could not build `{what}` from its config ({node.get('_target_')}): {e}") from e
+
+
+def _check_options(what: str, factory: functools.partial, given_by_runner: dict[str, Any]) -> None:
+    """Name a mistyped option of a ``_partial_`` factory (``+learner.lrr=0.1``) instead of
+    letting the constructor fail with a bare ``TypeError``."""
+    try:
+        params = inspect.signature(factory.func).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the target validates its own **options
+    unknown = sorted(set(factory.keywords) - set(params))
+    if unknown:
+        valid = sorted(k for k in params if k not in given_by_runner and k != "self")
+        raise OCLError(
+            f"{what}: unknown option(s) {unknown} for {getattr(factory.func, '__qualname__', factory.func)}; "
+            f"valid options: {valid}. Fix the spelling of the override (e.g. {what}.{valid[0] if valid else 'x'}=...)."
+        )
+
+
+#: Top-level run settings: (check, what a valid value is). Hydra checks key names (a mistyped key
+#: is an error there); values arrive as whatever the command line parsed, so check them here.
+_RUN_KEYS: dict[str, tuple[Any, str]] = {
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "chunk_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "curve_window": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "threads": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                "an integer >= 1 or null"),
+    "checkpoint_every": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                         "a number of examples >= 1, or null (only at the end and on Ctrl-C)"),
+    "eval_test": (lambda v: isinstance(v, bool), "true or false"),
+    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "resume": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Raise :class:`OCLError` naming the first top-level setting with an invalid value."""
+    for key, (ok, what) in _RUN_KEYS.items():
+        if key in cfg and not ok(cfg[key]):
+            raise OCLError(f"{key}={cfg[key]!r}: must be {what}. Set it as {key}=VALUE on the command line "
+                           "(see configs/config.yaml).")
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +199,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     checkpoint and ends with the results an uninterrupted run would have produced.
     Per-step records go to ``out_dir/steps.npy`` as they are made (not into memory).
     """
+    check_run_config(cfg)
     out_dir = Path(out_dir)
     _writable_dir(out_dir)
     resume = bool(cfg.get("resume", False))

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ocl.errors import OCLError
 from ocl.metrics import Tracker
 
 
@@ -41,6 +42,26 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = 
     if headers:
         lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def check_writable_dir(path: str | os.PathLike) -> None:
+    """Raise :class:`OCLError` unless ``path`` is, or can be created as, a writable directory.
+
+    Creates nothing: it probes the nearest existing ancestor with an anonymous temp file
+    (``os.access`` is not enough: it says yes to root on a read-only file system).
+    """
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    fix = "choose another directory with hydra.run.dir=DIR (or fix its permissions)."
+    if not probe.is_dir():
+        raise OCLError(f"cannot create the run directory {path}: {probe} is a file, not a directory; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise OCLError(f"cannot write to the run directory {path} ({probe}: {e.strerror or e}); {fix}") from e
 
 
 def _jsonable(v: Any) -> Any:
