@@ -2,6 +2,8 @@
 
 ``ocl run [key=value ...]`` runs one prequential experiment configured with hydra
 (config groups ``stream=``, ``protocol=``, ``backbone=``, ``learner=``; see configs/).
+``ocl compare [key=value ...] learners=[a,b,...] seeds=N`` runs several learners x seeds
+on one stream with the same overrides (configs/compare.yaml) and prints a ranked table.
 Errors a user can fix are printed as one message, with a non-zero exit code.
 """
 
@@ -25,6 +27,8 @@ usage: ocl <command> [key=value ...]
 
 commands:
   run       one learner on one stream, scored prequentially (predict, score, then learn)
+  compare   several learners x seeds on one stream (features extracted once): ranked table,
+            compare.json/.csv, curves.png, acc_matrix.png
 
 examples:
   ocl run                                            # digits, 5-task split, pixels, linear
@@ -32,6 +36,8 @@ examples:
   ocl run stream=emnist stream.format=csv stream.train_file=F stream.test_file=G
   ocl run backbone=dino_vits16 backbone.weights=/path/to/dino_deitsmall16_pretrain.pth
   ocl run --help                                     # every config group and option
+  ocl compare learners=[linear,knn,er] seeds=3       # the same overrides as ocl run, plus these
+  ocl compare seeds=2                                # every baseline, Avalanche strategy and the transformer
 """
 
 
@@ -88,7 +94,31 @@ def _run(cfg: DictConfig) -> None:
     print(results_table(res, out_dir))
 
 
-COMMANDS: dict[str, Callable[[], Any]] = {"run": _run}
+@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="compare")
+def _compare(cfg: DictConfig) -> None:
+    from ocl.compare import ranked_table, run_compare  # heavy imports after hydra parsed the args
+
+    hc = HydraConfig.get()
+    ignored = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "learner"]
+    if ignored:
+        msg = (f"ocl compare ignores {ignored}: name learners with learners=[a,b,...] and set their options "
+               "with +learner_options.NAME.KEY=VALUE")
+        log.warning("%s", msg)
+        print(f"warning: {msg}", file=sys.stderr)
+    out_dir = hc.runtime.output_dir
+    try:
+        payload = run_compare(cfg, out_dir)
+    except OCLError as e:
+        _fail(e)
+    print(ranked_table(payload))
+    failed = [r for r in payload["records"] if r["status"] != "ok"]
+    if failed:
+        print(f"error: {len(failed)} of {len(payload['records'])} runs failed (see the errors above and "
+              f"{out_dir}/compare.json); the others' results are complete.", file=sys.stderr)
+        sys.exit(1)
+
+
+COMMANDS: dict[str, Callable[[], Any]] = {"run": _run, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,467 @@
+"""``ocl compare``: several learners x several seeds on one stream.
+
+The source is loaded and its features extracted **once** (train and test split); every
+learner and seed then runs prequentially over the same cached features. The protocol
+(stream order, class order, task split) is rebuilt per seed, so the seeds vary the
+stream as well as the learners' own randomness, exactly as ``ocl run seed=s`` would.
+
+Outputs in the run directory (rewritten after every run, so a crash or Ctrl-C keeps
+what finished): ``compare.json`` (one record per learner x seed, plus a per-learner
+summary), ``compare.csv`` (the same records, scalar metrics only), ``curves.png`` and
+``acc_matrix.png`` (see :mod:`ocl.plots`), and with ``tensorboard=true`` event files
+under ``tensorboard/<learner>/seed<s>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ocl.errors import OCLError
+from ocl.experiment import (build, check_run_config, learning_threads, make_learner, seed_everything,
+                            summarize)
+from ocl.report import format_table, write_json_atomic
+from ocl.runner import run_stream
+from ocl.streams.base import Source
+from ocl.streams.custom import to_source
+from ocl.streams.features import Extractor, extract_features
+
+log = logging.getLogger(__name__)
+
+#: What ``learners=null`` runs, in table order before ranking: every baseline, the Avalanche
+#: strategies (the peer implementation) and the transformer.
+ALL_LEARNERS: tuple[str, ...] = (
+    "linear", "mlp", "er", "knn", "ncm", "slda", "recent",
+    "avalanche_naive", "avalanche_replay", "avalanche_er_ace", "avalanche_gdumb",
+    "transformer",
+)
+
+#: Scalar metrics of every record (``None`` when a run failed or the metric is undefined,
+#: e.g. forgetting without test data).
+METRICS: tuple[str, ...] = (
+    "avg_online_accuracy", "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
+    "avg_anytime_accuracy", "forgetting", "backward_transfer", "examples_per_second", "n_examples",
+    "learn_seconds", "eval_seconds",
+)
+
+#: Metrics where smaller is better (the table ranks them ascending).
+LOWER_IS_BETTER = frozenset({"cumulative_log_loss", "mean_log_loss", "forgetting", "learn_seconds",
+                             "eval_seconds"})
+
+#: Table columns: (metric, header).
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("avg_online_accuracy", "online acc"),
+    ("mean_log_loss", "mean log-loss"),
+    ("final_avg_accuracy", "final acc"),
+    ("forgetting", "forgetting"),
+    ("examples_per_second", "ex/s"),
+)
+
+
+# ---------------------------------------------------------------- learner configs
+
+
+def available_learners() -> list[str]:
+    """Names of the shipped learner configs (``configs/learner/<name>.yaml``)."""
+    folder = resources.files("ocl.configs").joinpath("learner")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def learner_config(name: str, options: dict[str, Any] | None = None) -> DictConfig:
+    """The ``learner`` node of ``configs/learner/<name>.yaml`` with ``options`` merged in.
+
+    Raises:
+        OCLError: ``name`` is not a shipped learner config (the message lists the valid ones).
+    """
+    valid = available_learners()
+    if name not in valid:
+        raise OCLError(f"unknown learner {name!r} in learners=[...]; valid learners: {', '.join(valid)}.")
+    text = resources.files("ocl.configs").joinpath("learner", f"{name}.yaml").read_text()
+    node = OmegaConf.create(text)
+    if options:
+        node = OmegaConf.merge(node, OmegaConf.create(dict(options)))
+    return node  # type: ignore[return-value]
+
+
+def resolve_learners(value: Any) -> list[str]:
+    """``learners=`` as a list of names: ``None`` means :data:`ALL_LEARNERS` (those shipped);
+    a string may name one learner or several separated by commas."""
+    if value is None:
+        names = [n for n in ALL_LEARNERS if n in set(available_learners())]
+    elif isinstance(value, str):
+        names = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple, ListConfig)):
+        names = [str(v).strip() for v in value]
+    else:
+        raise OCLError(f"learners={value!r}: expected a list of learner names, e.g. learners=[linear,knn].")
+    if not names:
+        raise OCLError("learners=[]: name at least one learner (or leave learners unset for all of them).")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise OCLError(f"learners: {dupes} listed more than once.")
+    valid = available_learners()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise OCLError(f"unknown learner(s) {unknown} in learners=[...]; valid learners: {', '.join(valid)}.")
+    return names
+
+
+def resolve_seeds(value: Any, base_seed: int) -> list[int]:
+    """``seeds=N`` -> ``[base_seed, ..., base_seed + N - 1]``; ``seeds=[a,b]`` -> those seeds."""
+    if isinstance(value, bool):
+        raise OCLError(f"seeds={value!r}: must be a number of seeds >= 1 or a list of seeds.")
+    if isinstance(value, int):
+        if value < 1:
+            raise OCLError(f"seeds={value}: must be >= 1 (the number of seeds per learner).")
+        return [base_seed + i for i in range(value)]
+    if isinstance(value, (list, tuple, ListConfig)) and value:
+        seeds = list(value)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+            raise OCLError(f"seeds={list(value)!r}: a list of seeds must hold distinct integers.")
+        return [int(s) for s in seeds]
+    raise OCLError(f"seeds={value!r}: must be a number of seeds >= 1 or a list of distinct integers.")
+
+
+def _check_compare_config(cfg: DictConfig, learners: Sequence[str]) -> None:
+    rank_by = cfg.get("rank_by", "avg_online_accuracy")
+    if rank_by not in METRICS:
+        raise OCLError(f"rank_by={rank_by!r}: must be one of {', '.join(METRICS)}.")
+    for key in ("tensorboard", "plots"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise OCLError(f"{key}={cfg.get(key)!r}: must be true or false.")
+    options = cfg.get("learner_options") or {}
+    extra = sorted(set(options) - set(learners))
+    if extra:
+        raise OCLError(f"learner_options names {extra}, which are not in learners={list(learners)}.")
+
+
+def _tensorboard_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch ships the writer, but it needs the `tensorboard` package
+        raise OCLError("tensorboard=true needs the `tensorboard` package: pip install tensorboard "
+                       "(or pip install 'ocl[tensorboard]'), or run with tensorboard=false.") from e
+    return SummaryWriter
+
+
+# ---------------------------------------------------------------- features, once
+
+
+@dataclass
+class Features:
+    """A source and its features, extracted once and shared by every run of a comparison.
+
+    Attributes:
+        source: the loaded source.
+        extractor: the backbone that made the features.
+        train: ``(n_train, D)`` features of ``source.train``.
+        test: ``(n_test, D)`` features of ``source.test``, or ``None`` (no test split or
+            ``eval_test=false``).
+        seconds: wall time of loading + extraction (cache hits are fast).
+    """
+
+    source: Source
+    extractor: Extractor
+    train: np.ndarray
+    test: np.ndarray | None
+    seconds: float
+
+
+def extract_once(cfg: DictConfig) -> Features:
+    """Load ``cfg.stream`` and extract (or load cached) features of both splits with ``cfg.backbone``."""
+    t0 = time.perf_counter()
+    source = to_source(build(cfg, "stream"), name=str(cfg.stream.get("name") or "custom"))
+    extractor: Extractor = build(cfg, "backbone")
+    cache = cfg.get("cache_dir")
+    cache = os.path.expanduser(str(cache)) if cache else None
+    progress = bool(cfg.get("progress", True))
+    train = extract_features(source.train, extractor, cache, progress=progress)
+    test = None
+    if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
+        test = extract_features(source.test, extractor, cache, progress=progress)
+    elif cfg.get("eval_test", True):
+        log.info("%s has no test split: no accuracy matrix, forgetting or final accuracy.", source.name)
+    return Features(source, extractor, train, test, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _finite(v: Any) -> float | int | None:
+    if v is None:
+        return None
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Path,
+            writer_class: Any = None) -> dict[str, Any]:
+    """One learner, one seed, over the shared features. Returns the record for ``compare.json``.
+
+    Raises whatever the learner raises; :func:`run_compare` turns that into a failed record.
+    """
+    seed_everything(seed)
+    stream = build(cfg, "protocol", feats.source, seed=seed)
+    if len(stream) == 0:
+        raise OCLError(f"the stream built from {feats.source.name} is empty; nothing to learn from.")
+    node = learner_config(name, (cfg.get("learner_options") or {}).get(name))
+    run_cfg = OmegaConf.create({"learner": node, "seed": seed})
+    learner = make_learner(run_cfg, int(feats.train.shape[1]), stream.num_classes)
+    test = feats.test if feats.test is not None and len(stream.tests) > 0 else None
+    # A learner may keep scratch state on disk (the transformer's replay history): give it a
+    # private directory that is removed after the run.
+    work = Path(tempfile.mkdtemp(prefix=f".work-{name}-seed{seed}-", dir=out_dir))
+    try:
+        learner.set_workdir(work)
+        with learning_threads(cfg.get("threads")):
+            result = run_stream(learner, feats.train, stream, int(cfg.chunk_size), test,
+                                progress=bool(cfg.get("progress", True)))
+        res = summarize(result, stream, int(cfg.curve_window))
+        res["skipped_updates"] = getattr(learner, "skipped_updates", None)
+        result.tracker.close()
+    finally:
+        del learner
+        shutil.rmtree(work, ignore_errors=True)
+    record: dict[str, Any] = {"learner": name, "seed": seed, "status": "ok", "error": None}
+    record.update({m: _finite(res.get(m)) for m in METRICS})
+    record.update({
+        "skipped_updates": res.get("skipped_updates"),
+        "nonfinite_predictions": res.get("nonfinite_predictions"),
+        "n_tasks": stream.n_tasks,
+        "num_classes": stream.num_classes,
+        "task_boundaries": np.asarray(res["task_boundaries"]).tolist(),
+        "online_accuracy_curve": {k: np.asarray(v).tolist() if k != "window" else v
+                                  for k, v in res["online_accuracy_curve"].items()},
+        "accuracy_matrix": None if res.get("accuracy_matrix") is None else np.asarray(res["accuracy_matrix"]).tolist(),
+        "learner_config": OmegaConf.to_container(node, resolve=True),
+    })
+    if writer_class is not None:
+        _write_tensorboard(writer_class, out_dir / "tensorboard" / name / f"seed{seed}", record)
+    return record
+
+
+def _write_tensorboard(writer_class: Any, log_dir: Path, record: dict[str, Any]) -> None:
+    """Online accuracy curve, accuracy-matrix rows and the summary metrics of one run."""
+    w = writer_class(log_dir=str(log_dir))
+    try:
+        curve = record["online_accuracy_curve"]
+        for step, acc in zip(curve["step"], curve["accuracy"]):
+            w.add_scalar("online_accuracy", acc, int(step) + 1)
+        acc = record.get("accuracy_matrix")
+        if acc is not None:
+            for i, row in enumerate(acc):
+                w.add_scalars("accuracy_after_task", {f"task{j}": v for j, v in enumerate(row[: i + 1])}, i)
+        for m in METRICS:
+            if record.get(m) is not None:
+                w.add_scalar(f"summary/{m}", record[m], int(record["n_examples"] or 0))
+    finally:
+        w.close()
+
+
+# ---------------------------------------------------------------- aggregate, table
+
+
+def _mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+    """Mean and sample std (ddof=1; nan with one value) of the finite values, and their count."""
+    v = np.array([x for x in values if x is not None and math.isfinite(float(x))], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), int(v.size)
+
+
+def aggregate(records: Sequence[dict[str, Any]], learners: Sequence[str], rank_by: str) -> list[dict[str, Any]]:
+    """Per-learner mean ± std over seeds, ranked by ``rank_by`` (best first; learners whose
+    every run failed, or without the metric, last)."""
+    out = []
+    for name in learners:
+        recs = [r for r in records if r["learner"] == name]
+        ok = [r for r in recs if r["status"] == "ok"]
+        row: dict[str, Any] = {"learner": name, "runs": len(recs), "ok": len(ok),
+                               "errors": sorted({r["error"] for r in recs if r["status"] != "ok"}),
+                               "mean": {}, "std": {}}
+        for m in METRICS:
+            row["mean"][m], row["std"][m], _ = _mean_std(r.get(m) for r in ok)
+        out.append(row)
+    sign = 1.0 if rank_by in LOWER_IS_BETTER else -1.0
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        v = row["mean"][rank_by]
+        return (1, 0.0) if math.isnan(v) else (0, sign * v)
+
+    out.sort(key=key)  # stable: ties keep the learners' order
+    for i, row in enumerate(out, 1):
+        row["rank"] = i
+    return out
+
+
+def _cell(mean: float, std: float, metric: str) -> str:
+    if math.isnan(mean):
+        return "-"
+    if metric == "examples_per_second":
+        return f"{mean:,.0f}" + ("" if math.isnan(std) else f" ± {std:,.0f}")
+    return f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+
+
+def ranked_table(payload: dict[str, Any]) -> str:
+    """The table ``ocl compare`` prints: one row per learner, mean ± std over seeds, ranked."""
+    rows = []
+    for row in payload["summary"]:
+        cells = [_cell(row["mean"][m], row["std"][m], m) for m, _ in TABLE_COLUMNS]
+        seeds = f"{row['ok']}/{row['runs']}" + ("" if row["ok"] == row["runs"] else " FAILED")
+        rows.append([row["rank"], row["learner"], *cells, seeds])
+    headers = ("#", "learner", *(h for _, h in TABLE_COLUMNS), "seeds ok")
+    s = payload["setup"]
+    rank_by = payload["rank_by"]
+    direction = "lower" if rank_by in LOWER_IS_BETTER else "higher"
+    head = (f"{s['stream']} / {s['protocol']}: {s['n_examples']} examples, {s['n_tasks']} tasks, "
+            f"{s['num_classes']} classes; backbone {s['backbone'].get('model', '-')} (D={s['feature_dim']}); "
+            f"seeds {s['seeds']}; ranked by {rank_by} ({direction} is better; mean ± std over seeds)")
+    lines = [head, format_table(rows, headers=headers, align="rl" + "r" * (len(headers) - 2))]
+    if s["backbone"].get("weights") == "random":
+        lines.append("WARNING: the backbone has RANDOM weights (backbone.weights=random); these are not DINO features.")
+    for row in payload["summary"]:
+        for err in row["errors"]:
+            lines.append(f"{row['learner']} failed: {err}")
+    lines.append(f"results: {payload['out_dir']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """``compare.csv``: one row per learner x seed with the scalar metrics (empty = undefined)."""
+    cols = ["learner", "seed", "status", *METRICS, "error"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in records:
+            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
+    os.replace(tmp, path)
+
+
+def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[int], records: list[dict[str, Any]],
+             out_dir: Path, complete: bool) -> dict[str, Any]:
+    rank_by = str(cfg.get("rank_by", "avg_online_accuracy"))
+    first = next((r for r in records if r["status"] == "ok"), None)
+    info = getattr(feats.extractor, "info", {"model": "pixels", "weights": "none"})
+    return {
+        "complete": complete,
+        "rank_by": rank_by,
+        "out_dir": str(out_dir),
+        "setup": {
+            "stream": feats.source.name,
+            "protocol": str(cfg.protocol.get("_target_", "?")).rsplit(".", 1)[-1],
+            "n_examples": first["n_examples"] if first else None,
+            "n_tasks": first["n_tasks"] if first else None,
+            "num_classes": first["num_classes"] if first else None,
+            "feature_dim": int(feats.train.shape[1]),
+            "backbone": info,
+            "feature_seconds": feats.seconds,
+            "learners": learners,
+            "seeds": seeds,
+            "chunk_size": int(cfg.chunk_size),
+        },
+        "summary": aggregate(records, learners, rank_by),
+        "records": records,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run every learner in ``cfg.learners`` with every seed of ``cfg.seeds`` on the stream of ``cfg``.
+
+    Args:
+        cfg: a composed ``compare`` config (``configs/compare.yaml``: the run config plus
+            ``learners``, ``seeds``, ``rank_by``, ``learner_options``, ``tensorboard``, ``plots``).
+        out_dir: the run directory (created if missing).
+
+    Returns:
+        The ``compare.json`` payload: ``records`` (one per learner x seed, each with
+        ``learner``, ``seed``, ``status`` ("ok"/"failed"), ``error`` and the metrics of
+        :data:`METRICS`), ``summary`` (ranked mean/std per learner), ``setup``, ``config``.
+
+    Raises:
+        OCLError: a bad setting or a stream/backbone problem (before any learner runs).
+            A learner that fails does not raise: its record is marked ``failed``.
+    """
+    check_run_config(cfg)
+    learners = resolve_learners(cfg.get("learners"))
+    seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
+    _check_compare_config(cfg, learners)
+    writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
+    for name in learners:  # every learner config parses before the (maybe slow) extraction
+        learner_config(name, (cfg.get("learner_options") or {}).get(name))
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OCLError(f"cannot create the run directory {out_dir} ({e.strerror or e}); "
+                       "choose another with hydra.run.dir=DIR.") from e
+
+    feats = extract_once(cfg)
+    log.info("features: train %s, test %s, %.1f s", feats.train.shape,
+             None if feats.test is None else feats.test.shape, feats.seconds)
+    records: list[dict[str, Any]] = []
+    total = len(learners) * len(seeds)
+    bar = tqdm(total=total, desc="compare", unit="run", disable=not bool(cfg.get("progress", True)))
+    try:
+        for name in learners:
+            for seed in seeds:
+                bar.set_postfix_str(f"{name} seed {seed}")
+                t0 = time.perf_counter()
+                try:
+                    rec = run_one(cfg, feats, name, seed, out_dir, writer_class)
+                except OCLError as e:
+                    log.error("%s (seed %d) failed: %s", name, seed, e)
+                    rec = _failed(name, seed, str(e))
+                except Exception as e:  # a learner bug must not cost the other learners' results
+                    log.error("%s (seed %d) crashed:\n%s", name, seed, traceback.format_exc())
+                    rec = _failed(name, seed, f"{type(e).__name__}: {e}")
+                rec["wall_seconds"] = time.perf_counter() - t0
+                records.append(rec)
+                if rec["status"] == "ok":
+                    log.info("%s seed %d: online acc %.4f, mean log-loss %.4f, %.0f ex/s", name, seed,
+                             rec["avg_online_accuracy"] or float("nan"), rec["mean_log_loss"] or float("nan"),
+                             rec["examples_per_second"] or float("nan"))
+                _write(out_dir, _payload(cfg, feats, learners, seeds, records, out_dir, complete=False))
+                bar.update(1)
+    finally:
+        bar.close()
+    payload = _payload(cfg, feats, learners, seeds, records, out_dir, complete=True)
+    _write(out_dir, payload)
+    if cfg.get("plots", True):
+        from ocl import plots  # matplotlib only when plotting
+
+        plots.plot_online_curves(records, out_dir / "curves.png",
+                                 title=f"{feats.source.name}: online accuracy (mean over seeds)")
+        plots.plot_accuracy_matrices(records, out_dir / "acc_matrix.png")
+    return payload
+
+
+def _failed(name: str, seed: int, error: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {"learner": name, "seed": seed, "status": "failed", "error": error}
+    rec.update({m: None for m in METRICS})
+    return rec
+
+
+def _write(out_dir: Path, payload: dict[str, Any]) -> None:
+    write_json_atomic(out_dir / "compare.json", payload)
+    write_csv(out_dir / "compare.csv", payload["records"])
