@@ -55,3 +55,29 @@ def test_tracker_scores_log_loss_in_nats():
     assert tr.nonfinite == 1 and np.isfinite(s["cumulative_log_loss"]) and tr.loss[2] > 60
     with pytest.raises(ValueError):
         tr.record(logp, torch.tensor([0, 1]))
+
+
+def test_tracker_on_disk_equals_in_memory_and_resumes(tmp_path):
+    n, rng = 1000, np.random.default_rng(0)
+    y = torch.from_numpy(rng.integers(0, 3, n))
+    logp = torch.log_softmax(torch.from_numpy(rng.normal(size=(n, 3))).float(), 1)
+    tasks = np.arange(n) // 300
+    mem, disk = Tracker(n, tasks), Tracker(n, tasks, path=str(tmp_path / "s.npy"))
+    for s in range(0, 600, 7):
+        mem.record(logp[s : s + 7], y[s : s + 7])
+        disk.record(logp[s : s + 7], y[s : s + 7])
+    state = disk.state_dict()  # a checkpoint at step 602 ...
+    disk.record(logp[602:610], y[602:610])  # ... then records that a crash makes void
+    disk.close()
+    disk = Tracker(n, tasks, path=str(tmp_path / "s.npy"), resume=True)
+    disk.load_state_dict(state)
+    for s in range(602, n, 7):
+        mem.record(logp[s : s + 7], y[s : s + 7])
+        disk.record(logp[s : s + 7], y[s : s + 7])
+    assert mem.summary() == disk.summary()
+    np.testing.assert_array_equal(mem.loss, disk.loss)
+    np.testing.assert_array_equal(mem.correct, disk.correct)
+    keep = np.array([0, 5, 99, 500, 999])
+    np.testing.assert_array_equal(disk.accuracy_curve_at(keep, 100), online_accuracy_curve(mem.correct, 100)[keep])
+    rec = np.load(tmp_path / "s.npy")  # a plain structured array
+    np.testing.assert_array_equal(rec["task"], tasks) and np.testing.assert_array_equal(rec["label"], y.numpy())

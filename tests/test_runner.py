@@ -4,7 +4,7 @@ import torch
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.runner import _chunks, run_stream
+from ocl.runner import _chunks, _iter_chunks, run_stream
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.protocols import split
 
@@ -93,3 +93,11 @@ def test_chunks_never_straddle_task_boundaries():
     assert _chunks(5, 2, np.array([], dtype=int)) == [(0, 2), (2, 4), (4, 5)]
     with pytest.raises(OCLError):
         run_stream(Memorizer(4), unique_source().train.data, split(unique_source(), n_tasks=1, classes_per_task=4), 0)
+
+
+def test_chunks_resume_from_any_chunk_start():
+    full = _chunks(23, 4, np.array([5, 13]))
+    for i, (s, _) in enumerate(full):
+        assert list(_iter_chunks(23, 4, np.array([5, 13]), s)) == full[i:]
+    with pytest.raises(ValueError):
+        list(_iter_chunks(23, 4, np.array([5, 13]), 7))  # 7 is mid-chunk

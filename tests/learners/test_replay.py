@@ -71,3 +71,26 @@ def test_cursors_are_seeded():
         cur = ReplayCursors(2, "prob", seed=seed)
         runs.append(np.stack([cur.step(n, 1).starts for n in range(1, 200)]))
     assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
+
+
+def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
+    import pickle
+
+    h = History(feature_dim=3)
+    h.relocate(tmp_path / "h.bin")
+    x, y = torch.arange(30.0).view(10, 3), torch.arange(10)
+    h.append(x[:6], y[:6])
+    blob = pickle.dumps(h)  # a checkpoint: the path and n=6, not the data
+    assert len(blob) < 300
+    h.append(x[6:], y[6:])  # written after the checkpoint, then a crash
+    g = pickle.loads(blob)
+    assert len(g) == 6
+    g.append(x[6:8], y[6:8])  # overwrites the void rows
+    cx, cy = g.chunks(np.array([0, 5]), 3)
+    assert torch.equal(cx[1], x[5:8]) and torch.equal(cy[0], y[:3])
+    anon = History(feature_dim=3)  # an anonymous file pickles its data
+    anon.append(x, y)
+    assert torch.equal(pickle.loads(pickle.dumps(anon)).chunks(np.array([7]), 3)[0][0], x[7:])
+    (tmp_path / "h.bin").write_bytes(b"")
+    with pytest.raises(Exception, match="missing or shorter"):
+        pickle.loads(blob)
