@@ -10,6 +10,7 @@ Errors a user can fix are printed as one message, with a non-zero exit code.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         except OCLError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+    # `stream._target_=my_module.fn` should find my_module.py in the working directory, as
+    # `python -m` would; appended, so a local file never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     # hydra.main parses sys.argv itself; hand it only the overrides.
     sys.argv = [f"ocl {cmd}", *rest]
     COMMANDS[cmd]()

@@ -82,24 +82,32 @@ def available_learners() -> list[str]:
 
 
 def learner_config(name: str, options: dict[str, Any] | None = None) -> DictConfig:
-    """The ``learner`` node of ``configs/learner/<name>.yaml`` with ``options`` merged in.
+    """The ``learner`` node for ``name``: ``configs/learner/<name>.yaml`` with ``options`` merged
+    in, or, for a name that is not shipped, ``options`` itself when it names a ``_target_``
+    (your own learner: ``+learner_options.mine._target_=pkg.MyLearner``; ``_partial_`` defaults to true).
 
     Raises:
-        OCLError: ``name`` is not a shipped learner config (the message lists the valid ones).
+        OCLError: ``name`` is neither a shipped learner config nor given a ``_target_``
+            (the message lists the valid names).
     """
+    options = dict(options or {})
     valid = available_learners()
     if name not in valid:
-        raise OCLError(f"unknown learner {name!r} in learners=[...]; valid learners: {', '.join(valid)}.")
+        if "_target_" not in options:
+            raise OCLError(f"unknown learner {name!r} in learners=[...]; valid learners: {', '.join(valid)} "
+                           f"(or your own: +learner_options.{name}._target_=pkg.module.Class).")
+        return OmegaConf.create({"_partial_": True, **options})
     text = resources.files("ocl.configs").joinpath("learner", f"{name}.yaml").read_text()
     node = OmegaConf.create(text)
     if options:
-        node = OmegaConf.merge(node, OmegaConf.create(dict(options)))
+        node = OmegaConf.merge(node, OmegaConf.create(options))
     return node  # type: ignore[return-value]
 
 
-def resolve_learners(value: Any) -> list[str]:
+def resolve_learners(value: Any, options: Any = None) -> list[str]:
     """``learners=`` as a list of names: ``None`` means :data:`ALL_LEARNERS` (those shipped);
-    a string may name one learner or several separated by commas."""
+    a string may name one learner or several separated by commas. A name that is not
+    shipped is valid when ``options[name]`` gives its ``_target_``."""
     if value is None:
         names = [n for n in ALL_LEARNERS if n in set(available_learners())]
     elif isinstance(value, str):
@@ -114,9 +122,11 @@ def resolve_learners(value: Any) -> list[str]:
     if dupes:
         raise OCLError(f"learners: {dupes} listed more than once.")
     valid = available_learners()
-    unknown = [n for n in names if n not in valid]
+    options = options or {}
+    unknown = [n for n in names if n not in valid and "_target_" not in (options.get(n) or {})]
     if unknown:
-        raise OCLError(f"unknown learner(s) {unknown} in learners=[...]; valid learners: {', '.join(valid)}.")
+        raise OCLError(f"unknown learner(s) {unknown} in learners=[...]; valid learners: {', '.join(valid)} "
+                       f"(or your own: +learner_options.{unknown[0]}._target_=pkg.module.Class).")
     return names
 
 
@@ -403,7 +413,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             A learner that fails does not raise: its record is marked ``failed``.
     """
     check_run_config(cfg)
-    learners = resolve_learners(cfg.get("learners"))
+    learners = resolve_learners(cfg.get("learners"), cfg.get("learner_options"))
     seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
     _check_compare_config(cfg, learners)
     writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
