@@ -62,7 +62,7 @@ def plot_online_curves(records: Sequence[dict[str, Any]], path: str | Path, titl
         return None
     fig = Figure(figsize=(9, 5))
     ax = fig.add_subplot(1, 1, 1)
-    colors = [f"C{i}" for i in range(10)] + ["#8c564b", "#17becf", "#bcbd22", "#7f7f7f"]
+    colors = [f"C{i}" for i in range(10)] + ["black", "#b8860b", "#9acd32", "#4682b4"]  # tab10 + 4 distinct
     window = None
     for i, (name, runs) in enumerate(groups.items()):
         steps, acc = mean_curve(runs)
