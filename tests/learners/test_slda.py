@@ -97,3 +97,13 @@ def test_slda_is_label_blind_and_pure():
 def test_config_instantiates():
     learner = instantiate(OmegaConf.load(CONFIGS / "slda.yaml"))(feature_dim=D, num_classes=K, seed=0)
     assert isinstance(learner, SLDALearner)
+
+
+def test_refresh_every_auto_is_exact_for_narrow_features_and_amortised_for_wide():
+    from ocl.learners.slda import SLDALearner
+
+    assert SLDALearner(64, 3).refresh_every == 1
+    assert SLDALearner(384, 3).refresh_every == 9
+    assert SLDALearner(3072, 3).refresh_every == 576
+    with pytest.raises(OCLError, match="refresh_every"):
+        SLDALearner(8, 3, refresh_every="sometimes")
