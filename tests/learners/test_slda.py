@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
+from ocl.errors import OCLError
 from ocl.learners.slda import SLDALearner
 
 D, K = 8, 4
