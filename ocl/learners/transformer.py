@@ -48,6 +48,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ocl.errors import OCLError
+from ocl.kernels import BACKENDS, check_backend, resolve_backend, windowed_attention
 from ocl.learners.base import Learner
 from ocl.learners.kv_cache import KVCache
 from ocl.learners.replay import History, ReplayCursors
@@ -79,7 +81,7 @@ class TransformerConfig:
     temperature: bool = True  # learned output temperature, updated after each chunk is scored (log-loss)
     temp_lr: float = 0.01  # Adam step size on the log-temperature (one step per chunk)
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when available)
-    attn: str = "torch"  # attention backend; only the PyTorch reference so far
+    attn: str = "torch"  # "torch" (concat + SDPA) | "triton" (fused kernels, CUDA) | "flex" | "auto": triton on CUDA, else torch
     eval_batch: int = 256  # held-out examples per evaluate() forward
 
     def __post_init__(self) -> None:
@@ -92,8 +94,8 @@ class TransformerConfig:
             raise bad("lr_decay", "must be 'constant' or 'inv_sqrt'.")
         if self.reset_rule not in ("prob", "start"):
             raise bad("reset_rule", "must be 'prob' or 'start'.")
-        if self.attn != "torch":
-            raise bad("attn", "only 'torch' is implemented.")
+        if self.attn not in BACKENDS:
+            raise bad("attn", f"must be one of {BACKENDS}.")
         if self.d_model % self.n_heads:
             raise bad("d_model", f"must be divisible by n_heads={self.n_heads}.")
         for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch"):
@@ -116,6 +118,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         ``(B, H, T, Dh)``.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+class FusedMask(NamedTuple):
+    """What the fused backends (:func:`ocl.kernels.windowed_attention`) need instead of a bias
+    tensor: positions and flags, from which they build the mask and ALiBi bias tile by tile."""
+
+    tpos: torch.Tensor  # (B, T) token positions of the chunk
+    ctx_pos: torch.Tensor  # (B, S) token positions of the cache slots, -1 = empty
+    slopes: torch.Tensor  # (H,)
+    strict: bool  # kv mode: a query never sees its own key (nor its own label)
+    isolated: bool
+    q_lo: torch.Tensor | None  # (B, T) or None
+    backend: str  # "triton" | "flex"
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -160,24 +175,37 @@ class Block(nn.Module):
         lab: torch.Tensor | None,  # (B, T, 2, d) label terms of keys/values, or None
         ctx_k: torch.Tensor,  # (B, H, S, Dh) cached keys
         ctx_v: torch.Tensor,  # (B, H, S, Dh) cached values
-        bias: torch.Tensor,  # (B, H, T, 1+S+T)
+        bias: torch.Tensor | FusedMask,  # (B, H, T, 1+S+T) additive bias (torch backend), or positions
         trace: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, d = h.shape
         H = self.n_heads
         q, k, v = self.qkv(self.ln1(h)).split(d, dim=2)  # each (B, T, d)
-        if lab is not None:  # label enters keys and values only; q and h never see it
+        fused = isinstance(bias, FusedMask)
+        lab_k = lab_v = None
+        if lab is not None and fused:  # the kernel adds the label terms while it loads K/V tiles
+            lab_k = lab[:, :, 0].view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+            lab_v = lab[:, :, 1].view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        elif lab is not None:  # label enters keys and values only; q and h never see it
             k = k + lab[:, :, 0]
             v = v + lab[:, :, 1]
         q = q.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
         k = k.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
         v = v.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        if fused:
+            a = windowed_attention(q, k, v, lab_k, lab_v, ctx_k, ctx_v, bias.ctx_pos, bias.tpos,
+                                   self.sink_kv[0, :, 0], self.sink_kv[1, :, 0], bias.slopes, bias.strict,
+                                   isolated=bias.isolated, q_lo=bias.q_lo, backend=bias.backend)
+            if lab_k is not None:  # the keys/values the cache stores (it detaches them anyway)
+                k, v = (k + lab_k).detach(), (v + lab_v).detach()
+        else:
+            sink_k, sink_v = self.sink_kv[0].expand(B, H, 1, d // H), self.sink_kv[1].expand(B, H, 1, d // H)
+            keys = torch.cat([sink_k, ctx_k, k], dim=2)  # (B, H, 1+S+T, Dh)
+            vals = torch.cat([sink_v, ctx_v, v], dim=2)  # (B, H, 1+S+T, Dh)
+            a = attention(q, keys, vals, bias)  # (B, H, T, Dh)
         if trace is not None:
             trace.append({"h": h, "q": q, "k": k, "v": v})
-        sink_k, sink_v = self.sink_kv[0].expand(B, H, 1, d // H), self.sink_kv[1].expand(B, H, 1, d // H)
-        keys = torch.cat([sink_k, ctx_k, k], dim=2)  # (B, H, 1+S+T, Dh)
-        vals = torch.cat([sink_v, ctx_v, v], dim=2)  # (B, H, 1+S+T, Dh)
-        a = attention(q, keys, vals, bias).transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+        a = a.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
         h = h + self.drop(self.proj(a))
         h = h + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(h)))))
         return h, k, v
@@ -283,7 +311,11 @@ class OnlineTransformer(nn.Module):
         if ctx is None:
             empty = h.new_zeros(B, H, 0, d // H)
             ctx, ctx_pos = [(empty, empty)] * L, tpos.new_zeros(B, 0)
-        bias = self.attn_bias(tpos, ctx_pos, isolated, q_lo)  # (B, H, T, 1+S+T)
+        backend = resolve_backend(self.cfg.attn, x.device)
+        if backend == "torch":  # one bias tensor, shared by all layers
+            bias = self.attn_bias(tpos, ctx_pos, isolated, q_lo)  # (B, H, T, 1+S+T)
+        else:  # fused kernels build mask and bias from positions, tile by tile
+            bias = FusedMask(tpos, ctx_pos, self.slopes, self.kv_mode, isolated, q_lo, backend)
         ks, vs = [], []
         for layer, block in enumerate(self.blocks):
             h, k, v = block(h, None if lab is None else lab[:, :, layer], *ctx[layer], bias, trace)
@@ -322,6 +354,7 @@ class TransformerLearner(Learner):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise OCLError(f"learner.device={cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'.")
         self.device = torch.device(dev)
+        check_backend(cfg.attn, self.device, training=True)  # e.g. attn=triton on CPU: fail now, not mid-run
         self.D, self.K, self.R = feature_dim, num_classes, cfg.replay_streams
 
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
