@@ -61,6 +61,8 @@ def flex_windowed_attention(
         raise OCLError("attn='flex' has no CPU backward in PyTorch (FlexAttention supports CPU inference only); "
                        "use attn='torch' on CPU or run on a CUDA device.")
     keys, vals = _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v)  # (B, H, 1+S+T, Dh)
+    if not needs_grad:  # flex checks requires_grad, not grad mode: inference under no_grad must pass
+        q, keys, vals = q.detach(), keys.detach(), vals.detach()
     # Key positions with the sink at index 0; empty slots flagged separately.
     kpos = torch.cat([q_pos.new_zeros(B, 1), cache_pos, q_pos], dim=1)  # (B, 1+S+T)
     filled = torch.cat([cache_pos.new_ones(B, 1, dtype=torch.bool), cache_pos >= 0,
