@@ -82,6 +82,7 @@ class TransformerConfig:
     temp_lr: float = 0.01  # Adam step size on the log-temperature (one step per chunk)
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when available)
     attn: str = "torch"  # "torch" (concat + SDPA) | "triton" (fused kernels, CUDA) | "flex" | "auto": triton on CUDA, else torch
+    compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
     eval_batch: int = 256  # held-out examples per evaluate() forward
 
     def __post_init__(self) -> None:
@@ -361,6 +362,8 @@ class TransformerLearner(Learner):
             torch.manual_seed(seed)
             self.model = OnlineTransformer(feature_dim, num_classes, cfg)
         self.model.to(self.device)
+        if cfg.compile:  # in place: parameter names (checkpoints) stay those of the eager model
+            self.model.compile(dynamic=False)
         self.gen = torch.Generator(self.device).manual_seed(seed)
         self.model.set_generator(self.gen)
 
