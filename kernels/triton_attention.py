@@ -264,13 +264,22 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _blocks(T: int, Dh: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs every dim >= 16; fp32 tiles are twice the
-    bytes, so they stay smaller (no GPU tuning was possible when these were chosen)."""
+def _blocks(T: int, Dh: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_stages). tl.dot needs every dim >= 16. fp32 tiles are
+    twice the bytes: smaller tiles and shallower pipelines keep every kernel under ~80 KB of
+    shared memory (checked by compiling for sm_80/sm_90 ahead of time; consumer GPUs allow
+    ~99 KB). No GPU was available to tune these for speed."""
     block_d = max(16, triton.next_power_of_2(Dh))
     block_m = min(64, max(16, triton.next_power_of_2(T)))
-    block_n = 64 if block_d <= 64 and dtype != torch.float32 else 32
-    return block_m, block_n, block_d
+    if dtype == torch.float32:
+        block_n = 32
+        if block_d >= 128:
+            block_m = min(block_m, 32)
+        stages = 2 if block_d <= 64 else 1
+    else:
+        block_n = 64 if block_d <= 64 else 32
+        stages = 2
+    return block_m, block_n, block_d, stages
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -297,7 +306,7 @@ class WindowedAttentionFn(torch.autograd.Function):
         slopes_c = slopes.to(torch.float32).contiguous()
         o = torch.empty(B, H, T, Dh, device=q.device, dtype=dtype)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        bm, bn, bd = _blocks(T, Dh, dtype)
+        bm, bn, bd, stages = _blocks(T, Dh, dtype)
         scale = 1.0 / math.sqrt(Dh)
         flags = dict(HAS_LABEL=has_label, STRICT=1 if strict else 0, ISOLATED=isolated, HAS_QLO=q_lo is not None,
                      DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
@@ -306,7 +315,7 @@ class WindowedAttentionFn(torch.autograd.Function):
         _fwd_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, kl, vl, kc, vc, cache_pos, q_pos, qlo, sk, sv, slopes_c, o, lse,
             *strides, *cstrides, H, T, S, Dh, scale,
-            **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4, num_stages=stages,
         )
         ctx.save_for_backward(q, k, v, kl, vl, kc, vc, cache_pos, q_pos, qlo, sk, sv, slopes_c, o, lse)
         ctx.meta = (flags, scale, has_label, sink_k.dtype)
@@ -320,7 +329,7 @@ class WindowedAttentionFn(torch.autograd.Function):
         S = kc.shape[2]
         do = do.to(q.dtype).contiguous()
         delta = (o.float() * do.float()).sum(-1)  # (B, H, T): rowsum(dO * O)
-        bm, bn, bd = _blocks(T, Dh, q.dtype)
+        bm, bn, bd, stages = _blocks(T, Dh, q.dtype)
         n_m = triton.cdiv(T, bm)
         dq = torch.empty_like(o)
         dk = torch.empty_like(o)
@@ -331,13 +340,13 @@ class WindowedAttentionFn(torch.autograd.Function):
         _bwd_dq_kernel[(n_m, B * H)](
             q, k, v, kl, vl, kc, vc, cache_pos, q_pos, qlo, sk, sv, slopes_c, do, lse, delta, dq, dsk, dsv,
             *strides, *_strides3(kc), *_strides3(vc), H, T, S, Dh, scale,
-            **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4, num_stages=stages,
         )
         # dK/dV: the key block is the outer loop; square tiles keep the causal start simple.
         _bwd_dkdv_kernel[(triton.cdiv(T, bm), B * H)](
             q, k, v, kl, vl, q_pos, qlo, slopes_c, do, lse, delta, dk, dv,
             *strides, H, T, Dh, scale,
-            **flags, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd,
+            **flags, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, num_warps=4, num_stages=stages,
         )
         d_sink_k = dsk.view(B, H, n_m, Dh).sum((0, 2)).to(sink_dtype)
         d_sink_v = dsv.view(B, H, n_m, Dh).sum((0, 2)).to(sink_dtype)

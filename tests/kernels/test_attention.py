@@ -232,3 +232,58 @@ def test_triton_fp32_large_windows(case):
 def test_flex_matches_reference_on_gpu():
     inp = make_inputs(2, 4, 16, 256, 32)
     check_against_reference(inp, strict=True, tol=1e-4, backend="flex")
+
+
+# ------------------------------------------------- compiles for real GPUs (no GPU needed)
+AOT_SCRIPT = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ocl.kernels import triton_attention as ta
+
+cc, dtype, Dh, T = int(sys.argv[1]), getattr(torch, sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ty = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+bm, bn, bd, stages = ta._blocks(T, Dh, dtype)
+for fn, block_n in ((ta._fwd_kernel, bn), (ta._bwd_dq_kernel, bn), (ta._bwd_dkdv_kernel, bm)):
+    consts = dict(HAS_LABEL=True, STRICT=1, ISOLATED=False, HAS_QLO=True, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
+                  DOT_PREC="ieee" if ty == "fp32" else "tf32")
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ("CPOS", "QPOS", "QLO"):
+            sig[n] = "*i64"
+        elif n in ("LSE", "DELTA", "DSK", "DSV", "SLOPES"):
+            sig[n] = "*fp32"
+        elif n == "scale":
+            sig[n] = "fp32"
+        elif n[0].isupper() and n not in ("H", "T", "S", "Dh"):
+            sig[n] = "*" + ty
+        else:
+            sig[n] = "i32"
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32),
+                       options=dict(num_warps=4, num_stages=stages))
+    print(fn.__name__, k.metadata.shared)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__import__("triton").__file__),
+                                                    "backends", "nvidia", "bin", "ptxas")),
+                    reason="triton's bundled ptxas is missing")
+@pytest.mark.parametrize("cc,dtype,Dh,T", [(90, "float32", 32, 16), (80, "bfloat16", 32, 64)],
+                         ids=["sm90-fp32-D32-C16", "sm80-bf16-D32-C64"])
+def test_kernels_compile_for_gpus_ahead_of_time(cc, dtype, Dh, T):
+    """The interpreter does not catch GPU compile errors (dot shapes, layouts, shared memory):
+    compile all three kernels to cubin for a real architecture, without a GPU, in a process
+    where TRITON_INTERPRET is off, and check each fits in 99 KB of shared memory (the
+    smallest per-block limit of sm_80+ GPUs)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(cc), dtype, str(Dh), str(T)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = {line.split()[0]: int(line.split()[1]) for line in res.stdout.splitlines()}
+    assert len(shared) == 3 and max(shared.values()) <= 99 * 1024, shared
