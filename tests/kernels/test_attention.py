@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # must precede the (lazy) import of ocl.kerne
 import pytest  # noqa: E402
 
 from ocl.errors import OCLError  # noqa: E402
-from ocl.kernels import reference_attention, sdpa_attention, windowed_attention  # noqa: E402
+from ocl.kernels import reference_attention, windowed_attention  # noqa: E402
 from ocl.kernels.attention import _interpreting, check_backend  # noqa: E402
 from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner, attention  # noqa: E402
 
