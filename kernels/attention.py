@@ -128,6 +128,8 @@ def windowed_attention(
         from .flex import flex_windowed_attention
 
         return flex_windowed_attention(*args, isolated, q_lo)
+    if q.shape[2] == 0:  # an empty chunk: nothing to launch (a zero-size grid is an error)
+        return q.clone()
     from .triton_attention import WindowedAttentionFn
 
     return WindowedAttentionFn.apply(*args, bool(isolated), q_lo)
