@@ -134,8 +134,11 @@ class SLDALearner(Learner):
             mean_b = xb.mean(0)
             centred = xb - mean_b
             delta = mean_b - self.means[cls]
-            # Chan et al.: merge the chunk's scatter and the shift between the two means.
-            self.scatter += centred.T @ centred + torch.outer(delta, delta) * (n_k * m / (n_k + m))
+            # Chan et al.: merge the chunk's scatter and the shift between the two means, as one
+            # in-place rank-(m+1) update: a single pass over the (D, D) matrix (three passes made
+            # this memory-bound at ~40 ms per example for D = 3072).
+            z = torch.cat([centred, (delta * math.sqrt(n_k * m / (n_k + m)))[None]])  # (m+1, D)
+            self.scatter.addmm_(z.T, z)
             self.means[cls] += delta * (m / (n_k + m))
             self.counts[cls] += m
         self.n += x.shape[0]
