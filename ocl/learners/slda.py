@@ -83,6 +83,10 @@ class SLDALearner(Learner):
         self.n = 0
         self._precision: torch.Tensor | None = None  # (D, D), cached Lambda
         self._stale = 0  # examples since the last inversion
+        # Lambda mu_k per class, (D, K), and which columns are current: a step changes one or a
+        # few class means, so only those columns are recomputed (D^2 each, not K D^2).
+        self._w = torch.zeros(feature_dim, num_classes, dtype=torch.float64)
+        self._w_ok = torch.zeros(num_classes, dtype=torch.bool)
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -104,13 +108,19 @@ class SLDALearner(Learner):
             else:  # numerically singular (shrinkage ~0, fewer examples than D): pseudo-inverse
                 self._precision = torch.linalg.pinv(shrunk, hermitian=True)
             self._stale = 0
+            self._w_ok[:] = False
         return self._precision
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``(C, K_seen)`` discriminant scores of the seen classes (in class order)."""
         seen = self.counts > 0
         mu = self.means[seen]  # (K', D)
-        w = self.precision() @ mu.T  # (D, K')
+        prec = self.precision()
+        todo = torch.nonzero(seen & ~self._w_ok).flatten()
+        if todo.numel():
+            self._w[:, todo] = prec @ self.means[todo].T
+            self._w_ok[todo] = True
+        w = self._w[:, seen]  # (D, K')
         b = -0.5 * (mu * w.T).sum(1)  # (K',)
         if self.priors:
             b = b + (self.counts[seen] / self.n).log()
@@ -141,5 +151,6 @@ class SLDALearner(Learner):
             self.scatter.addmm_(z.T, z)
             self.means[cls] += delta * (m / (n_k + m))
             self.counts[cls] += m
+            self._w_ok[cls] = False
         self.n += x.shape[0]
         self._stale += x.shape[0]
