@@ -5,6 +5,9 @@ learner and seed then runs prequentially over the same cached features. The prot
 (stream order, class order, task split) is rebuilt per seed, so the seeds vary the
 stream as well as the learners' own randomness, exactly as ``ocl run seed=s`` would.
 
+With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), which run
+the same :func:`run_guarded` on the same features; records are identical either way.
+
 Outputs in the run directory (rewritten after every run, so a crash or Ctrl-C keeps
 what finished): ``compare.json`` (one record per learner x seed, plus a per-learner
 summary), ``compare.csv`` (the same records, scalar metrics only), ``curves.png`` and
@@ -39,6 +42,7 @@ from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
 from ocl.streams.features import Extractor, extract_features
+from ocl.workers import check_workers
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +421,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
     _check_compare_config(cfg, learners)
     writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
+    workers = check_workers(cfg.get("workers", 1))
     for name in learners:  # every learner config parses before the (maybe slow) extraction
         learner_config(name, (cfg.get("learner_options") or {}).get(name))
     out_dir = Path(out_dir)
@@ -429,30 +434,28 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     feats = extract_once(cfg)
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
+    jobs = [(name, seed) for name in learners for seed in seeds]
+    if workers > 1 and len(jobs) > 1:
+        from ocl.workers import run_parallel
+
+        log.info("%d runs in %d worker processes", len(jobs), min(workers, len(jobs)))
+        results = run_parallel(cfg, feats, jobs, out_dir, workers)
+    else:
+        results = (run_guarded(cfg, feats, name, seed, out_dir, writer_class) for name, seed in jobs)
+    order = {job: i for i, job in enumerate(jobs)}
     records: list[dict[str, Any]] = []
-    total = len(learners) * len(seeds)
-    bar = tqdm(total=total, desc="compare", unit="run", disable=not bool(cfg.get("progress", True)))
+    bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=not bool(cfg.get("progress", True)))
     try:
-        for name in learners:
-            for seed in seeds:
-                bar.set_postfix_str(f"{name} seed {seed}")
-                t0 = time.perf_counter()
-                try:
-                    rec = run_one(cfg, feats, name, seed, out_dir, writer_class)
-                except OCLError as e:
-                    log.error("%s (seed %d) failed: %s", name, seed, e)
-                    rec = _failed(name, seed, str(e))
-                except Exception as e:  # a learner bug must not cost the other learners' results
-                    log.error("%s (seed %d) crashed:\n%s", name, seed, traceback.format_exc())
-                    rec = _failed(name, seed, f"{type(e).__name__}: {e}")
-                rec["wall_seconds"] = time.perf_counter() - t0
-                records.append(rec)
-                if rec["status"] == "ok":
-                    log.info("%s seed %d: online acc %.4f, mean log-loss %.4f, %.0f ex/s", name, seed,
-                             rec["avg_online_accuracy"] or float("nan"), rec["mean_log_loss"] or float("nan"),
-                             rec["examples_per_second"] or float("nan"))
-                _write(out_dir, _payload(cfg, feats, learners, seeds, records, out_dir, complete=False))
-                bar.update(1)
+        for rec in results:
+            if rec["status"] == "ok":
+                log.info("%s seed %d: online acc %.4f, mean log-loss %.4f, %.0f ex/s", rec["learner"], rec["seed"],
+                         rec["avg_online_accuracy"] or float("nan"), rec["mean_log_loss"] or float("nan"),
+                         rec["examples_per_second"] or float("nan"))
+            records.append(rec)
+            records.sort(key=lambda r: order[(r["learner"], r["seed"])])  # workers finish in any order
+            _write(out_dir, _payload(cfg, feats, learners, seeds, records, out_dir, complete=False))
+            bar.set_postfix_str(f"{rec['learner']} seed {rec['seed']} done")
+            bar.update(1)
     finally:
         bar.close()
     payload = _payload(cfg, feats, learners, seeds, records, out_dir, complete=True)
@@ -466,7 +469,26 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     return payload
 
 
-def _failed(name: str, seed: int, error: str) -> dict[str, Any]:
+def run_guarded(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Path,
+                writer_class: Any = None) -> dict[str, Any]:
+    """:func:`run_one`, with a failure turned into a ``failed`` record (a learner bug must not
+    cost the other learners' results) and ``wall_seconds`` added. Serial and parallel
+    (:mod:`ocl.workers`) comparisons both run this."""
+    t0 = time.perf_counter()
+    try:
+        rec = run_one(cfg, feats, name, seed, out_dir, writer_class)
+    except OCLError as e:
+        log.error("%s (seed %d) failed: %s", name, seed, e)
+        rec = failed_record(name, seed, str(e))
+    except Exception as e:
+        log.error("%s (seed %d) crashed:\n%s", name, seed, traceback.format_exc())
+        rec = failed_record(name, seed, f"{type(e).__name__}: {e}")
+    rec["wall_seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def failed_record(name: str, seed: int, error: str) -> dict[str, Any]:
+    """The record of a run that did not finish: every metric ``None``."""
     rec: dict[str, Any] = {"learner": name, "seed": seed, "status": "failed", "error": error}
     rec.update({m: None for m in METRICS})
     return rec
