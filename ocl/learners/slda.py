@@ -87,10 +87,28 @@ class SLDALearner(Learner):
         # few class means, so only those columns are recomputed (D^2 each, not K D^2).
         self._w = torch.zeros(feature_dim, num_classes, dtype=torch.float64)
         self._w_ok = torch.zeros(num_classes, dtype=torch.bool)
+        # Rows z whose outer products z z^T are still to be added to the scatter. The scatter
+        # is only read when the precision is refreshed, so the rank-(m+1) updates of many
+        # steps are applied as one matrix product there: compute-bound instead of one
+        # memory-bound pass over the (D, D) matrix per step (exact: a sum does not care
+        # when its terms are added).
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+
+    #: Pending rows that trigger a flush on their own (bounds their memory to 1024 D doubles).
+    MAX_PENDING_ROWS = 1024
+
+    def _flush(self) -> None:
+        """Add the pending outer products to the scatter, as one ``(D, r) @ (r, D)`` product."""
+        if self._pending:
+            z = torch.cat(self._pending)
+            self.scatter.addmm_(z.T, z)
+            self._pending, self._pending_rows = [], 0
 
     @property
     def covariance(self) -> torch.Tensor:
         """``(D, D)`` pooled within-class covariance ``S / n`` (biased, like scikit-learn's)."""
+        self._flush()
         return self.scatter / max(self.n, 1)
 
     def precision(self) -> torch.Tensor:
@@ -145,12 +163,14 @@ class SLDALearner(Learner):
             centred = xb - mean_b
             delta = mean_b - self.means[cls]
             # Chan et al.: merge the chunk's scatter and the shift between the two means, as one
-            # in-place rank-(m+1) update: a single pass over the (D, D) matrix (three passes made
-            # this memory-bound at ~40 ms per example for D = 3072).
+            # rank-(m+1) update S += z^T z, queued for _flush.
             z = torch.cat([centred, (delta * math.sqrt(n_k * m / (n_k + m)))[None]])  # (m+1, D)
-            self.scatter.addmm_(z.T, z)
+            self._pending.append(z)
+            self._pending_rows += z.shape[0]
             self.means[cls] += delta * (m / (n_k + m))
             self.counts[cls] += m
             self._w_ok[cls] = False
         self.n += x.shape[0]
         self._stale += x.shape[0]
+        if self._pending_rows >= self.MAX_PENDING_ROWS:
+            self._flush()

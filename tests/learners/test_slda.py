@@ -68,6 +68,22 @@ def test_streamed_statistics_equal_batch_statistics():
     torch.testing.assert_close(slda.covariance, centred.T @ centred / 120, rtol=1e-4, atol=1e-5)
 
 
+def test_deferred_scatter_updates_equal_immediate_ones():
+    # The rank-(m+1) scatter updates are queued and applied at a precision refresh or after
+    # MAX_PENDING_ROWS rows; predictions must equal those of applying each one at once.
+    x, y = clusters(300, seed=3)
+    eager = SLDALearner(D, K, refresh_every=7)
+    eager.MAX_PENDING_ROWS = 1  # flush after every update
+    lazy = SLDALearner(D, K, refresh_every=7)
+    lazy.MAX_PENDING_ROWS = 40  # crossed mid-stream between refreshes
+    for learner in (eager, lazy):
+        learner.out = torch.cat([prequential(learner, x[:150], y[:150], 3), prequential(learner, x[150:], y[150:], 1)])
+    assert not eager._pending and lazy._pending  # the lazy one still has rows queued
+    torch.testing.assert_close(lazy.out, eager.out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lazy.covariance, eager.covariance, rtol=1e-12, atol=1e-12)
+    assert not lazy._pending
+
+
 def test_unseen_classes_get_the_floor_and_refresh_is_lazy():
     slda = SLDALearner(2, 3, floor=0.3, refresh_every=5)
     assert torch.allclose(slda.predict(torch.zeros(1, 2)), torch.full((1, 3), -math.log(3)))
