@@ -110,3 +110,40 @@ def test_make_experience_yields_task_zero_triples():
 def test_configs_instantiate(name):
     learner = instantiate(OmegaConf.load(CONFIGS / f"{name}.yaml"))(feature_dim=D, num_classes=K, seed=0)
     assert isinstance(learner, AvalancheLearner) and learner.name == name
+
+
+@pytest.mark.parametrize("strategy", ["replay", "er_ace", "gdumb"])
+def test_memory_compaction_changes_no_prediction(strategy):
+    x, y = clusters(300, seed=2)
+    kw = dict(seed=3, strategy=strategy, experience_size=5, **FAST[strategy])
+    lazy = prequential(AvalancheLearner(D, K, compact_every=0, **kw), x, y, 5)
+    compact = prequential(AvalancheLearner(D, K, compact_every=1, **kw), x, y, 5)
+    assert torch.equal(lazy, compact)  # same memory, same order, same random draws
+
+
+def _live_tensor_datasets() -> int:
+    import gc
+
+    from torch.utils.data import TensorDataset
+
+    gc.collect()
+    return sum(type(o) is TensorDataset for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("strategy", ["replay", "er_ace"])
+def test_memory_compaction_releases_old_experiences(strategy):
+    # Avalanche's lazy reservoir views keep every experience ever concatenated alive (and
+    # each buffer update pays for all of them); compaction keeps that bounded.
+    x, y = clusters(400, seed=5)
+    grown = {}
+    for every in (0, 8):
+        before = _live_tensor_datasets()
+        learner = AvalancheLearner(D, K, seed=0, strategy=strategy, experience_size=5, compact_every=every,
+                                   **FAST[strategy])
+        prequential(learner, x, y, 5)  # 80 experiences
+        grown[every] = _live_tensor_datasets() - before
+        del learner
+    assert grown[0] >= 60  # the lazy views hold (nearly) every experience
+    assert grown[8] <= 20  # at most the experiences since the last compaction, + the compacted memory
+    with pytest.raises(OCLError, match="compact_every"):
+        AvalancheLearner(D, K, strategy="replay", compact_every=-1)
