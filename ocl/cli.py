@@ -111,6 +111,12 @@ def _compare(cfg: DictConfig) -> None:
         payload = run_compare(cfg, out_dir)
     except OCLError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: the records written so far stay; no traceback for a deliberate stop
+        msg = (f"interrupted: the runs that had finished are kept in {out_dir}/compare.json and compare.csv; "
+               "the others did not run to the end")
+        log.warning("%s", msg)
+        print(msg, file=sys.stderr)
+        sys.exit(130)
     print(ranked_table(payload))
     failed = [r for r in payload["records"] if r["status"] != "ok"]
     if failed:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +30,7 @@ from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from ocl.errors import OCLError
 from ocl.streams.base import ImageSet, Source
@@ -89,6 +92,14 @@ def _init_worker(level: int) -> None:
     # the CLI does, tagged with the worker's pid.
     logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - [worker %(process)d] %(message)s")
+    # Ctrl-C in a terminal reaches the whole process group. The parent alone handles it (it
+    # terminates the workers, see _pool); a worker that also raised KeyboardInterrupt would
+    # print its own traceback into the user's terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default write lock is a multiprocessing semaphore; a worker terminated on Ctrl-C
+    # never unregisters it, and the resource tracker then warns of "leaked semaphore objects".
+    # A worker's bars are off (the parent draws the only one): a thread lock does.
+    tqdm.set_lock(threading.RLock())
 
 
 def _job(cfg: dict[str, Any], source: Source, train: str, test: str | None, name: str, seed: int,
@@ -204,8 +215,11 @@ def _pool(ctx: _Pool, jobs: list[tuple[str, int]], workers: int
     except BaseException:
         # Ctrl-C, or the consumer stopped: do not leave workers computing runs nobody will read.
         # (ProcessPoolExecutor has no public way to stop its workers before Python 3.14.)
-        for p in list((getattr(ex, "_processes", None) or {}).values()):
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        for p in procs:
             p.terminate()
+        for p in procs:  # reaped: no zombies left to a caller that goes on (a script, a notebook)
+            p.join(timeout=5)
         ex.shutdown(wait=False, cancel_futures=True)
         raise
     ex.shutdown(wait=True)

@@ -127,3 +127,41 @@ def test_a_script_without_main_guard_fails_clearly_instead_of_looping(tmp_path):
     recs = json.loads((tmp_path / "r" / "compare.json").read_text())["records"]
     assert [r["status"] for r in recs] == ["failed", "failed"]
     assert 'if __name__ == "__main__":' in recs[0]["error"]
+
+
+def test_ctrl_c_stops_a_parallel_compare_keeps_finished_runs_and_leaves_no_workers(tmp_path):
+    """The real CLI, interrupted as a terminal does it: SIGINT to the whole process group."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    # ~10 s of transformer on the digits stream: still running when the linear record lands.
+    args = [sys.executable, "-m", "ocl.cli", "compare", "progress=false", "plots=false", f"cache_dir={tmp_path / 'c'}",
+            "learners=[linear,transformer]", "workers=2", f"hydra.run.dir={run}"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    t0 = time.monotonic()
+    while not (run / "compare.json").exists() and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1]
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    payload = json.loads((run / "compare.json").read_text())
+    assert payload["complete"] is False
+    assert [(r["learner"], r["status"]) for r in payload["records"]] == [("linear", "ok")]
+    assert "Process SpawnProcess" not in err  # workers leave Ctrl-C to the parent: no worker tracebacks
+    assert "leaked" not in err  # no resource-tracker warnings about the terminated workers
+    t0 = time.monotonic()  # no worker outlives the command (terminated ones may linger as zombies briefly)
+    while _group_alive(p.pid) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert not _group_alive(p.pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
