@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from ocl.streams.base import Source
 from ocl.streams.custom import to_source
 from ocl.streams.features import Extractor, extract_features
 from ocl.streams.protocols import Stream
+from ocl.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +111,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def learning_threads(threads: int | None) -> Iterator[int]:
+def learning_threads(threads: int | None) -> contextlib.AbstractContextManager[int]:
     """Run the block with ``threads`` torch intra-op threads (``None``: unchanged); restores
     the previous setting after. Yields the thread count in effect."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        if int(threads) < 1:
-            raise OCLError(f"threads={threads}: must be >= 1 (or null for torch's default).")
-        torch.set_num_threads(int(threads))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(threads, "threads")
 
 
 def prepare(cfg: DictConfig) -> tuple[Source, Stream, Extractor, np.ndarray, np.ndarray | None, float]:
