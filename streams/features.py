@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
+from ocl.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class PixelExtractor(Extractor):
         return out
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class TimmExtractor(Extractor):
     """Pooled features of a frozen timm backbone (DINO ViT-S/16 by default).
 
@@ -104,6 +108,14 @@ class TimmExtractor(Extractor):
         batch_size: images per forward pass.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ...
         model_kwargs: extra ``timm.create_model`` arguments.
+        threads: torch intra-op threads while extracting (``None``: torch's default,
+            every core); restored afterwards.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 on CUDA, fp32 on
+            the CPU, where bf16 is slower without AMX hardware). bf16 changes the features
+            (about 1e-2 relative), so it is part of the cache key.
+        channels_last: run the network and its input in the channels-last memory format
+            (faster convolutions on CPU and GPU). It changes the features only by float
+            rounding, like the thread count or batch size, so it is not part of the cache key.
     """
 
     def __init__(
@@ -114,6 +126,9 @@ class TimmExtractor(Extractor):
         batch_size: int = 64,
         device: str = "auto",
         model_kwargs: dict[str, Any] | None = None,
+        threads: int | None = None,
+        precision: str = "auto",
+        channels_last: bool = True,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,19 +137,32 @@ class TimmExtractor(Extractor):
                 f"backbone.device={device!r} but no CUDA GPU is available; use 'auto' or 'cpu'.")
         if batch_size < 1:
             raise OCLError(f"backbone.batch_size must be >= 1; got {batch_size}.")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise OCLError(f"backbone.threads must be an integer >= 1 or null; got {threads!r}.")
+        if precision not in PRECISIONS:
+            raise OCLError(f"backbone.precision must be one of {list(PRECISIONS)}; got {precision!r}.")
+        if not isinstance(channels_last, bool):
+            raise OCLError(f"backbone.channels_last must be true or false; got {channels_last!r}.")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        self.threads = threads
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.channels_last = channels_last
         self.model_kwargs = dict(model_kwargs or {})
-        self.net, self._info = build_backbone(model, weights, image_size, self.model_kwargs)
+        with torch_threads(threads, "backbone.threads"):
+            self.net, self._info = build_backbone(model, weights, image_size, self.model_kwargs)
         self.net.to(self.device)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.image_size = self._info["image_size"]
         self._mean = torch.tensor(self._info["mean"], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self._info["std"], device=self.device).view(1, 3, 1, 1)
 
     @property
     def info(self) -> dict[str, Any]:
-        """The backbone info dict (model, weights source, weights_sha1, D, mean, std, size)."""
-        return dict(self._info)
+        """The backbone info dict (model, weights source, weights_sha1, D, mean, std, size,
+        precision)."""
+        return {**self._info, "precision": self.precision}
 
     @property
     def feature_dim(self) -> int:
@@ -142,11 +170,14 @@ class TimmExtractor(Extractor):
 
     def key(self) -> str:
         i = self._info
-        return json.dumps({
+        key = {
             "kind": "timm/v1", "model": i["model"], "weights_sha1": i["weights_sha1"],
             "image_size": i["image_size"], "mean": i["mean"], "std": i["std"],
             "resize": "bicubic-antialias-clamp", "model_kwargs": repr(sorted(self.model_kwargs.items())),
-        }, sort_keys=True)
+        }
+        if self.precision != "fp32":  # only then: fp32 keys (and caches) stay as they were
+            key["precision"] = self.precision
+        return json.dumps(key, sort_keys=True)
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
         """``(n, H, W, C)`` uint8 -> ``(n, 3, S, S)`` normalised float32 on the device."""
@@ -163,11 +194,13 @@ class TimmExtractor(Extractor):
         if x.shape[-2:] != (S, S):
             x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp_(0.0, 1.0)  # bicubic overshoots; a uint8 resize would clip too
-        return (x - self._mean) / self._std  # (n, 3, S, S)
+        x = (x - self._mean) / self._std  # (n, 3, S, S)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         out = []
-        with torch.inference_mode():
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with torch_threads(self.threads, "backbone.threads"), torch.inference_mode(), amp:
             for s in range(0, len(batch), self.batch_size):
                 x = self.preprocess(batch[s:s + self.batch_size])
                 out.append(self.net(x).float().cpu())  # (b, D)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet
@@ -258,3 +259,57 @@ def test_timm_key_tracks_weights_and_preprocessing(tiny_vit) -> None:
     same = TimmExtractor("vit_small_patch16_224", weights="random", image_size=32,
                          batch_size=64, device="cpu", model_kwargs=TINY)
     assert same.key() == tiny_vit.key()  # batch size does not change features
+
+
+def test_timm_options_are_checked() -> None:
+    for bad, match in [(dict(precision="fp16"), "backbone.precision"), (dict(threads=0), "backbone.threads"),
+                       (dict(threads=True), "backbone.threads"), (dict(channels_last="yes"), "backbone.channels_last")]:
+        with pytest.raises(OCLError, match=match):
+            TimmExtractor("vit_small_patch16_224", weights="random", image_size=32, device="cpu",
+                          model_kwargs=TINY, **bad)
+
+
+def test_timm_threads_apply_during_extraction_and_are_restored(monkeypatch) -> None:
+    ex = TimmExtractor("vit_small_patch16_224", weights="random", image_size=32, device="cpu",
+                       model_kwargs=TINY, threads=1)
+    seen = []
+    forward = ex.net.forward
+    monkeypatch.setattr(ex.net, "forward", lambda x: (seen.append(torch.get_num_threads()), forward(x))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert ex(images(n=3, h=32).data).shape == (3, 24)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_timm_precision_and_memory_format_in_key(tiny_vit) -> None:
+    """bf16 changes the features (own cache entry); channels_last only rounds (same entry)."""
+    def make(**kw) -> TimmExtractor:
+        return TimmExtractor("vit_small_patch16_224", weights="random", image_size=32, device="cpu",
+                             model_kwargs=TINY, **kw)
+
+    assert tiny_vit.precision == "fp32" and tiny_vit.info["precision"] == "fp32"  # auto on CPU
+    fp32, cf, bf16 = make(precision="fp32"), make(channels_last=False), make(precision="bf16")
+    assert fp32.key() == tiny_vit.key() == cf.key()
+    assert bf16.key() != fp32.key() and bf16.info["precision"] == "bf16"
+    assert '"precision"' not in fp32.key()  # fp32 keys are those of earlier versions: old caches stay valid
+    x = images(n=4, h=32).data
+    torch.testing.assert_close(cf(x), tiny_vit(x), rtol=1e-5, atol=1e-5)
+    a, b = fp32(x), bf16(x)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert F.cosine_similarity(a, b).min() > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_timm_gpu_bf16_channels_last_matches_cpu() -> None:
+    cpu = TimmExtractor("efficientnet_lite0", image_size=96, device="cpu")
+    gpu = TimmExtractor("efficientnet_lite0", image_size=96, device="cuda")  # auto: bf16 + channels_last
+    assert gpu.precision == "bf16" and gpu.channels_last and gpu.key() != cpu.key()
+    assert gpu.info["weights_sha1"] == cpu.info["weights_sha1"]
+    x = images(n=16, h=32).data
+    a, b = cpu(x), gpu(x)
+    assert b.device.type == "cpu" and b.dtype == torch.float32 and b.shape == (16, 1280)
+    assert F.cosine_similarity(a, b).min() > 0.98
