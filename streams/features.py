@@ -111,11 +111,16 @@ class TimmExtractor(Extractor):
         threads: torch intra-op threads while extracting (``None``: torch's default,
             every core); restored afterwards.
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 on CUDA, fp32 on
-            the CPU, where bf16 is slower without AMX hardware). bf16 changes the features
-            (about 1e-2 relative), so it is part of the cache key.
-        channels_last: run the network and its input in the channels-last memory format
-            (faster convolutions on CPU and GPU). It changes the features only by float
-            rounding, like the thread count or batch size, so it is not part of the cache key.
+            the CPU: exact features, and bf16 pays off only on CPUs with native bf16
+            instructions; on this project's AVX512-BF16 EPYC it was 1.8x faster at 128 px,
+            ``scripts/bench_features.py``). bf16 changes the features (by up to a few
+            percent of their largest value), so it is part of the cache key.
+        channels_last: run the network and its input in the channels-last memory format:
+            ``True``, ``False`` or ``"auto"`` (on CUDA only, where it is the fast layout for
+            convolutions under bf16; on this project's CPU it made no consistent difference,
+            ``scripts/bench_features.py``). It changes features only by float rounding (on
+            that CPU: not at all), like the thread count or batch size, so it is not part
+            of the cache key.
     """
 
     def __init__(
@@ -128,7 +133,7 @@ class TimmExtractor(Extractor):
         model_kwargs: dict[str, Any] | None = None,
         threads: int | None = None,
         precision: str = "auto",
-        channels_last: bool = True,
+        channels_last: bool | str = "auto",
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,18 +146,18 @@ class TimmExtractor(Extractor):
             raise OCLError(f"backbone.threads must be an integer >= 1 or null; got {threads!r}.")
         if precision not in PRECISIONS:
             raise OCLError(f"backbone.precision must be one of {list(PRECISIONS)}; got {precision!r}.")
-        if not isinstance(channels_last, bool):
-            raise OCLError(f"backbone.channels_last must be true or false; got {channels_last!r}.")
+        if not isinstance(channels_last, bool) and channels_last != "auto":
+            raise OCLError(f"backbone.channels_last must be true, false or auto; got {channels_last!r}.")
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.threads = threads
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
-        self.channels_last = channels_last
+        self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
         self.model_kwargs = dict(model_kwargs or {})
         with torch_threads(threads, "backbone.threads"):
             self.net, self._info = build_backbone(model, weights, image_size, self.model_kwargs)
         self.net.to(self.device)
-        if channels_last:
+        if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.image_size = self._info["image_size"]
         self._mean = torch.tensor(self._info["mean"], device=self.device).view(1, 3, 1, 1)
@@ -195,7 +200,9 @@ class TimmExtractor(Extractor):
             x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp_(0.0, 1.0)  # bicubic overshoots; a uint8 resize would clip too
         x = (x - self._mean) / self._std  # (n, 3, S, S)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # one layout whatever the input's strides (an expanded grayscale batch would otherwise
+        # take another conv kernel and differ from its RGB copy by float rounding)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         out = []

@@ -143,7 +143,7 @@ def test_layout_mismatch_is_a_clear_error(sd, tmp_path) -> None:
 def test_cache_key_tracks_weights_size_and_precision() -> None:
     a = TimmExtractor("efficientnet_lite0", image_size=64, device="cpu")
     assert a.key() == TimmExtractor("efficientnet_lite0", image_size=64, device="cpu", batch_size=7,
-                                    channels_last=False, threads=1).key()
+                                    channels_last=True, threads=1).key()
     assert a.key() != TimmExtractor("efficientnet_lite0", image_size=96, device="cpu").key()
     assert a.key() != TimmExtractor("efficientnet_lite0", weights="random", image_size=64, device="cpu").key()
     assert a.key() != TimmExtractor("efficientnet_lite0", image_size=64, device="cpu", precision="bf16").key()

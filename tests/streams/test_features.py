@@ -291,12 +291,14 @@ def test_timm_precision_and_memory_format_in_key(tiny_vit) -> None:
                              model_kwargs=TINY, **kw)
 
     assert tiny_vit.precision == "fp32" and tiny_vit.info["precision"] == "fp32"  # auto on CPU
-    fp32, cf, bf16 = make(precision="fp32"), make(channels_last=False), make(precision="bf16")
-    assert fp32.key() == tiny_vit.key() == cf.key()
+    assert not tiny_vit.channels_last  # auto on CPU
+    fp32, cl, bf16 = make(precision="fp32"), make(channels_last=True), make(precision="bf16")
+    assert cl.channels_last and cl.net.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fp32.key() == tiny_vit.key() == cl.key()
     assert bf16.key() != fp32.key() and bf16.info["precision"] == "bf16"
     assert '"precision"' not in fp32.key()  # fp32 keys are those of earlier versions: old caches stay valid
     x = images(n=4, h=32).data
-    torch.testing.assert_close(cf(x), tiny_vit(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cl(x), tiny_vit(x), rtol=1e-5, atol=1e-5)
     a, b = fp32(x), bf16(x)
     assert b.dtype == torch.float32 and not torch.equal(a, b)
     assert F.cosine_similarity(a, b).min() > 0.99
