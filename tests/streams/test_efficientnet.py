@@ -8,6 +8,7 @@ features must separate CIFAR-10 classes far better than the same network with ra
 from __future__ import annotations
 
 import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from ocl.errors import OCLError
 from ocl.experiment import run_experiment
 from ocl.streams import efficientnet
 from ocl.streams.backbones import build_backbone, load_checkpoint_file, resolve_model_name
-from ocl.streams.cifar10 import load_cifar10
+from ocl.streams.cifar10 import CIFAR10_CLASSES, load_cifar10
 from ocl.streams.features import TimmExtractor
 
 CIFAR = Path("/work/shared/data/cifar10-jpg.zip")
@@ -42,15 +43,26 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cifar() -> dict[str, np.ndarray]:
-    """A seeded subset of real CIFAR-10: 10 train and 20 test images per class (32x32x3 uint8)."""
-    src = load_cifar10(str(CIFAR), download=False)
+def cifar(tmp_path_factory) -> dict[str, np.ndarray]:
+    """A seeded subset of real CIFAR-10: 10 train and 20 test images per class (32x32x3 uint8).
+
+    Only these files are unpacked (into a temporary image folder, read by the project's
+    loader): loading the zip itself would extract all 60,000 images into the user's cache.
+    """
+    root = tmp_path_factory.mktemp("cifar10-subset")
     rng = np.random.default_rng(0)
+    with zipfile.ZipFile(CIFAR) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))
+        for split, k in (("train", 10), ("test", 20)):
+            for c in CIFAR10_CLASSES:
+                files = [n for n in names if n.startswith(f"{split}/{c}/")]
+                for i in rng.choice(len(files), k, replace=False):
+                    zf.extract(files[i], root)
+    src = load_cifar10(str(root), download=False)
     out = {}
-    for split, imset, k in (("train", src.train, 10), ("test", src.test, 20)):
-        idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(imset.labels == c), k, replace=False)
-                                      for c in range(10)]))
-        out[f"x_{split}"], out[f"y_{split}"] = imset.get(idx), imset.labels[idx]
+    for split, imset in (("train", src.train), ("test", src.test)):
+        assert len(imset) == (100 if split == "train" else 200)
+        out[f"x_{split}"], out[f"y_{split}"] = imset.get(np.arange(len(imset))), imset.labels.copy()
     return out
 
 
