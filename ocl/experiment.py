@@ -32,7 +32,7 @@ from ocl.report import write_json_atomic, write_steps_csv
 from ocl.runner import RunResult, RunState, run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
-from ocl.streams.features import Extractor, extract_features
+from ocl.streams.features import STORAGE_DTYPES, Extractor, extract_features
 from ocl.streams.protocols import Stream
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ _RUN_KEYS: dict[str, tuple[Any, str]] = {
     "eval_test": (lambda v: isinstance(v, bool), "true or false"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
+    "cache_dtype": (lambda v: v in STORAGE_DTYPES, " or ".join(STORAGE_DTYPES)),
 }
 
 
@@ -138,10 +139,11 @@ def prepare(cfg: DictConfig) -> tuple[Source, Stream, Extractor, np.ndarray, np.
     cache = cfg.get("cache_dir")
     cache = os.path.expanduser(str(cache)) if cache else None
     t0 = time.perf_counter()
-    train = extract_features(source.train, extractor, cache, progress=bool(cfg.progress))
+    dtype = str(cfg.get("cache_dtype", "float32"))
+    train = extract_features(source.train, extractor, cache, progress=bool(cfg.progress), dtype=dtype)
     test = None
     if cfg.eval_test and source.test is not None and len(source.test) > 0:
-        test = extract_features(source.test, extractor, cache, progress=bool(cfg.progress))
+        test = extract_features(source.test, extractor, cache, progress=bool(cfg.progress), dtype=dtype)
     elif cfg.eval_test and source.test is None:
         log.info("%s has no test split: skipping task-boundary evaluation.", source.name)
     return source, stream, extractor, train, test, time.perf_counter() - t0

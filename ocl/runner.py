@@ -146,7 +146,7 @@ def evaluate_tasks(
     for tt in stream.tests:
         correct = 0
         for s in range(0, tt.index.size, batch_size):
-            x = torch.from_numpy(np.asarray(test_feats[tt.index[s : s + batch_size]]))
+            x = torch.from_numpy(np.asarray(test_feats[tt.index[s : s + batch_size]], dtype=np.float32))
             pred = learner.evaluate(x).argmax(1).numpy()
             correct += int((pred == tt.labels[s : s + batch_size]).sum())
         accs.append(correct / max(tt.index.size, 1))

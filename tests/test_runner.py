@@ -101,3 +101,24 @@ def test_chunks_resume_from_any_chunk_start():
         assert list(_iter_chunks(23, 4, np.array([5, 13]), s)) == full[i:]
     with pytest.raises(ValueError):
         list(_iter_chunks(23, 4, np.array([5, 13]), 7))  # 7 is mid-chunk
+
+
+def test_a_float16_feature_cache_reaches_the_learner_as_float32(tmp_path):
+    # cache_dtype=float16 stores half-size features; training rows and test rows are read back as float32
+    src = unique_source()
+    stream = split(src, seed=0, n_tasks=2)
+    half = {}
+    for name, x in (("train", src.train.data), ("test", src.test.data)):
+        np.save(tmp_path / f"{name}.npy", x.astype(np.float16))
+        half[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")  # what the cache returns
+
+    class Float32Only(Memorizer):
+        def predict(self, x):
+            assert x.dtype == torch.float32
+            return super().predict(x)
+
+    learner = Float32Only(4)
+    res = run_stream(learner, half["train"], stream, chunk_size=3, test_feats=half["test"], progress=False)
+    ref = run_stream(Memorizer(4), src.train.data, stream, chunk_size=3, test_feats=src.test.data, progress=False)
+    np.testing.assert_array_equal(res.tracker.loss, ref.tracker.loss)  # these features are exact in float16
+    np.testing.assert_array_equal(res.acc, ref.acc)

@@ -258,3 +258,54 @@ def test_timm_key_tracks_weights_and_preprocessing(tiny_vit) -> None:
     same = TimmExtractor("vit_small_patch16_224", weights="random", image_size=32,
                          batch_size=64, device="cpu", model_kwargs=TINY)
     assert same.key() == tiny_vit.key()  # batch size does not change features
+
+
+# --- storage dtype -------------------------------------------------------------------
+
+
+def test_float16_storage_halves_the_cache_and_is_its_own_entry(tmp_path) -> None:
+    ims = images(n=50)
+    ex = Counting()
+    full = extract_features(ims, ex, tmp_path, progress=False)
+    half = extract_features(ims, ex, tmp_path, progress=False, dtype="float16")
+    assert ex.calls == 2  # a separate entry: float32 features never vouch for float16 ones
+    assert isinstance(half, np.memmap) and half.dtype == np.float16
+    np.testing.assert_array_equal(half, expected(ims).astype(np.float16))  # rounded once, when written
+    f32, f16 = entry_of(tmp_path, ims, ex), tmp_path / cache_key(ims.fingerprint(), ex.key(), "float16")
+    assert f16 != f32 and f32.name == cache_key(ims.fingerprint(), ex.key())  # float32 keys are unchanged
+    meta = json.loads((f16 / "meta.json").read_text())
+    assert meta["dtype"] == "float16" and meta["format"] == 2
+    header = 128  # .npy header of a small 2-d array
+    assert (f16 / "features.npy").stat().st_size - header == ((f32 / "features.npy").stat().st_size - header) // 2
+    again = extract_features(ims, Counting(), tmp_path, progress=False, dtype="float16")
+    np.testing.assert_array_equal(again, half)
+    np.testing.assert_array_equal(full, expected(ims))
+
+
+def test_float16_overflow_is_refused_and_caches_nothing(tmp_path) -> None:
+    class Big(Counting):
+        def __call__(self, batch: np.ndarray) -> torch.Tensor:
+            return super().__call__(batch) * 1000.0
+
+    ims, big = images(), Big()
+    np.testing.assert_array_equal(extract_features(ims, big, tmp_path, progress=False), expected(ims) * 1000.0)
+    with pytest.raises(OCLError, match="exceed the range of cache_dtype=float16.*cache_dtype=float32"):
+        extract_features(ims, big, tmp_path, progress=False, dtype="float16")  # means up to 255k > 65504
+    assert not (tmp_path / cache_key(ims.fingerprint(), big.key(), "float16")).exists()
+
+
+def test_unknown_storage_dtype_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(OCLError, match="cache_dtype='bfloat16'"):
+        extract_features(images(), Counting(), tmp_path, progress=False, dtype="bfloat16")
+
+
+def test_entries_of_cache_format_1_stay_valid(tmp_path, caplog) -> None:
+    ims, ex = images(), Counting()
+    extract_features(ims, ex, tmp_path, progress=False)
+    meta_path = entry_of(tmp_path, ims, ex) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = 1  # what the earlier version wrote: the same layout, float32 only
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="ocl.streams.features"):
+        extract_features(ims, ex, tmp_path, progress=False)
+    assert ex.calls == 1 and not caplog.records
