@@ -5,8 +5,9 @@ learner and seed then runs prequentially over the same cached features. The prot
 (stream order, class order, task split) is rebuilt per seed, so the seeds vary the
 stream as well as the learners' own randomness, exactly as ``ocl run seed=s`` would.
 
-With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), which run
-the same :func:`run_guarded` on the same features; records are identical either way.
+With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), with
+``engine=ray`` to Ray tasks (:mod:`ocl.ray_engine`); both run the same :func:`run_guarded`
+on the same features, so records are identical whichever runs them.
 
 Outputs in the run directory (rewritten after every run, so a crash or Ctrl-C keeps
 what finished): ``compare.json`` (one record per learner x seed, plus a per-learner
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from ocl.errors import OCLError
 from ocl.experiment import (build, check_run_config, learning_threads, make_learner, seed_everything,
                             summarize)
+from ocl.ray_engine import check_engine, check_ray_config, run_ray
 from ocl.report import format_table, write_json_atomic
 from ocl.runner import run_stream
 from ocl.streams.base import Source
@@ -203,10 +205,11 @@ def extract_once(cfg: DictConfig) -> Features:
     cache = cfg.get("cache_dir")
     cache = os.path.expanduser(str(cache)) if cache else None
     progress = bool(cfg.get("progress", True))
-    train = extract_features(source.train, extractor, cache, progress=progress)
+    dtype = str(cfg.get("cache_dtype", "float32"))
+    train = extract_features(source.train, extractor, cache, progress=progress, dtype=dtype)
     test = None
     if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
-        test = extract_features(source.test, extractor, cache, progress=progress)
+        test = extract_features(source.test, extractor, cache, progress=progress, dtype=dtype)
     elif cfg.get("eval_test", True):
         log.info("%s has no test split: no accuracy matrix, forgetting or final accuracy.", source.name)
     return Features(source, extractor, train, test, time.perf_counter() - t0)
@@ -422,6 +425,12 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     _check_compare_config(cfg, learners)
     writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
     workers = check_workers(cfg.get("workers", 1))
+    engine = check_engine(cfg.get("engine", "local"))
+    if engine == "ray":
+        check_ray_config(cfg.ray)
+        if workers != 1:
+            raise OCLError(f"workers={workers} is for engine=local; with engine=ray the cluster's CPUs set how many "
+                           "runs go at once (ray.num_cpus / ray.task_cpus).")
     for name in learners:  # every learner config parses before the (maybe slow) extraction
         learner_config(name, (cfg.get("learner_options") or {}).get(name))
     out_dir = Path(out_dir)
@@ -435,7 +444,9 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
     jobs = [(name, seed) for name in learners for seed in seeds]
-    if workers > 1 and len(jobs) > 1:
+    if engine == "ray":
+        results = run_ray(cfg, feats, jobs, out_dir)
+    elif workers > 1 and len(jobs) > 1:
         from ocl.workers import run_parallel
 
         log.info("%d runs in %d worker processes", len(jobs), min(workers, len(jobs)))
@@ -458,6 +469,8 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             bar.update(1)
     finally:
         bar.close()
+        if hasattr(results, "close"):  # a Ctrl-C that lands here, not inside the engine, still stops its workers
+            results.close()
     payload = _payload(cfg, feats, learners, seeds, records, out_dir, complete=True)
     _write(out_dir, payload)
     if cfg.get("plots", True):
