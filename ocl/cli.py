@@ -4,6 +4,8 @@
 (config groups ``stream=``, ``protocol=``, ``backbone=``, ``learner=``; see configs/).
 ``ocl compare [key=value ...] learners=[a,b,...] seeds=N`` runs several learners x seeds
 on one stream with the same overrides (configs/compare.yaml) and prints a ranked table.
+``ocl extract [key=value ...]`` fills the feature cache of a stream (configs/extract.yaml),
+in this process or, with ``engine=ray``, over a Ray cluster.
 Errors a user can fix are printed as one message, with a non-zero exit code.
 """
 
@@ -30,6 +32,7 @@ commands:
   run       one learner on one stream, scored prequentially (predict, score, then learn)
   compare   several learners x seeds on one stream (features extracted once): ranked table,
             compare.json/.csv, curves.png, acc_matrix.png
+  extract   fill the feature cache of a stream (train and test split) without running a learner
 
 examples:
   ocl run                                            # digits, 5-task split, pixels, linear
@@ -39,6 +42,9 @@ examples:
   ocl run --help                                     # every config group and option
   ocl compare learners=[linear,knn,er] seeds=3       # the same overrides as ocl run, plus these
   ocl compare seeds=2                                # every baseline, Avalanche strategy and the transformer
+  ocl compare learners=[linear,knn] seeds=3 engine=ray   # the runs as Ray tasks (pip install -e ".[ray]")
+  ocl extract stream=cifar10 stream.root=DIR backbone=dino_vits16 cache_dtype=float16
+  ocl extract <the same overrides> engine=ray ray.address=HOST:6379   # sharded over a Ray cluster
 """
 
 
@@ -125,7 +131,33 @@ def _compare(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-COMMANDS: dict[str, Callable[[], Any]] = {"run": _run, "compare": _compare}
+def extract_table(rows: list[dict[str, Any]]) -> str:
+    """What ``ocl extract`` prints: one row per split, and where its cache entry is."""
+    table = format_table(
+        [(r["split"], r["images"], r["feature_dim"], r["dtype"], f"{r['bytes'] / 2**20:,.1f} MiB",
+          "cached" if r["cached"] else f"{r['seconds']:.1f}", "-" if r["cached"] else f"{r['images_per_second']:,.0f}")
+         for r in rows],
+        headers=("split", "images", "D", "dtype", "size", "seconds", "img/s"), align="lrrlrrr")
+    return "\n".join([table, *(f"{r['split']} cache: {r['path']}" for r in rows)])
+
+
+@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="extract")
+def _extract(cfg: DictConfig) -> None:
+    from ocl.extract import run_extract  # heavy imports after hydra parsed the args
+
+    try:
+        rows = run_extract(cfg)
+    except OCLError as e:
+        _fail(e)
+    except KeyboardInterrupt:  # the shards written so far stay (engine=ray); no traceback for a deliberate stop
+        msg = "interrupted: run the same command again to continue (engine=ray keeps the shards it has written)"
+        log.warning("%s", msg)
+        print(msg, file=sys.stderr)
+        sys.exit(130)
+    print(extract_table(rows))
+
+
+COMMANDS: dict[str, Callable[[], Any]] = {"run": _run, "compare": _compare, "extract": _extract}
 
 
 def main(argv: list[str] | None = None) -> None:
