@@ -36,7 +36,7 @@ from ocl.experiment import build, check_run_config
 from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_ray
 from ocl.streams.base import ImageSet
 from ocl.streams.custom import to_source
-from ocl.streams.features import Extractor, cache_key, extract_features
+from ocl.streams.features import Extractor, extract_features
 from ocl.streams.shards import Shard, ShardedEntry
 
 log = logging.getLogger(__name__)
@@ -78,28 +78,28 @@ def run_extract(cfg: DictConfig) -> list[dict[str, Any]]:
     rows = []
     if engine == "local":
         for split, images in splits:
-            rows.append(_timed(split, images, extractor, cache, dtype,
-                               lambda im: extract_features(im, extractor, cache, progress=progress, dtype=dtype)))
+            rows.append(_timed(split, lambda: extract_features(images, extractor, cache, progress=progress,
+                                                               dtype=dtype)))
         return rows
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     with ray_session(cfg.ray):
         for split, images in splits:
-            rows.append(_timed(split, images, extractor, cache, dtype,
-                               lambda im: extract_sharded(im, extractor, backbone, cache, dtype, cfg.ray, progress)))
+            rows.append(_timed(split, lambda: extract_sharded(images, extractor, backbone, cache, dtype, cfg.ray,
+                                                              progress)))
     return rows
 
 
-def _timed(split: str, images: ImageSet, extractor: Extractor, cache: str, dtype: str, fn: Any) -> dict[str, Any]:
-    meta = Path(cache) / cache_key(images.fingerprint(), extractor.key(), dtype) / "meta.json"
-    before = meta.stat().st_mtime_ns if meta.exists() else None
-    t0 = time.perf_counter()
-    feats = fn(images)
+def _timed(split: str, extract: Any) -> dict[str, Any]:
+    """Run ``extract()`` (which returns the cache entry's memmap) and describe the result."""
+    began, t0 = time.time_ns(), time.perf_counter()
+    feats = extract()
     dt = time.perf_counter() - t0
     path = Path(feats.filename).parent
     return {"split": split, "images": int(feats.shape[0]), "feature_dim": int(feats.shape[1]), "dtype": str(feats.dtype),
             "bytes": int((path / "features.npy").stat().st_size), "seconds": dt,
             "images_per_second": feats.shape[0] / dt if dt > 0 else float("nan"),
-            "cached": before is not None and before == meta.stat().st_mtime_ns, "path": str(path)}
+            "cached": (path / "meta.json").stat().st_mtime_ns < began,  # written by an earlier run
+            "path": str(path)}
 
 
 # ---------------------------------------------------------------- engine=ray
@@ -107,7 +107,8 @@ def _timed(split: str, images: ImageSet, extractor: Extractor, cache: str, dtype
 
 class ShardWriter:
     """A Ray Data actor: one model, building shards of the cache (``map_batches`` rows are
-    shards ``{index, start, stop}``; it returns ``{index, n}`` per shard written).
+    shards ``{index, start, stop}``; it returns ``{index, n, began, ended}`` per shard written,
+    the last two in ``time.time()`` seconds).
 
     Args:
         backbone: the resolved ``backbone`` config, built here (on the worker's GPU, if Ray
@@ -126,11 +127,14 @@ class ShardWriter:
         self.images, self.entry = images, entry
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = []
+        n, began, ended = [], [], []
         for i, start, stop in zip(batch["index"], batch["start"], batch["stop"]):
+            began.append(time.time())
             self.entry.write(Shard(int(i), int(start), int(stop)), self.images, self.extractor)
+            ended.append(time.time())
             n.append(int(stop) - int(start))
-        return {"index": np.asarray(batch["index"]), "n": np.asarray(n, dtype=np.int64)}
+        return {"index": np.asarray(batch["index"]), "n": np.asarray(n, dtype=np.int64),
+                "began": np.asarray(began), "ended": np.asarray(ended)}
 
 
 def _resources(ray: Any, rcfg: Any, n_shards: int) -> tuple[int, float, float]:
@@ -181,13 +185,21 @@ def extract_sharded(images: ImageSet, extractor: Extractor, backbone: dict[str, 
                                                    "threads": max(1, int(cpus))})
         bar = tqdm(total=len(images), initial=sum(len(sh) for sh in shards if sh.index in done), unit="img",
                    desc="features (ray)", disable=not progress or not sys.stderr.isatty())
+        n, began, ended = 0, float("inf"), 0.0
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(int(batch["n"].sum()))
+                n += int(batch["n"].sum())
+                began, ended = min(began, float(batch["began"].min())), max(ended, float(batch["ended"].max()))
         except Exception as e:
             raise _stopped(e, entry, shards) from e
         finally:
             bar.close()
+        # The rate once the first worker is up (decode, extract, write; not starting the pool),
+        # which a long extraction approaches:
+        span = ended - began
+        log.info("%d images in %.1f s from the first shard's start to the last one's end: %.1f img/s",
+                 n, span, n / span if span > 0 else float("nan"))
     return entry.assemble(shards, engine="ray")
 
 
@@ -198,9 +210,14 @@ def _stopped(e: Exception, entry: ShardedEntry, shards: list[Shard]) -> OCLError
     seen: set[int] = set()
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, OCLError):
-            return OCLError(str(cause).splitlines()[-1] if "Traceback" in str(cause) else str(cause))
+            return OCLError(str(cause))
         seen.add(id(cause))
         cause = cause.__cause__ or getattr(cause, "cause", None)
+    # Ray Data hands a worker's exception back as text only (a UserCodeException whose message
+    # holds the worker's traceback): find our error's message in it.
+    text, head = str(e), "ocl.errors.OCLError: "
+    if head in text:
+        return OCLError(text[text.index(head) + len(head):].split("\n\nThe above exception")[0].strip())
     kept = len(entry.done(shards))
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return OCLError(f"the Ray extraction stopped ({type(e).__name__}: {first}). {kept} of {len(shards)} shards "
