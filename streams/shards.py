@@ -190,6 +190,7 @@ class ShardedEntry:
             del out
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            (self.path / "meta.json").unlink(missing_ok=True)  # an old meta must never vouch for new features
             os.replace(tmp, self.path / "features.npy")
         except BaseException:
             os.unlink(tmp)

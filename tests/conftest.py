@@ -20,6 +20,7 @@ def ray_cluster(tmp_path_factory):
     pytest.importorskip("ray.data")
     modules = tmp_path_factory.mktemp("ray_modules")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from tests
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token written to ~/.ray
     path = os.pathsep.join(p for p in (str(modules), os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": path}})

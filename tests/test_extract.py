@@ -97,7 +97,7 @@ def rcfg(**kw):
 # ---------------------------------------------------------------- engine=local (no Ray)
 
 
-def test_local_extract_fills_the_cache_that_ocl_run_reads(tmp_path):
+def test_local_extract_fills_the_cache_and_says_where(tmp_path):
     overrides = ["backbone=dino_vits16", "backbone.weights=random", "backbone.image_size=32", "backbone.device=cpu",
                  "+backbone.model_kwargs={embed_dim:24,depth:1,num_heads:2}", "cache_dtype=float16"]
     rows = run_extract(config(tmp_path, *overrides))
