@@ -44,7 +44,7 @@ from ocl.runner import RunState
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 1  # bump when the checkpoint layout changes
+FORMAT = 2  # bump when the checkpoint layout changes (2: the run state holds near-future records)
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say
 #: where files are; the data itself is pinned by the stream digest).
