@@ -74,7 +74,7 @@ def results_table(res: dict[str, Any], out_dir: str) -> str:
 
 
 def near_future_label(res: dict[str, Any]) -> str:
-    """``near-future accuracy (S=100, every 10: 133 evals)``: the metric with its settings."""
+    """``near-future accuracy (S=100, every 20: 66 evals)``: the metric with its settings."""
     if not res.get("near_future_every"):
         return "near-future accuracy"
     return (f"near-future accuracy (S={res['near_future_offset']}, every {res['near_future_every']}: "

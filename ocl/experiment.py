@@ -120,7 +120,7 @@ def make_near_future(cfg: DictConfig) -> NearFutureTracker | None:
         return None
     if not isinstance(node, DictConfig):
         raise OCLError(f"near_future={node!r}: set its keys instead, e.g. near_future.offset=100 "
-                       "near_future.every=10 (near_future.every=null turns it off).")
+                       "near_future.every=20 (near_future.every=null turns it off).")
     offset, every = node.get("offset"), node.get("every")
     if not _is_int(offset) or offset < 0:
         raise OCLError(f"near_future.offset={offset!r}: must be an integer >= 0 (S, how many steps past the "

@@ -45,7 +45,8 @@ def extract_calls(monkeypatch):
 
 def test_compare_records_table_plots_and_features_once(tmp_path, extract_calls, capsys):
     out = tmp_path / "run"
-    payload = run_compare(config(tmp_path, "learners=[recent,linear,ncm]", "seeds=2", "near_future.offset=5"), out)
+    payload = run_compare(config(tmp_path, "learners=[recent,linear,ncm]", "seeds=2", "near_future.offset=5",
+                                 "near_future.every=10"), out)
 
     # features: one extraction per split (train, test) for 3 learners x 2 seeds
     assert extract_calls == [1437, 360]

@@ -30,13 +30,13 @@ def test_default_run_on_digits(tmp_path):
     rows = (tmp_path / "run" / "steps.csv").read_text().splitlines()
     assert rows[0] == "step,task,label,pred,correct,loss,p_true" and len(rows) == 1438
     assert out["random_backbone"] is False
-    # near-future accuracy with the defaults S = 100, m = 10: after steps 9, 19, ..., 1329 (the
-    # target t + 1 + 100 must exist), 133 evaluations, one row each in near_future.csv
-    assert (out["near_future_offset"], out["near_future_every"], out["near_future_evaluations"]) == (100, 10, 133)
+    # near-future accuracy with the defaults S = 100, m = 20: after steps 19, 39, ..., 1319 (the
+    # target t + 1 + 100 must exist), 66 evaluations, one row each in near_future.csv
+    assert (out["near_future_offset"], out["near_future_every"], out["near_future_evaluations"]) == (100, 20, 66)
     assert 0.0 < out["near_future_accuracy"] < out["avg_online_accuracy"]
     nf = (tmp_path / "run" / "near_future.csv").read_text().splitlines()
-    assert nf[0] == "step,target,label,pred,correct,loss,p_true" and len(nf) == 134
-    assert nf[1].startswith("9,110,") and nf[-1].startswith("1329,1430,")
+    assert nf[0] == "step,target,label,pred,correct,loss,p_true" and len(nf) == 67
+    assert nf[1].startswith("19,120,") and nf[-1].startswith("1319,1420,")
     assert np.mean([int(r.split(",")[4]) for r in nf[1:]]) == pytest.approx(out["near_future_accuracy"])
 
 
