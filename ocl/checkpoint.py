@@ -9,7 +9,8 @@ A checkpoint is one file, ``<run dir>/checkpoint.pt``, written with :func:`torch
   shared. Large append-only state lives in side files in the run directory (the
   transformer's replay history), which pickle as a path and a count.
 - ``run``: the runner's position (steps done, current task, accuracy-matrix rows so far,
-  timings) and the tracker's ``state_dict`` (its records live in ``steps.npy``).
+  timings), the tracker's ``state_dict`` (its records live in ``steps.npy``) and the
+  near-future evaluations so far (one small record per evaluation, in the checkpoint).
 - ``rng``: the global python, numpy and torch (CPU and CUDA) RNG states.
 - ``config``: the resolved run config, and a digest of the stream, to refuse resuming a
   different experiment.

@@ -201,6 +201,7 @@ LEARNER_OPTIONS = {  # tiny and fast; every shipped learner config, with its own
     "transformer": {"d_model": 16, "window": 4, "replay_streams": 2},
     "avalanche_gdumb": {"experience_size": 20, "train_epochs": 2},
     "knn": {"memory_size": 50},
+    "slda": {"refresh_every": 7},  # its precision is refreshed lazily: evaluations fall between refreshes
 }
 
 
