@@ -9,7 +9,8 @@ A checkpoint is one file, ``<run dir>/checkpoint.pt``, written with :func:`torch
   shared. Large append-only state lives in side files in the run directory (the
   transformer's replay history), which pickle as a path and a count.
 - ``run``: the runner's position (steps done, current task, accuracy-matrix rows so far,
-  timings) and the tracker's ``state_dict`` (its records live in ``steps.npy``).
+  timings), the tracker's ``state_dict`` (its records live in ``steps.npy``) and the
+  near-future evaluations so far (one small record per evaluation, in the checkpoint).
 - ``rng``: the global python, numpy and torch (CPU and CUDA) RNG states.
 - ``config``: the resolved run config, and a digest of the stream, to refuse resuming a
   different experiment.
@@ -44,7 +45,7 @@ from ocl.runner import RunState
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 1  # bump when the checkpoint layout changes
+FORMAT = 2  # bump when the checkpoint layout changes (2: the run state holds near-future records)
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say
 #: where files are; the data itself is pinned by the stream digest).

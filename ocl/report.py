@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 import numpy as np
 
 from ocl.errors import OCLError
-from ocl.metrics import Tracker
+from ocl.metrics import NearFutureTracker, Tracker
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None,
@@ -80,11 +81,19 @@ def _jsonable(v: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temp file + rename, so a crash never leaves a half-written file."""
+    with _atomic_text(path) as f:
+        json.dump(_jsonable(obj), f, indent=2)
+
+
+@contextlib.contextmanager
+def _atomic_text(path: Path) -> Iterator[TextIO]:
+    """A text file written to a temp file that is fsynced and renamed to ``path`` when the
+    block ends: an existing file is replaced only whole, and an error leaves it untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -97,24 +106,25 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_steps_csv(path: Path, tracker: Tracker) -> None:
     """One row per step: step, task, label, pred, correct, loss (nats), p_true.
 
-    Streamed block by block from the tracker (constant memory on long streams), written to
-    a temp file that is fsynced and renamed: an existing steps.csv is replaced only whole.
+    Streamed block by block from the tracker (constant memory on long streams), written
+    atomically (:func:`_atomic_text`).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("step,task,label,pred,correct,loss,p_true\n")
-            step = 0
-            for b in tracker.blocks():
-                for task, label, pred, loss, p in zip(b["task"].tolist(), b["label"].tolist(), b["pred"].tolist(),
-                                                      b["loss"].tolist(), b["p_true"].tolist()):
-                    f.write(f"{step},{task},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
-                    step += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_text(path) as f:
+        f.write("step,task,label,pred,correct,loss,p_true\n")
+        step = 0
+        for b in tracker.blocks():
+            for task, label, pred, loss, p in zip(b["task"].tolist(), b["label"].tolist(), b["pred"].tolist(),
+                                                  b["loss"].tolist(), b["p_true"].tolist()):
+                f.write(f"{step},{task},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
+                step += 1
+
+
+def write_near_future_csv(path: Path, nf: NearFutureTracker) -> None:
+    """One row per near-future evaluation: step (the last step learned), target (the step
+    whose unseen input was scored, ``step + 1 + S``), label, pred, correct, loss (nats), p_true."""
+    with _atomic_text(path) as f:
+        f.write("step,target,label,pred,correct,loss,p_true\n")
+        r = nf.records
+        for step, target, label, pred, loss, p in zip(r["step"].tolist(), r["target"].tolist(), r["label"].tolist(),
+                                                      r["pred"].tolist(), r["loss"].tolist(), r["p_true"].tolist()):
+            f.write(f"{step},{target},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
