@@ -1,6 +1,7 @@
 """Feature-extraction throughput: the local engine vs ``engine=ray`` with 1 and 2 workers.
 
     .venv/bin/python scripts/bench_extract.py --n 384 --rounds 2      # needs pip install -e ".[ray]"
+    .venv/bin/python scripts/bench_extract.py --decode-only           # JPEG decode rate of one process
 
 Side by side in one script, on real CIFAR-10 images (JPEG files decoded by the workers),
 through the whole ``ocl extract`` path (decode, preprocess, forward, write the cache;
@@ -12,6 +13,10 @@ with that many torch threads, one Ray worker with all of them, or N workers with
 Ray's figures are given twice: end to end, and once up (images / the time from the first
 shard's start to the last shard's end: what a long extraction approaches).
 Prints a table and writes it (and the raw times) to ``--out``.
+
+``--decode-only`` measures what bounds a fast GPU instead: how many JPEGs one process
+decodes per second (PIL, as the image-folder source reads them) at CIFAR's 32 px and at
+224 and 480 px (a CIFAR image resized and re-encoded at quality 90).
 """
 
 from __future__ import annotations
@@ -50,6 +55,34 @@ class RayRate(logging.Handler):
             self.rates.append(float(record.args[2]))
 
 
+def decode_rates(data: str, out: Path, n: int = 300) -> None:
+    """JPEG decode rate of one process at 32 (CIFAR as stored), 224 and 480 px."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = load_cifar10(data, download=False)
+    path = os.path.join(src.train.root, src.train.paths[0])
+    rows = []
+    for side in (32, 224, 480):
+        with Image.open(path) as im:
+            buf = io.BytesIO()
+            (im if side == 32 else im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)).save(
+                buf, "JPEG", quality=90)
+        blob = buf.getvalue()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with Image.open(io.BytesIO(blob)) as im:
+                np.asarray(im.convert("RGB"))
+        rows.append((f"{side}x{side}", f"{n / (time.perf_counter() - t0):,.0f}"))
+    table = (f"JPEG decode, one process (PIL), host {platform.node()}, load average {os.getloadavg()[0]:.1f}\n"
+             + format_table(rows, headers=("image", "img/s"), align="lr"))
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.txt").write_text(table + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/cifar10-jpg.zip", help="the CIFAR-10 JPEG zip (see ../shared/data)")
@@ -59,7 +92,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "scripts/results/bench_extract"))
+    ap.add_argument("--decode-only", action="store_true", help="only the JPEG decode rate of one process")
     args = ap.parse_args()
+    if args.decode_only:
+        decode_rates(args.data, Path(args.out))
+        return
     logging.basicConfig(level=logging.WARNING)
     rate = RayRate()
     logging.getLogger("ocl.extract").addHandler(rate)
