@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,9 +34,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
-from ocl.experiment import (build, check_run_config, learning_threads, make_learner, seed_everything,
-                            summarize)
+from ocl.experiment import (LEARNER_ARGS, build, check_options, check_run_config, learning_threads, make_learner,
+                            seed_everything, summarize)
 from ocl.report import format_table, write_json_atomic
+from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
 from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
@@ -240,7 +240,7 @@ def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Pat
     test = feats.test if feats.test is not None and len(stream.tests) > 0 else None
     # A learner may keep scratch state on disk (the transformer's replay history): give it a
     # private directory that is removed after the run.
-    work = Path(tempfile.mkdtemp(prefix=f".work-{name}-seed{seed}-", dir=out_dir))
+    work = scratch_dir(out_dir, f"work-{name}-seed{seed}")
     try:
         learner.set_workdir(work)
         with learning_threads(cfg.get("threads")):
@@ -362,13 +362,11 @@ def ranked_table(payload: dict[str, Any]) -> str:
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """``compare.csv``: one row per learner x seed with the scalar metrics (empty = undefined)."""
     cols = ["learner", "seed", "status", *METRICS, "error"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path, "w") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in records:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    os.replace(tmp, path)
 
 
 def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[int], records: list[dict[str, Any]],
@@ -422,18 +420,20 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     _check_compare_config(cfg, learners)
     writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
     workers = check_workers(cfg.get("workers", 1))
-    for name in learners:  # every learner config parses before the (maybe slow) extraction
-        learner_config(name, (cfg.get("learner_options") or {}).get(name))
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OCLError(f"cannot create the run directory {out_dir} ({e.strerror or e}); "
-                       "choose another with hydra.run.dir=DIR.") from e
+    for name in learners:  # every learner config parses and its options check out before the slow extraction
+        check_options(learner_config(name, (cfg.get("learner_options") or {}).get(name)), f"learner_options.{name}",
+                      LEARNER_ARGS)
+    with claim(out_dir) as rd:
+        return _compare_owned(cfg, rd, learners, seeds, workers, writer_class)
 
+
+def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list[int], workers: int,
+                   writer_class: Any) -> dict[str, Any]:
+    out_dir = rd.path
     feats = extract_once(cfg)
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
+    rd.commit()  # checks passed, features ready: from here on the comparison writes into its directory
     jobs = [(name, seed) for name in learners for seed in seeds]
     if workers > 1 and len(jobs) > 1:
         from ocl.workers import run_parallel

@@ -20,7 +20,6 @@ import multiprocessing
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -33,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ocl.errors import OCLError
+from ocl.rundir import scratch_dir
 from ocl.streams.base import ImageSet, Source
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def run_parallel(cfg: DictConfig, feats: Any, jobs: Sequence[tuple[str, int]], o
         out_dir: the run directory (scratch files go here and are removed after).
         workers: processes at once (capped at ``len(jobs)``).
     """
-    scratch = Path(tempfile.mkdtemp(prefix=".workers-", dir=out_dir))
+    scratch = scratch_dir(out_dir, "workers")
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain["progress"] = False  # one bar, the parent's; workers' bars would interleave
@@ -226,6 +226,6 @@ def _pool(ctx: _Pool, jobs: list[tuple[str, int]], workers: int
     started = [job for job in jobs if job in broken and markers[job].exists()]
     for name, seed in started:  # the dead run's marker and scratch directory
         markers[(name, seed)].unlink(missing_ok=True)
-        for p in ctx.out_dir.glob(f".work-{name}-seed{seed}-*"):
+        for p in ctx.out_dir.glob(f".work-{name}-seed{seed}-*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
     return [job for job in jobs if job in broken and job not in started], started

@@ -105,16 +105,17 @@ def test_compare_matches_ocl_run_for_the_same_seed(tmp_path):
 
 
 def test_failing_learner_is_recorded_and_others_kept(tmp_path):
-    # a mistyped option makes every linear run fail with an OCLError; ncm must still run
-    payload = run_compare(config(tmp_path, "learners=[linear,ncm]", "+learner_options.linear.lrr=0.1"),
+    # an optimizer the MLP does not know makes every mlp run fail with an OCLError (a string
+    # option: only the learner can tell); ncm must still run
+    payload = run_compare(config(tmp_path, "learners=[mlp,ncm]", "+learner_options.mlp.optimizer=adamw"),
                           tmp_path / "r")
     by = {r["learner"]: r for r in payload["records"]}
-    assert by["linear"]["status"] == "failed" and "lrr" in by["linear"]["error"]
-    assert by["linear"]["avg_online_accuracy"] is None
+    assert by["mlp"]["status"] == "failed" and "adamw" in by["mlp"]["error"]
+    assert by["mlp"]["avg_online_accuracy"] is None
     assert by["ncm"]["status"] == "ok" and by["ncm"]["avg_online_accuracy"] > 0.3
-    assert [row["learner"] for row in payload["summary"]] == ["ncm", "linear"]  # failed last
+    assert [row["learner"] for row in payload["summary"]] == ["ncm", "mlp"]  # failed last
     table = ranked_table(payload)
-    assert "FAILED" in table and "linear failed:" in table
+    assert "FAILED" in table and "mlp failed:" in table
     saved = json.loads((tmp_path / "r" / "compare.json").read_text())
     assert saved["records"][0]["status"] == "failed"
 
