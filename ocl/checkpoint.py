@@ -123,9 +123,10 @@ def load(path: Path) -> dict[str, Any]:
         raise OCLError(f"{path}: cannot read the checkpoint: it is not an ocl checkpoint of format {FORMAT} "
                        f"(written by an older version, or not a checkpoint at all). {fresh}") from None
     if len(payload) != size or hashlib.sha256(payload).hexdigest() != sha:
+        what = (f"it holds {len(payload):,} bytes where {size:,} were written" if len(payload) != size else
+                "its sha256 differs from the one recorded when it was written")
         raise OCLError(
-            f"cannot resume {path}: the checkpoint is corrupt: its {len(payload):,} bytes do not match the "
-            f"{size:,} bytes and sha256 recorded when it was written (damaged on disk or edited). Only the "
+            f"cannot resume {path}: the checkpoint is corrupt ({what}: damaged on disk or edited). Only the "
             f"latest checkpoint is kept, so the run cannot continue. {fresh}"
         )
     try:

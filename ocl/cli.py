@@ -190,6 +190,10 @@ def _run(cfg: DictConfig) -> None:
         log.warning("%s", e)
         print(str(e), file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C before the run loop (loading data, building the learner)
+        print(f"interrupted before the run had started learning; nothing new was kept in {out_dir}.",
+              file=sys.stderr)
+        sys.exit(130)
     except (OCLError, OSError) as e:  # an OSError that escaped a reader: still one line, naming the path
         _fail(e)
     print(results_table(res, out_dir))

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
-from ocl.experiment import (LEARNER_ARGS, build, check_options, check_run_config, learning_threads, make_learner,
+from ocl.experiment import (LEARNER_ARGS, build, check_groups, check_options, check_run_config, learning_threads, make_learner,
                             seed_everything, summarize)
 from ocl.report import format_table, write_json_atomic
 from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
@@ -415,6 +415,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             A learner that fails does not raise: its record is marked ``failed``.
     """
     check_run_config(cfg)
+    check_groups(cfg, ("stream", "protocol", "backbone"))  # `learner` is not used here
     learners = resolve_learners(cfg.get("learners"), cfg.get("learner_options"))
     seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
     _check_compare_config(cfg, learners)

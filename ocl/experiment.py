@@ -216,6 +216,21 @@ def check_run_config(cfg: DictConfig) -> None:
                            "set cache_dir=DIR to another directory, or cache_dir=null to not cache features")
 
 
+#: The config groups built from ``_target_`` nodes: what the runner passes each factory itself
+#: (keyword names, number of positional arguments).
+GROUPS: dict[str, tuple[tuple[str, ...], int]] = {
+    "stream": ((), 0), "protocol": (("seed",), 1), "backbone": ((), 0), "learner": (LEARNER_ARGS, 0),
+}
+
+
+def check_groups(cfg: DictConfig, groups: Sequence[str] = tuple(GROUPS)) -> None:
+    """:func:`check_options` on each config group's node, before anything slow is built."""
+    for what in groups:
+        node = cfg.get(what)
+        if node is not None and "_target_" in node:
+            check_options(node, what, *GROUPS[what])
+
+
 def seed_everything(seed: int) -> None:
     """Seed every global RNG a learner or library might use."""
     random.seed(seed)
@@ -308,6 +323,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             (disk full, permission) during the run says which checkpoint is intact.
     """
     check_run_config(cfg)
+    check_groups(cfg)
     with rundir.claim(out_dir) as rd:
         return _run_owned(cfg, rd)
 
@@ -344,10 +360,14 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
     else:
         learner = make_learner(cfg, int(train.shape[1]), stream.num_classes)
         rd.commit()  # every check passed: from here on the run writes into its directory
-        learner.set_workdir(out_dir)
-        evaluate = test is not None and len(stream.tests) > 0
-        state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path)),
-                         np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None)
+        try:
+            learner.set_workdir(out_dir)
+            evaluate = test is not None and len(stream.tests) > 0
+            state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path)),
+                             np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None)
+        except StorageError as e:
+            raise StorageError(f"{e} No checkpoint had been written yet: fix the cause, then start the run again.",
+                               e.disk_full) from e
     checkpointer = ckpt.Checkpointer(ckpt_path, cfg.get("checkpoint_every"), learner, config, digest,
                                      _resume_hint(out_dir), resumed_at=None if saved is None else state.steps)
     checkpointer.total = len(stream)

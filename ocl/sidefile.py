@@ -37,6 +37,19 @@ _BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ocl_sidefil
 _BLOCK = 1 << 22  # bytes hashed at a time when verifying
 
 
+def preallocate(fd: int, nbytes: int, where: str, what: str) -> None:
+    """Allocate the first ``nbytes`` of the open file ``fd`` on disk now, so that a full disk
+    shows up here, with the size needed, and not later: in the middle of a run, or as a
+    SIGBUS when the file is written through a memory mapping. A no-op where the file system
+    cannot preallocate."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return
+        raise storage_error(e, where, f"allocating {what}", need=nbytes) from e
+
+
 @contextlib.contextmanager
 def relative_to(run_dir: str | os.PathLike) -> Iterator[None]:
     """Pickle side files with paths relative to ``run_dir`` (and unpickle them from there)."""
@@ -80,14 +93,8 @@ class SideFile:
         return self.path or f"<temporary file of {self.what}>"
 
     def reserve(self, nbytes: int) -> None:
-        """Allocate the file's first ``nbytes`` now (a full disk shows up here, with the exact
-        size, not in the middle of a run). A no-op where the file system cannot preallocate."""
-        try:
-            os.posix_fallocate(self._fd, 0, nbytes)
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return
-            raise storage_error(e, self.where, f"allocating {self.what}", need=nbytes) from e
+        """Allocate the file's first ``nbytes`` now (see :func:`preallocate`)."""
+        preallocate(self._fd, nbytes, self.where, self.what)
 
     def append(self, data: bytes | memoryview) -> None:
         """Write ``data`` at the end of the committed bytes."""
@@ -188,7 +195,7 @@ class SideFile:
         if done != size or self.sha256 != sha256:
             self.close()
             raise OCLError(
-                f"{self.path}: {self.what} was changed after the checkpoint was written: its first "
-                f"{size:,} bytes, which the checkpoint relies on, have sha256 {self.sha256[:16]}..., the "
-                f"checkpoint recorded {sha256[:16]}.... {fix}"
+                f"{self.path} ({self.what}) changed after the checkpoint was written: its first {size:,} bytes, "
+                f"which the checkpoint relies on, have sha256 {self.sha256[:16]}..., the checkpoint recorded "
+                f"{sha256[:16]}.... {fix}"
             )

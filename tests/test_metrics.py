@@ -90,5 +90,5 @@ def test_tracker_on_disk_equals_in_memory_and_resumes(tmp_path):
     # an edited record among those the checkpoint counts is refused on resume
     rec[5]["loss"] += 1.0
     np.save(tmp_path / "s.npy", rec)
-    with relative_to(tmp_path), pytest.raises(OCLError, match="per-step records was changed after the checkpoint"):
+    with relative_to(tmp_path), pytest.raises(OCLError, match=r"s.npy \(the per-step records\) changed after the checkpoint"):
         pickle.loads(blob)

@@ -111,7 +111,7 @@ def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
     raw = bytearray((tmp_path / "copy" / "h.bin").read_bytes())
     raw[3 * 4 * 1 + 8 * 0 + 12 + 1] ^= 1  # record 1's label, second byte (record = 3 floats + int64)
     (tmp_path / "copy" / "h.bin").write_bytes(bytes(raw))
-    with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match="was changed after the checkpoint"):
+    with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match=r"h.bin \(the replay history\) changed after the checkpoint"):
         pickle.loads(blob)
     (tmp_path / "copy" / "h.bin").write_bytes(b"")
     with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match="missing or shorter"):
