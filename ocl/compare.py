@@ -34,8 +34,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
-from ocl.experiment import (LEARNER_ARGS, build, check_groups, check_options, check_run_config, learning_threads, make_learner,
-                            seed_everything, summarize)
+from ocl.experiment import (LEARNER_ARGS, build, check_groups, check_options, check_run_config, learning_threads,
+                            make_learner, seed_everything, summarize)
 from ocl.report import format_table, write_json_atomic
 from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
 from ocl.runner import run_stream

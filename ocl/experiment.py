@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ocl import checkpoint as ckpt
 from ocl import rundir
-from ocl.errors import OCLError, StorageError
+from ocl.errors import OCLError, StorageError, describe_os_error
 from ocl.learners.base import Learner
 from ocl.metrics import Tracker, boundary_summary
 from ocl.report import check_writable_dir, write_json_atomic, write_steps_csv
@@ -73,10 +73,12 @@ def build(cfg: DictConfig, what: str, *args: Any, **kwargs: Any) -> Any:
         obj = instantiate(node, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__
-        while cause is not None and not isinstance(cause, OCLError):
+        while cause is not None and not isinstance(cause, (OCLError, OSError)):
             cause = cause.__cause__
-        if cause is not None:
+        if isinstance(cause, OCLError):
             raise cause from None
+        if isinstance(cause, OSError):  # a file the target could not read: name it
+            raise OCLError(f"could not build `{what}` ({node.get('_target_')}): {describe_os_error(cause)}") from e
         raise OCLError(f"could not build `{what}` from its config ({node.get('_target_')}): {_short(e)}") from e
     if not (args or kwargs):
         return obj

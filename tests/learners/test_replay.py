@@ -109,9 +109,10 @@ def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
     assert c.path == str(tmp_path / "copy" / "h.bin") and torch.equal(c.chunks(np.array([0]), 6)[0][0], x[:6])
     # a flipped label byte in the counted records is refused, not an IndexError later
     raw = bytearray((tmp_path / "copy" / "h.bin").read_bytes())
-    raw[3 * 4 * 1 + 8 * 0 + 12 + 1] ^= 1  # record 1's label, second byte (record = 3 floats + int64)
+    raw[20 * 1 + 12 + 1] ^= 1  # record 1: bytes [20, 40) = 3 float32 then the int64 label; its second byte
     (tmp_path / "copy" / "h.bin").write_bytes(bytes(raw))
-    with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match=r"h.bin \(the replay history\) changed after the checkpoint"):
+    changed = r"h.bin \(the replay history\) changed after the checkpoint"
+    with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match=changed):
         pickle.loads(blob)
     (tmp_path / "copy" / "h.bin").write_bytes(b"")
     with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match="missing or shorter"):
