@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ocl.errors import OCLError, storage_error
+from ocl.rundir import fsync_dir
 from ocl.sidefile import preallocate
 from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
 
@@ -263,7 +264,7 @@ def extract_features(
             raise storage_error(e, entry, "writing the feature cache; nothing was cached (cache_dir=null runs "
                                 "without the cache)") from e
         raise
-    _fsync_dir(entry)
+    fsync_dir(entry)
     log.info("feature cache written: %s", entry)
     return np.load(feat_path, mmap_mode="r")
 
@@ -392,17 +393,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
