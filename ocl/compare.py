@@ -34,8 +34,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
-from ocl.experiment import (LEARNER_ARGS, build, check_groups, check_options, check_run_config, learning_threads,
-                            make_learner, seed_everything, summarize)
+from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_options, check_run_config,
+                            learning_threads, make_learner, seed_everything, summarize)
 from ocl.report import format_table, write_json_atomic
 from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
 from ocl.runner import run_stream
@@ -141,11 +141,16 @@ def resolve_seeds(value: Any, base_seed: int) -> list[int]:
     if isinstance(value, int):
         if value < 1:
             raise OCLError(f"seeds={value}: must be >= 1 (the number of seeds per learner).")
+        if base_seed + value - 1 > MAX_SEED:
+            raise OCLError(f"seed={base_seed} seeds={value}: the last seed would pass {MAX_SEED} (2**64 - 1, the "
+                           "largest seed torch takes); lower seed.")
         return [base_seed + i for i in range(value)]
     if isinstance(value, (list, tuple, ListConfig)) and value:
         seeds = list(value)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
             raise OCLError(f"seeds={list(value)!r}: a list of seeds must hold distinct integers.")
+        if not all(0 <= s <= MAX_SEED for s in seeds):
+            raise OCLError(f"seeds={list(value)!r}: every seed must be in [0, {MAX_SEED}].")
         return [int(s) for s in seeds]
     raise OCLError(f"seeds={value!r}: must be a number of seeds >= 1 or a list of distinct integers.")
 

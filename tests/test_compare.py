@@ -136,6 +136,10 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(OCLError, match="learner_options"):
         run_compare(config(tmp_path, "learners=[linear]", "+learner_options.knn.k=3"), tmp_path / "r")
     assert resolve_seeds(3, 10) == [10, 11, 12] and resolve_seeds([5, 1], 0) == [5, 1]
+    with pytest.raises(OCLError, match="the last seed would pass 18446744073709551615"):
+        resolve_seeds(2, 2**64 - 1)
+    with pytest.raises(OCLError, match="every seed must be in"):
+        resolve_seeds([-1, 3], 0)
 
 
 def test_default_learner_list_is_every_shipped_baseline():
