@@ -12,7 +12,8 @@ payload, a :func:`torch.save` of a dict:
   transformer's replay history), which pickle as a :class:`~ocl.sidefile.SideFile`: a path
   relative to the run directory, a size and the sha256 of the bytes ``[0, size)``.
 - ``run``: the runner's position (steps done, current task, accuracy-matrix rows so far,
-  timings) and the tracker's ``state_dict`` (its records live in ``steps.npy``, a side file).
+  timings), the tracker's ``state_dict`` (its records live in ``steps.npy``, a side file) and
+  the near-future evaluations so far (one small record per evaluation, in the checkpoint).
 - ``rng``: the global python, numpy and torch (CPU and CUDA) RNG states.
 - ``config``: the resolved run config, and a digest of the stream, to refuse resuming a
   different experiment.
@@ -56,7 +57,8 @@ from ocl.runner import RunState
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 2  # bump when the checkpoint layout changes (2: checksummed header, relative side files)
+FORMAT = 3  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
+#            side files)
 MAGIC = b"OCL-CHECKPOINT "
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say

@@ -59,6 +59,7 @@ def results_table(res: dict[str, Any], out_dir: str) -> str:
         ("learner", f"{res['learner']} (chunk {res['chunk_size']}, seed {res['seed']})"),
         ("examples", res["n_examples"]),
         ("avg online accuracy", res["avg_online_accuracy"]),
+        (near_future_label(res), res["near_future_accuracy"] if res.get("near_future_every") else "off"),
         ("cumulative log-loss (nats)", res["cumulative_log_loss"]),
         ("mean log-loss (nats/example)", res["mean_log_loss"]),
     ]
@@ -77,6 +78,14 @@ def results_table(res: dict[str, Any], out_dir: str) -> str:
     if res.get("random_backbone"):
         table += "\nWARNING: the backbone has RANDOM weights (backbone.weights=random); these are not DINO features."
     return table
+
+
+def near_future_label(res: dict[str, Any]) -> str:
+    """``near-future accuracy (S=100, every 20: 66 evals)``: the metric with its settings."""
+    if not res.get("near_future_every"):
+        return "near-future accuracy"
+    return (f"near-future accuracy (S={res['near_future_offset']}, every {res['near_future_every']}: "
+            f"{res['near_future_evaluations']} evals)")
 
 
 #: Longest error message printed whole: a message must never dump a file's bytes.

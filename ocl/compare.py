@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
 from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_options, check_run_config,
-                            learning_threads, make_learner, seed_everything, summarize)
+                            learning_threads, make_learner, make_near_future, seed_everything, summarize)
 from ocl.report import format_table, write_json_atomic
 from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
 from ocl.runner import run_stream
@@ -57,18 +57,20 @@ ALL_LEARNERS: tuple[str, ...] = (
 #: Scalar metrics of every record (``None`` when a run failed or the metric is undefined,
 #: e.g. forgetting without test data).
 METRICS: tuple[str, ...] = (
-    "avg_online_accuracy", "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
+    "avg_online_accuracy", "near_future_accuracy", "near_future_mean_log_loss", "near_future_evaluations",
+    "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
     "avg_anytime_accuracy", "forgetting", "backward_transfer", "examples_per_second", "n_examples",
     "learn_seconds", "eval_seconds",
 )
 
 #: Metrics where smaller is better (the table ranks them ascending).
-LOWER_IS_BETTER = frozenset({"cumulative_log_loss", "mean_log_loss", "forgetting", "learn_seconds",
-                             "eval_seconds"})
+LOWER_IS_BETTER = frozenset({"cumulative_log_loss", "mean_log_loss", "near_future_mean_log_loss", "forgetting",
+                             "learn_seconds", "eval_seconds"})
 
 #: Table columns: (metric, header).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("avg_online_accuracy", "online acc"),
+    ("near_future_accuracy", "near-future acc"),
     ("mean_log_loss", "mean log-loss"),
     ("final_avg_accuracy", "final acc"),
     ("forgetting", "forgetting"),
@@ -250,7 +252,7 @@ def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Pat
         learner.set_workdir(work)
         with learning_threads(cfg.get("threads")):
             result = run_stream(learner, feats.train, stream, int(cfg.chunk_size), test,
-                                progress=bool(cfg.get("progress", True)))
+                                progress=bool(cfg.get("progress", True)), near_future=make_near_future(cfg))
         res = summarize(result, stream, int(cfg.curve_window))
         res["skipped_updates"] = getattr(learner, "skipped_updates", None)
         result.tracker.close()
@@ -262,6 +264,8 @@ def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Pat
     record.update({
         "skipped_updates": res.get("skipped_updates"),
         "nonfinite_predictions": res.get("nonfinite_predictions"),
+        "near_future_offset": res["near_future_offset"],
+        "near_future_every": res["near_future_every"],
         "n_tasks": stream.n_tasks,
         "num_classes": stream.num_classes,
         "task_boundaries": np.asarray(res["task_boundaries"]).tolist(),
@@ -352,6 +356,10 @@ def ranked_table(payload: dict[str, Any]) -> str:
             f"{s['num_classes']} classes; backbone {s['backbone'].get('model', '-')} (D={s['feature_dim']}); "
             f"seeds {s['seeds']}; ranked by {rank_by} ({direction} is better; mean ± std over seeds)")
     lines = [head, format_table(rows, headers=headers, align="rl" + "r" * (len(headers) - 2))]
+    nf = s.get("near_future")
+    lines.append("near-future acc: off (near_future.every=null)" if nf is None else
+                 f"near-future acc: the learner after step t scores the unseen x_(t+1+S), S={nf['offset']}, "
+                 f"every {nf['every']} steps ({nf['evaluations']} evaluations per run)")
     if s["backbone"].get("weights") == "random":
         lines.append("WARNING: the backbone has RANDOM weights (backbone.weights=random); these are not DINO features.")
     for row in payload["summary"]:
@@ -366,7 +374,7 @@ def ranked_table(payload: dict[str, Any]) -> str:
 
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """``compare.csv``: one row per learner x seed with the scalar metrics (empty = undefined)."""
-    cols = ["learner", "seed", "status", *METRICS, "error"]
+    cols = ["learner", "seed", "status", *METRICS, "near_future_offset", "near_future_every", "error"]
     with atomic_file(path, "w") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -379,6 +387,7 @@ def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[
     rank_by = str(cfg.get("rank_by", "avg_online_accuracy"))
     first = next((r for r in records if r["status"] == "ok"), None)
     info = getattr(feats.extractor, "info", {"model": "pixels", "weights": "none"})
+    nf = make_near_future(cfg)
     return {
         "complete": complete,
         "rank_by": rank_by,
@@ -395,6 +404,8 @@ def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[
             "learners": learners,
             "seeds": seeds,
             "chunk_size": int(cfg.chunk_size),
+            "near_future": None if nf is None else {"offset": nf.offset, "every": nf.every,
+                                                    "evaluations": first["near_future_evaluations"] if first else None},
         },
         "summary": aggregate(records, learners, rank_by),
         "records": records,

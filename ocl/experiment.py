@@ -30,8 +30,8 @@ from ocl import checkpoint as ckpt
 from ocl import rundir
 from ocl.errors import OCLError, StorageError, describe_os_error
 from ocl.learners.base import Learner
-from ocl.metrics import Tracker, boundary_summary
-from ocl.report import check_writable_dir, write_json_atomic, write_steps_csv
+from ocl.metrics import NearFutureTracker, Tracker, boundary_summary, near_future_summary
+from ocl.report import check_writable_dir, write_json_atomic, write_near_future_csv, write_steps_csv
 from ocl.runner import RunResult, RunState, run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
@@ -212,10 +212,40 @@ def check_run_config(cfg: DictConfig) -> None:
         if key in cfg and not ok(cfg[key]):
             raise OCLError(f"{key}={cfg[key]!r}: must be {what}. Set it as {key}=VALUE on the command line "
                            "(see configs/config.yaml).")
+    make_near_future(cfg)
     cache = cfg.get("cache_dir")
     if cache:
         check_writable_dir(os.path.expanduser(str(cache)), "the feature cache directory (cache_dir)",
                            "set cache_dir=DIR to another directory, or cache_dir=null to not cache features")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def make_near_future(cfg: DictConfig) -> NearFutureTracker | None:
+    """The near-future evaluation ``cfg.near_future`` asks for (``offset`` S, ``every`` m), or
+    ``None`` when it is off (``near_future.every=null``, or no ``near_future`` node).
+
+    Raises:
+        OCLError: S is not an integer >= 0, or m not an integer >= 1 or null.
+    """
+    node = cfg.get("near_future")
+    if node is None:
+        return None
+    if not isinstance(node, DictConfig):
+        raise OCLError(f"near_future={node!r}: set its keys instead, e.g. near_future.offset=100 "
+                       "near_future.every=20 (near_future.every=null turns it off).")
+    offset, every = node.get("offset"), node.get("every")
+    if not _is_int(offset) or offset < 0:
+        raise OCLError(f"near_future.offset={offset!r}: must be an integer >= 0 (S, how many steps past the "
+                       "next one the evaluated example lies; see configs/config.yaml).")
+    if every is None:
+        return None
+    if not _is_int(every) or every < 1:
+        raise OCLError(f"near_future.every={every!r}: must be an integer >= 1 (steps between near-future "
+                       "evaluations), or null to turn them off.")
+    return NearFutureTracker(offset, every)
 
 
 #: The config groups built from ``_target_`` nodes: what the runner passes each factory itself
@@ -294,6 +324,8 @@ def summarize(result: RunResult, stream: Stream, curve_window: int) -> dict[str,
     out["learn_seconds"] = result.learn_seconds
     out["eval_seconds"] = result.eval_seconds
     out["nonfinite_predictions"] = tr.nonfinite
+    out.update(near_future_summary(result.near_future))
+    out["near_future_seconds"] = result.near_future_seconds
     keep = np.unique(np.linspace(0, tr.t - 1, min(tr.t, 500)).astype(int))  # <= 500 points
     out["online_accuracy_curve"] = {"window": curve_window, "step": keep,
                                     "accuracy": tr.accuracy_curve_at(keep, curve_window)}
@@ -309,7 +341,8 @@ def _resume_hint(out_dir: Path) -> str:
 
 
 def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run one prequential experiment and write ``results.json`` and ``steps.csv`` to ``out_dir``.
+    """Run one prequential experiment and write ``results.json``, ``steps.csv`` and (with
+    near-future evaluation on) ``near_future.csv`` to ``out_dir``.
 
     The run owns ``out_dir`` while it runs (:func:`ocl.rundir.claim`: a second process is
     refused) and writes nothing there until every check passed (config, resume, data,
@@ -351,7 +384,8 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
     if saved is not None:
         ckpt.check_resumable(saved, config, digest, ckpt_path)
         learner = saved["learner"]
-        state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path), resume=True), None)
+        state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path), resume=True), None,
+                         near_future=make_near_future(cfg))
         try:
             state.load_state_dict(saved["run"])
         except (OSError, ValueError) as e:
@@ -366,7 +400,8 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
             learner.set_workdir(out_dir)
             evaluate = test is not None and len(stream.tests) > 0
             state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path)),
-                             np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None)
+                             np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None,
+                             near_future=make_near_future(cfg))
         except StorageError as e:
             raise StorageError(f"{e} No checkpoint had been written yet: fix the cause, then start the run again.",
                                e.disk_full) from e
@@ -408,6 +443,8 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
         })
         write_json_atomic(out_dir / "results.json", res)
         write_steps_csv(out_dir / "steps.csv", result.tracker)
+        if result.near_future is not None:
+            write_near_future_csv(out_dir / "near_future.csv", result.near_future)
     except StorageError as e:  # disk full, permission: say what survived and how to continue
         raise StorageError(f"{e} {checkpointer.recovery()}", e.disk_full) from e
     result.tracker.close()

@@ -37,24 +37,6 @@ def online_accuracy_curve(correct: np.ndarray, window: int) -> np.ndarray:
     return (c[t] - c[lo]) / (t - lo)
 
 
-def near_future_accuracy(pred: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Accuracy of the prediction made at step t scored against the label at step t+k.
-
-    Near-future accuracy (Al Kader Hammoud et al., 2023) catches learners that exploit
-    label correlation between consecutive steps: on a shuffled stream it drops to chance.
-
-    Args:
-        pred: ``(N,)`` predicted labels (made for step t).
-        y: ``(N,)`` true labels.
-        k: look-ahead in steps (k >= 0; k = 0 is ordinary online accuracy).
-    """
-    if k < 0:
-        raise ValueError("k must be >= 0")
-    if k >= len(y):
-        return float("nan")
-    return float(np.mean(pred[: len(y) - k] == y[k:]))
-
-
 # ---------------------------------------------------------------- task-boundary (held out)
 
 
@@ -98,6 +80,31 @@ def boundary_summary(acc: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- recording
+
+def score(logp: torch.Tensor, y: torch.Tensor, out: np.ndarray) -> int:
+    """Score predictions into the records ``out`` (fields ``loss``, ``p_true``, ``pred``, ``label``).
+
+    Args:
+        logp: ``(C, K)`` log-probabilities.
+        y: ``(C,)`` true labels.
+        out: ``(C,)`` structured array to fill.
+    Returns:
+        how many predictions were not finite: they are scored as probability ~0 (loss ~69
+        nats) rather than poisoning the sums.
+    """
+    logp = logp.detach().float().cpu()
+    y = y.cpu()
+    lp_true = logp.gather(1, y[:, None])[:, 0].double()
+    bad = ~torch.isfinite(lp_true)
+    n_bad = int(bad.sum())
+    if n_bad:
+        lp_true = torch.where(bad, torch.full_like(lp_true, math.log(1e-30)), lp_true)
+    out["loss"] = (-lp_true).numpy()
+    out["p_true"] = lp_true.exp().numpy()
+    out["pred"] = logp.argmax(1).numpy()
+    out["label"] = y.numpy()
+    return n_bad
+
 
 #: One per-step record: loss (nats), probability of the true label, predicted and true label, task.
 STEP_DTYPE = np.dtype([("loss", "<f8"), ("p_true", "<f4"), ("pred", "<i8"), ("label", "<i8"), ("task", "<i8")])
@@ -168,19 +175,8 @@ class Tracker:
             raise ValueError(f"learner returned {logp.shape[0]} predictions for a chunk of {C}")
         if self.t + C > self.n:
             raise ValueError("more steps recorded than the stream has")
-        logp = logp.detach().float().cpu()
-        y = y.cpu()
-        lp_true = logp.gather(1, y[:, None])[:, 0].double()
-        bad = ~torch.isfinite(lp_true)
-        if bad.any():
-            # A non-finite prediction is scored as probability ~0 rather than poisoning the sums.
-            self.nonfinite += int(bad.sum())
-            lp_true = torch.where(bad, torch.full_like(lp_true, math.log(1e-30)), lp_true)
         rec = np.empty(C, dtype=STEP_DTYPE)
-        rec["loss"] = (-lp_true).numpy()
-        rec["p_true"] = lp_true.exp().numpy()
-        rec["pred"] = logp.argmax(1).numpy()
-        rec["label"] = y.numpy()
+        self.nonfinite += score(logp, y, rec)
         rec["task"] = self._tasks[self.t : self.t + C]
         if self._mem is not None:
             self._mem[self.t : self.t + C] = rec
@@ -301,3 +297,103 @@ def _check_npy_header(header: bytes, n: int, path: str) -> None:
     shape, _, dtype = read(f)
     if shape != (n,) or dtype != STEP_DTYPE:
         raise ValueError(f"{path} holds {shape} {dtype}, expected ({n},) step records")
+
+
+# ---------------------------------------------------------------- near-future accuracy
+
+#: One near-future evaluation: after learning step ``step`` the learner scored the (unseen)
+#: input of step ``target``; loss (nats), probability of the true label, predicted and true label.
+NEAR_FUTURE_DTYPE = np.dtype([("step", "<i8"), ("target", "<i8"), ("loss", "<f8"), ("p_true", "<f4"),
+                              ("pred", "<i8"), ("label", "<i8")])
+
+
+class NearFutureTracker:
+    """Near-future accuracy (Hammoud et al. 2023, "Rapid Adaptation in Online Continual
+    Learning: Are We Evaluating It Right?"): the learner *as it stands after step t* is
+    evaluated on the input ``x_{t+1+S}`` of an example it has not seen yet, and scored
+    against that example's label::
+
+        a_t = 1[ argmax f_t(x_{t+1+S}) == y_{t+1+S} ],   near-future accuracy = mean of a_t
+
+    Online accuracy scores ``x_{t+1}`` (S = 0) and rewards a learner for exploiting label
+    correlation between neighbouring steps (a blind predictor of the last labels scores
+    high on a bursty stream); S steps further on, that correlation has decayed, so only
+    what the learner knows about *inputs* still pays.
+
+    To keep the cost small, not every step is evaluated: an evaluation follows each chunk
+    ``[start, end)`` that contains a step t with ``(t + 1) % every == 0`` (with chunks of
+    one example: after steps m-1, 2m-1, ...; with chunks of C: at most one per chunk, after
+    the chunk's update, so t is the chunk's last step ``end - 1``). Targets past the
+    stream's end are skipped.
+
+    Args:
+        offset: S >= 0, how far past the next example the evaluated input lies.
+        every: m >= 1, steps between evaluations.
+    """
+
+    def __init__(self, offset: int, every: int) -> None:
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+            raise ValueError(f"near-future offset must be an integer >= 0; got {offset!r}")
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise ValueError(f"near-future every must be an integer >= 1; got {every!r}")
+        self.offset, self.every = int(offset), int(every)
+        self._rec = np.zeros(64, dtype=NEAR_FUTURE_DTYPE)  # grows by doubling
+        self.n = 0  # evaluations recorded
+        self.nonfinite = 0
+
+    def target(self, start: int, end: int, n: int) -> int | None:
+        """The step whose input is evaluated after the chunk ``[start, end)`` of a stream of
+        ``n`` steps, or ``None`` (no evaluation due, or the target lies past the end)."""
+        if end // self.every == start // self.every:
+            return None
+        j = end + self.offset  # t + 1 + S with t = end - 1, the chunk's last step
+        return j if j < n else None
+
+    def record(self, step: int, target: int, logp: torch.Tensor, y: torch.Tensor) -> None:
+        """Record one evaluation: ``logp`` ``(1, K)`` log-probabilities for the input of
+        ``target``, ``y`` ``(1,)`` its label; ``step`` is the last step learned."""
+        if self.n == self._rec.size:
+            self._rec = np.concatenate([self._rec, np.zeros_like(self._rec)])
+        rec = self._rec[self.n : self.n + 1]
+        self.nonfinite += score(logp, y, rec)
+        rec["step"], rec["target"] = step, target
+        self.n += 1
+
+    @property
+    def records(self) -> np.ndarray:
+        """``(n,)`` :data:`NEAR_FUTURE_DTYPE` records, in stream order."""
+        return self._rec[: self.n]
+
+    def summary(self) -> dict[str, Any]:
+        """``near_future_accuracy`` and ``near_future_mean_log_loss`` (``nan`` without any
+        evaluation), the number of evaluations, S and m."""
+        r = self.records
+        return {
+            "near_future_accuracy": float(np.mean(r["pred"] == r["label"])) if self.n else float("nan"),
+            "near_future_mean_log_loss": float(np.mean(r["loss"])) if self.n else float("nan"),
+            "near_future_evaluations": self.n,
+            "near_future_offset": self.offset,
+            "near_future_every": self.every,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"offset": self.offset, "every": self.every, "records": self.records.copy(),
+                "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (same S and m)."""
+        if (state["offset"], state["every"]) != (self.offset, self.every):
+            raise ValueError(f"checkpointed near-future evaluation has S={state['offset']}, m={state['every']}; "
+                             f"this one S={self.offset}, m={self.every}")
+        rec = np.asarray(state["records"], dtype=NEAR_FUTURE_DTYPE)
+        self._rec = np.zeros(max(64, rec.size), dtype=NEAR_FUTURE_DTYPE)
+        self._rec[: rec.size] = rec
+        self.n, self.nonfinite = int(rec.size), int(state["nonfinite"])
+
+
+def near_future_summary(nf: NearFutureTracker | None) -> dict[str, Any]:
+    """:meth:`NearFutureTracker.summary`, or the same keys all ``None`` when it was off."""
+    if nf is None:
+        return {k: None for k in ("near_future_accuracy", "near_future_mean_log_loss", "near_future_evaluations",
+                                  "near_future_offset", "near_future_every")}
+    return nf.summary()

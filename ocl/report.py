@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ocl.errors import OCLError
-from ocl.metrics import Tracker
+from ocl.metrics import NearFutureTracker, Tracker
 from ocl.rundir import atomic_file, write_atomic
 
 
@@ -89,8 +89,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_steps_csv(path: Path, tracker: Tracker) -> None:
     """One row per step: step, task, label, pred, correct, loss (nats), p_true.
 
-    Streamed block by block from the tracker (constant memory on long streams), written to
-    a temp file that is fsynced and renamed: an existing steps.csv is replaced only whole.
+    Streamed block by block from the tracker (constant memory on long streams), written
+    atomically (:func:`ocl.rundir.atomic_file`).
     """
     with atomic_file(path, "w", what=f"writing {Path(path).name}") as f:
         f.write("step,task,label,pred,correct,loss,p_true\n")
@@ -100,3 +100,14 @@ def write_steps_csv(path: Path, tracker: Tracker) -> None:
                                                   b["loss"].tolist(), b["p_true"].tolist()):
                 f.write(f"{step},{task},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
                 step += 1
+
+
+def write_near_future_csv(path: Path, nf: NearFutureTracker) -> None:
+    """One row per near-future evaluation: step (the last step learned), target (the step
+    whose unseen input was scored, ``step + 1 + S``), label, pred, correct, loss (nats), p_true."""
+    with atomic_file(path, "w", what=f"writing {Path(path).name}") as f:
+        f.write("step,target,label,pred,correct,loss,p_true\n")
+        r = nf.records
+        for step, target, label, pred, loss, p in zip(r["step"].tolist(), r["target"].tolist(), r["label"].tolist(),
+                                                      r["pred"].tolist(), r["loss"].tolist(), r["p_true"].tolist()):
+            f.write(f"{step},{target},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")

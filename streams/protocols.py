@@ -235,3 +235,58 @@ def permuted(
         yt = source.test.labels
         tests = [TaskTest(np.arange(yt.size), perms[s, yt].astype(np.int64)) for s in range(n_seg)]
     return Stream("permuted", order, labels, tasks, K, tests)
+
+
+def bursty(source: Source, seed: int = 0, stay: float = 0.9, max_examples: int | None = None) -> Stream:
+    """A temporally correlated stream: consecutive examples tend to share a class, as in
+    video, geolocated photo streams (CLOC) or a user's albums.
+
+    The class sequence is a seeded Markov chain: after each example the stream stays on
+    the current class with probability ``stay`` and otherwise jumps to a class drawn
+    uniformly from the *other* classes that still have examples. Examples of a class are
+    drawn without replacement in a seeded random order, until the training split runs out:
+    every training example appears exactly once, so the class counts are the source's.
+
+    Run lengths: away from exhaustion a run lasts a geometric number of steps, mean
+    ``1 / (1 - stay)`` (10 at 0.9; a jump never lands on the class it leaves, so this is
+    exact), and P(next example has the same class) = ``stay``. Exhaustion bends this near
+    the end of the stream: a class that runs out ends its run early (the chain moves to a
+    class that still has examples), and once a single class is left it runs to the end.
+    ``stay = 0`` never repeats a class while another one is available.
+
+    One task; its held-out test set is the whole test split.
+
+    Args:
+        stay: probability of staying on the current class, in ``[0, 1)``.
+        max_examples: cut the stream after this many steps (``None``: all).
+    """
+    if isinstance(stay, bool) or not isinstance(stay, (int, float)) or not 0.0 <= stay < 1.0:
+        raise OCLError(f"protocol.stay must be a number in [0, 1) (the probability of staying on the current "
+                       f"class; 1 would never leave it); got {stay!r}.")
+    rng = np.random.default_rng(seed)
+    y = source.train.labels
+    K = source.num_classes
+    pools = [rng.permutation(np.flatnonzero(y == k)) for k in range(K)]  # each class's examples, seeded order
+    left = np.array([p.size for p in pools])  # examples still to draw, per class
+    order = np.empty(y.size, dtype=np.int64)
+    n = 0
+    c = int(rng.choice(np.flatnonzero(left > 0)))
+    # One iteration per run: a run's length is geometric (the per-step coin of the chain,
+    # memoryless), so drawing it at once is the same chain at a cost of O(runs), not O(steps).
+    while n < y.size:
+        length = int(rng.geometric(1.0 - stay))  # >= 1
+        take = min(length, int(left[c]))
+        pool = pools[c]
+        order[n : n + take] = pool[pool.size - left[c] : pool.size - left[c] + take]
+        left[c] -= take
+        n += take
+        others = np.flatnonzero(left > 0)
+        others = others[others != c]
+        if others.size:  # the run ended (a jump, or the class ran out): move to another class
+            c = int(others[rng.integers(others.size)])
+        # else: only c is left (a run that ended just continues with c), or nothing is
+    tests = []
+    if source.test is not None:
+        tests = [TaskTest(np.arange(len(source.test)), source.test.labels.astype(np.int64))]
+    stream = Stream("bursty", order, y[order].astype(np.int64), np.zeros(y.size, dtype=np.int64), K, tests)
+    return _truncate(stream, max_examples)

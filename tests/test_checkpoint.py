@@ -23,8 +23,8 @@ from ocl.errors import OCLError, StorageError
 from ocl.experiment import run_experiment
 
 # Keys that legitimately differ between an uninterrupted and a resumed run.
-VOLATILE = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "host", "config", "resumed",
-            "threads"}
+VOLATILE = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "near_future_seconds", "host",
+            "config", "resumed", "threads"}
 TINY_TRANSFORMER = ["learner=transformer", "learner.d_model=16", "learner.window=4", "learner.replay_streams=2"]
 BASE = ["protocol.max_examples=500", "protocol.n_tasks=5"]
 
@@ -41,6 +41,9 @@ def same_results(ref_dir: Path, run_dir: Path) -> None:
     assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
     assert (ref_dir / "steps.csv").read_bytes() == (run_dir / "steps.csv").read_bytes()
     np.testing.assert_array_equal(np.load(ref_dir / "steps.npy"), np.load(run_dir / "steps.npy"))  # bit-exact
+    # near-future evaluations (on by default), record by record
+    assert a["near_future_evaluations"] > 0
+    assert (ref_dir / "near_future.csv").read_bytes() == (run_dir / "near_future.csv").read_bytes()
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -129,7 +132,10 @@ class Crash(Exception):
 @pytest.mark.parametrize("learner", LEARNERS + ["transformer"])
 def test_every_learner_resumes_exactly(tmp_path, monkeypatch, learner):
     """Pickling the learner whole restores it exactly, for every learner (in-process crash)."""
-    over = [f"learner={learner}", "checkpoint_every=64", "chunk_size=3", "protocol.max_examples=300"]
+    # near-future evaluation after every chunk that holds a 4th step, on step end + 7: records
+    # made before the crash (and lost with steps 193-201) must come out the same after resume
+    over = [f"learner={learner}", "checkpoint_every=64", "chunk_size=3", "protocol.max_examples=300",
+            "near_future.offset=7", "near_future.every=4"]
     if learner == "transformer":
         over += TINY_TRANSFORMER[1:]
     run_experiment(config(tmp_path, *over), tmp_path / "ref")
@@ -196,6 +202,8 @@ def test_resume_refusals_change_nothing(tmp_path):
         run_experiment(config(tmp_path, "resume=true"), tmp_path / "empty")
     with pytest.raises(OCLError, match=r"config differs[\s\S]*learner.lr: 1.0 -> 0.5"):
         run_experiment(config(tmp_path, "protocol.max_examples=100", "learner.lr=0.5", "resume=true"), run)
+    with pytest.raises(OCLError, match=r"config differs[\s\S]*near_future.every: 20 -> None"):
+        run_experiment(config(tmp_path, "protocol.max_examples=100", "near_future.every=null", "resume=true"), run)
     with pytest.raises(OCLError, match="already holds a checkpoint"):
         run_experiment(config(tmp_path, "protocol.max_examples=100"), run)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before

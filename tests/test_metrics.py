@@ -7,12 +7,13 @@ import torch
 
 from ocl.errors import OCLError
 from ocl.metrics import (
+    NearFutureTracker,
     Tracker,
     average_anytime_accuracy,
     backward_transfer,
     final_average_accuracy,
     forgetting,
-    near_future_accuracy,
+    near_future_summary,
     online_accuracy_curve,
 )
 from ocl.sidefile import relative_to
@@ -35,14 +36,47 @@ def test_boundary_metrics_hand_computed():
     assert math.isnan(forgetting(ACC[:1, :1]))
 
 
-def test_online_curve_and_near_future():
+def test_online_curve():
     c = np.array([1, 0, 1, 1, 0], dtype=bool)
     np.testing.assert_allclose(online_accuracy_curve(c, 2), [1, 0.5, 0.5, 1, 0.5])
     np.testing.assert_allclose(online_accuracy_curve(c, 10), [1, 0.5, 2 / 3, 0.75, 0.6])
-    pred = np.array([1, 2, 3, 4])
-    y = np.array([0, 1, 2, 3])
-    assert near_future_accuracy(pred, y, 0) == 0.0
-    assert near_future_accuracy(pred, y, 1) == 1.0
+
+
+def test_near_future_schedule_hand_computed():
+    """Which step's input is evaluated after each chunk [start, end) of a 20-step stream."""
+    nf = NearFutureTracker(offset=3, every=5)
+    # chunks of 1: after steps 4, 9, 14, 19 (every 5th), targets t + 1 + 3; 23 is past the end
+    assert [nf.target(t, t + 1, 20) for t in (4, 9, 14, 19)] == [8, 13, 18, None]
+    assert [t for t in range(20) if nf.target(t, t + 1, 20) is not None] == [4, 9, 14]
+    # chunks of 4: after each chunk that holds a 5th step, target end + 3
+    assert [nf.target(s, s + 4, 20) for s in range(0, 20, 4)] == [None, 11, 15, 19, None]
+    # S = 0, every step: the next example, which online accuracy scores too
+    assert [NearFutureTracker(0, 1).target(t, t + 1, 5) for t in range(5)] == [1, 2, 3, 4, None]
+    for bad in ((-1, 5), (1.5, 5), (3, 0), (3, True)):
+        with pytest.raises(ValueError):
+            NearFutureTracker(*bad)
+
+
+def test_near_future_tracker_scores_and_round_trips():
+    nf = NearFutureTracker(offset=2, every=1)
+    assert math.isnan(nf.summary()["near_future_accuracy"]) and nf.summary()["near_future_evaluations"] == 0
+    for i, (p, y) in enumerate([([0.7, 0.3], 0), ([0.4, 0.6], 0), ([0.9, 0.1], 0)] * 30):  # > 64: the array grows
+        nf.record(i, i + 3, torch.log(torch.tensor([p])), torch.tensor([y]))
+        if i == 40:
+            state = nf.state_dict()
+    s = nf.summary()
+    assert s["near_future_evaluations"] == 90 and s["near_future_accuracy"] == pytest.approx(2 / 3)
+    assert s["near_future_mean_log_loss"] == pytest.approx(-(math.log(0.7) + math.log(0.4) + math.log(0.9)) / 3)
+    assert (s["near_future_offset"], s["near_future_every"]) == (2, 1)
+    np.testing.assert_array_equal(nf.records["target"], np.arange(90) + 3)
+    again = NearFutureTracker(2, 1)
+    again.load_state_dict(state)  # a checkpoint after evaluation 40, then the same evaluations again
+    for i, (p, y) in list(enumerate([([0.7, 0.3], 0), ([0.4, 0.6], 0), ([0.9, 0.1], 0)] * 30))[41:]:
+        again.record(i, i + 3, torch.log(torch.tensor([p])), torch.tensor([y]))
+    np.testing.assert_array_equal(again.records, nf.records)
+    with pytest.raises(ValueError, match="S=2"):
+        NearFutureTracker(3, 1).load_state_dict(state)
+    assert set(near_future_summary(None)) == set(s) and all(v is None for v in near_future_summary(None).values())
 
 
 def test_tracker_scores_log_loss_in_nats():

@@ -63,8 +63,9 @@ def finished(tmp_path):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(sys, "argv", sys.argv[:1])
         main(args)
-    assert {p.name for p in run.iterdir()} == {".hydra", "checkpoint.pt", "ocl.log", "results.json", "steps.csv",
-                                               "steps.npy"}  # no lock file once the run is over
+    names = {p.name for p in run.iterdir()}
+    assert {".hydra", "checkpoint.pt", "ocl.log", "results.json", "steps.csv", "steps.npy"} <= names
+    assert rundir.LOCK not in names and not any(n.endswith(".tmp") for n in names)  # nothing left once over
     return run, args
 
 
