@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,10 +35,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
-from ocl.experiment import (build, check_run_config, learning_threads, make_learner, make_near_future,
-                            seed_everything, summarize)
+from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_options, check_run_config,
+                            learning_threads, make_learner, make_near_future, seed_everything, summarize)
 from ocl.ray_engine import check_engine, check_ray_config, run_ray
 from ocl.report import format_table, write_json_atomic
+from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
 from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
@@ -145,11 +145,16 @@ def resolve_seeds(value: Any, base_seed: int) -> list[int]:
     if isinstance(value, int):
         if value < 1:
             raise OCLError(f"seeds={value}: must be >= 1 (the number of seeds per learner).")
+        if base_seed + value - 1 > MAX_SEED:
+            raise OCLError(f"seed={base_seed} seeds={value}: the last seed would pass {MAX_SEED} (2**64 - 1, the "
+                           "largest seed torch takes); lower seed.")
         return [base_seed + i for i in range(value)]
     if isinstance(value, (list, tuple, ListConfig)) and value:
         seeds = list(value)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
             raise OCLError(f"seeds={list(value)!r}: a list of seeds must hold distinct integers.")
+        if not all(0 <= s <= MAX_SEED for s in seeds):
+            raise OCLError(f"seeds={list(value)!r}: every seed must be in [0, {MAX_SEED}].")
         return [int(s) for s in seeds]
     raise OCLError(f"seeds={value!r}: must be a number of seeds >= 1 or a list of distinct integers.")
 
@@ -245,7 +250,7 @@ def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Pat
     test = feats.test if feats.test is not None and len(stream.tests) > 0 else None
     # A learner may keep scratch state on disk (the transformer's replay history): give it a
     # private directory that is removed after the run.
-    work = Path(tempfile.mkdtemp(prefix=f".work-{name}-seed{seed}-", dir=out_dir))
+    work = scratch_dir(out_dir, f"work-{name}-seed{seed}")
     try:
         learner.set_workdir(work)
         with learning_threads(cfg.get("threads")):
@@ -373,13 +378,11 @@ def ranked_table(payload: dict[str, Any]) -> str:
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """``compare.csv``: one row per learner x seed with the scalar metrics (empty = undefined)."""
     cols = ["learner", "seed", "status", *METRICS, "near_future_offset", "near_future_every", "error"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path, "w") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in records:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    os.replace(tmp, path)
 
 
 def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[int], records: list[dict[str, Any]],
@@ -431,6 +434,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             A learner that fails does not raise: its record is marked ``failed``.
     """
     check_run_config(cfg)
+    check_groups(cfg, ("stream", "protocol", "backbone"))  # `learner` is not used here
     learners = resolve_learners(cfg.get("learners"), cfg.get("learner_options"))
     seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
     _check_compare_config(cfg, learners)
@@ -442,18 +446,20 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if workers != 1:
             raise OCLError(f"workers={workers} is for engine=local; with engine=ray the cluster's CPUs set how many "
                            "runs go at once (ray.num_cpus / ray.task_cpus).")
-    for name in learners:  # every learner config parses before the (maybe slow) extraction
-        learner_config(name, (cfg.get("learner_options") or {}).get(name))
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OCLError(f"cannot create the run directory {out_dir} ({e.strerror or e}); "
-                       "choose another with hydra.run.dir=DIR.") from e
+    for name in learners:  # every learner config parses and its options check out before the slow extraction
+        check_options(learner_config(name, (cfg.get("learner_options") or {}).get(name)), f"learner_options.{name}",
+                      LEARNER_ARGS)
+    with claim(out_dir) as rd:
+        return _compare_owned(cfg, rd, learners, seeds, workers, engine, writer_class)
 
+
+def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list[int], workers: int, engine: str,
+                   writer_class: Any) -> dict[str, Any]:
+    out_dir = rd.path
     feats = extract_once(cfg)
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
+    rd.commit()  # checks passed, features ready: from here on the comparison writes into its directory
     jobs = [(name, seed) for name in learners for seed in seeds]
     if engine == "ray":
         results = run_ray(cfg, feats, jobs, out_dir)

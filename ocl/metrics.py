@@ -8,12 +8,15 @@ task j's held-out test set after training on tasks 0..i.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from ocl.sidefile import SideFile
 
 
 # ---------------------------------------------------------------- online (prequential)
@@ -119,7 +122,8 @@ class Tracker:
     - in memory (``path=None``): one preallocated ``(n,)`` structured array of
       :data:`STEP_DTYPE` (36 bytes per step; fine for tests and short streams);
     - on disk (``path`` given): an ``.npy`` file of ``(n,)`` :data:`STEP_DTYPE` records,
-      written chunk by chunk with ``pwrite`` (never mapped), so the process's memory does
+      appended chunk by chunk to a :class:`~ocl.sidefile.SideFile` (``pwrite``, never
+      mapped; checkpoints refer to it by relative path and checksum), so the process's memory does
       not grow with the stream. Everything that reads the records (:meth:`summary`,
       :meth:`blocks`, the CSV writer) streams them in blocks. The file is a plain
       ``np.load``-able structured array once the run is complete.
@@ -128,8 +132,8 @@ class Tracker:
         n: total number of steps the stream will have.
         tasks: ``(n,)`` task index of each step (stored with each record).
         path: the ``.npy`` file for on-disk records, or ``None`` for memory.
-        resume: open an existing ``path`` and keep its records (see :meth:`load_state_dict`)
-            instead of creating it afresh.
+        resume: do not create ``path``: its records come, verified, with the checkpoint's
+            state (see :meth:`load_state_dict`).
     """
 
     def __init__(self, n: int, tasks: np.ndarray | None = None, path: str | None = None,
@@ -138,31 +142,28 @@ class Tracker:
         self.t = 0
         self.nonfinite = 0  # predictions that were NaN/inf (scored as the worst case)
         self._tasks = np.zeros(n, dtype=np.int64) if tasks is None else np.asarray(tasks, dtype=np.int64)
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else os.path.abspath(path)
         self._mem: np.ndarray | None = None
-        self._fd: int | None = None
+        self._file: SideFile | None = None
+        self._offset = 0
         if self.path is None:
             self._mem = np.zeros(n, dtype=STEP_DTYPE)
             self._mem["task"] = self._tasks
             return
         if not resume:
-            # A sparse file with a valid .npy header; records are filled in as they come.
-            mm = np.lib.format.open_memmap(self.path, mode="w+", dtype=STEP_DTYPE, shape=(n,))
-            del mm  # unmapped at once: records are written with pwrite, never through a mapping
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-            self._offset = f.tell()
-        if shape != (n,) or dtype != STEP_DTYPE:
-            raise ValueError(f"{self.path} holds {shape} {dtype}, expected ({n},) step records")
-        self._fd = os.open(self.path, os.O_RDWR)
+            # A valid .npy header for (n,) records; records are appended as they come. The whole
+            # file is allocated now: a disk too small for the run is refused at its start.
+            header = _npy_header(n)
+            self._file = SideFile(self.path, "the per-step records")
+            self._file.reserve(len(header) + n * STEP_DTYPE.itemsize)
+            self._file.append(header)
+            self._offset = len(header)
+        # resume: the records file comes, verified, with the checkpoint (load_state_dict)
 
     def close(self) -> None:
         """Close the records file (the tracker can still be read through :meth:`blocks`)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
 
     def __del__(self) -> None:
         self.close()
@@ -180,7 +181,8 @@ class Tracker:
         if self._mem is not None:
             self._mem[self.t : self.t + C] = rec
         else:
-            os.pwrite(self._fd, rec.tobytes(), self._offset + self.t * STEP_DTYPE.itemsize)
+            assert self._file.size == self._offset + self.t * STEP_DTYPE.itemsize, "records are appended in order"
+            self._file.append(rec.tobytes())
         self.t += C
 
     # ------------------------------------------------------------ reading
@@ -246,25 +248,55 @@ class Tracker:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs. On disk the records stay in the file (made durable here,
-        before the checkpoint that counts them is written); in memory they are copied."""
-        state: dict[str, Any] = {"n": self.n, "t": self.t, "nonfinite": self.nonfinite, "path": self.path}
+        """What a checkpoint needs. On disk the records stay in their file, which the state refers
+        to as a :class:`~ocl.sidefile.SideFile` (pickled: relative path, count and checksum);
+        in memory they are copied."""
+        state: dict[str, Any] = {"n": self.n, "t": self.t, "nonfinite": self.nonfinite}
         if self._mem is not None:
             state["records"] = self._mem[: self.t].copy()
         else:
-            os.fsync(self._fd)
+            state["records"], state["offset"] = self._file, self._offset
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`. Records past ``t`` in the file (written after the
-        checkpoint by a run that then died) are simply overwritten as the run goes on."""
+        """Continue from :meth:`state_dict` (unpickled from a checkpoint, which verified the records
+        file). Records past ``t`` in the file (written after the checkpoint by a run that then
+        died) are simply overwritten as the run goes on."""
         if state["n"] != self.n:
             raise ValueError(f"checkpointed tracker has n={state['n']}, this one {self.n}")
-        self.t, self.nonfinite = int(state["t"]), int(state["nonfinite"])
+        t = int(state["t"])
         if self._mem is not None:
-            self._mem[: self.t] = state["records"]
-        elif os.fstat(self._fd).st_size < self._offset + self.t * STEP_DTYPE.itemsize:
-            raise ValueError(f"{self.path} is shorter than the {self.t} records the checkpoint counts")
+            self._mem[:t] = state["records"]
+        else:
+            records = state["records"]
+            if not isinstance(records, SideFile) or records.path is None:
+                raise ValueError("the checkpointed tracker kept its records in memory; this one is on disk")
+            if os.path.realpath(records.path) != os.path.realpath(self.path):
+                raise ValueError(f"the checkpoint's records are in {records.path}, not {self.path}")
+            offset = int(state["offset"])
+            if records.size != offset + t * STEP_DTYPE.itemsize:
+                raise ValueError(f"{self.path}: the checkpoint counts {t} records but {records.size} bytes")
+            _check_npy_header(records.pread(offset, 0), self.n, self.path)
+            self.close()
+            self._file, self._offset = records, offset
+        self.t, self.nonfinite = t, int(state["nonfinite"])
+
+
+def _npy_header(n: int) -> bytes:
+    """The ``.npy`` (format 1.0) header of an ``(n,)`` :data:`STEP_DTYPE` array."""
+    d = {"descr": np.lib.format.dtype_to_descr(STEP_DTYPE), "fortran_order": False, "shape": (n,)}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, d)
+    return buf.getvalue()
+
+
+def _check_npy_header(header: bytes, n: int, path: str) -> None:
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if shape != (n,) or dtype != STEP_DTYPE:
+        raise ValueError(f"{path} holds {shape} {dtype}, expected ({n},) step records")
 
 
 # ---------------------------------------------------------------- near-future accuracy

@@ -21,7 +21,6 @@ import multiprocessing
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -34,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ocl.errors import OCLError
+from ocl.rundir import scratch_dir
 from ocl.streams.base import ImageSet, Source
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def shared_features(cfg: DictConfig, feats: Any, out_dir: Path) -> Iterator[_Poo
     (bars off), the labels-only source and the paths of the feature ``.npy`` files (the cache's,
     else copies in a scratch folder of ``out_dir``, removed on exit). Both engines use it
     (``workers=N`` here, ``engine=ray`` in :mod:`ocl.ray_engine`)."""
-    scratch = Path(tempfile.mkdtemp(prefix=".workers-", dir=out_dir))
+    scratch = scratch_dir(out_dir, "workers")
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain["progress"] = False  # one bar, the parent's; workers' bars would interleave
@@ -243,5 +243,5 @@ def _pool(ctx: _Pool, jobs: list[tuple[str, int]], workers: int
 def remove_work_dirs(out_dir: Path, name: str, seed: int) -> None:
     """Remove the scratch directories a run whose process died left in ``out_dir``
     (:func:`ocl.compare.run_one` removes them itself when it gets to)."""
-    for p in Path(out_dir).glob(f".work-{name}-seed{seed}-*"):
+    for p in Path(out_dir).glob(f".work-{name}-seed{seed}-*.tmp"):
         shutil.rmtree(p, ignore_errors=True)

@@ -20,6 +20,7 @@ by several workers (``ocl extract engine=ray``).
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, storage_error
+from ocl.rundir import fsync_dir
+from ocl.sidefile import preallocate
 from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
 
 log = logging.getLogger(__name__)
@@ -259,20 +262,30 @@ def extract_features(
         log.info("feature cache hit: %s (%d x %d)", entry, *feats.shape)
         return feats
 
-    entry.mkdir(parents=True, exist_ok=True)
     meta_path, feat_path = entry / "meta.json", entry / "features.npy"
-    meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
-    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=entry)
-    os.close(fd)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
+        fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=entry)
+        os.close(fd)
+    except OSError as e:
+        raise storage_error(e, entry, "creating a feature cache entry (cache_dir=null runs without the cache)") from e
     try:
         written, sha1, shape = _compute(images, extractor, Path(tmp), batch_size, progress, dtype)
         del written  # close the writable memmap; the caller gets a read-only one
         os.replace(tmp, feat_path)
-    except BaseException:
-        os.unlink(tmp)
+        write_meta(entry, shape, dtype, sha1, fp, ekey)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not meta_path.exists():  # features without their meta are never trusted: remove them
+            with contextlib.suppress(OSError):
+                feat_path.unlink()
         _rmdir_if_empty(entry)  # a failed first build leaves nothing behind
+        if isinstance(e, OSError):
+            raise storage_error(e, entry, "writing the feature cache; nothing was cached (cache_dir=null runs "
+                                "without the cache)") from e
         raise
-    write_meta(entry, shape, dtype, sha1, fp, ekey)
     log.info("feature cache written: %s", entry)
     return np.load(feat_path, mmap_mode="r")
 
@@ -287,7 +300,7 @@ def write_meta(entry: Path, shape: tuple[int, int], dtype: str, sha1: str, finge
         "extractor": extractor_key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
     }
     _atomic_write_text(entry / "meta.json", json.dumps(meta, indent=1))
-    _fsync_dir(entry)
+    fsync_dir(entry)
 
 
 def _compute(
@@ -332,8 +345,12 @@ def _compute(
                                    "was cached. Use cache_dtype=float32.")
             if out is None:  # D is known only after the first batch
                 shape = (n, f.shape[1])
-                out = (np.lib.format.open_memmap(out_path, mode="w+", dtype=f.dtype, shape=shape)
-                       if out_path is not None else np.empty(shape, np.float32))
+                if out_path is not None:
+                    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=f.dtype, shape=shape)
+                    with open(out_path, "rb+") as fh:  # a full disk now, not a SIGBUS in the mapped writes
+                        preallocate(fh.fileno(), os.path.getsize(out_path), str(out_path), "the feature cache")
+                else:
+                    out = np.empty(shape, np.float32)
             f = np.ascontiguousarray(f)
             out[s:s + len(idx)] = f
             h.update(f.data)  # row-major batches in order == the bytes of the whole array
@@ -419,17 +436,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ocl.errors import OCLError
+from ocl.rundir import fsync_dir
 from ocl.streams.base import ImageSet
 from ocl.streams.features import (
     CACHE_FORMAT,
@@ -40,7 +41,6 @@ from ocl.streams.features import (
     _atomic_write_text,
     _cache_problem,
     _compute,
-    _fsync_dir,
     cache_key,
     check_dtype,
     write_meta,
@@ -198,7 +198,7 @@ class ShardedEntry:
         write_meta(self.path, shape, self.dtype, total.hexdigest(), self.fingerprint, self.extractor_key,
                    shards=len(shards), **meta)
         shutil.rmtree(self.shards_dir, ignore_errors=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         log.info("feature cache written from %d shards: %s", len(shards), self.path)
         return np.load(self.path / "features.npy", mmap_mode="r")
 

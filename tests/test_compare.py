@@ -129,16 +129,17 @@ def test_near_future_off_and_undefined_in_the_table(tmp_path):
 
 
 def test_failing_learner_is_recorded_and_others_kept(tmp_path):
-    # a mistyped option makes every linear run fail with an OCLError; ncm must still run
-    payload = run_compare(config(tmp_path, "learners=[linear,ncm]", "+learner_options.linear.lrr=0.1"),
+    # an optimizer the MLP does not know makes every mlp run fail with an OCLError (a string
+    # option: only the learner can tell); ncm must still run
+    payload = run_compare(config(tmp_path, "learners=[mlp,ncm]", "+learner_options.mlp.optimizer=adamw"),
                           tmp_path / "r")
     by = {r["learner"]: r for r in payload["records"]}
-    assert by["linear"]["status"] == "failed" and "lrr" in by["linear"]["error"]
-    assert by["linear"]["avg_online_accuracy"] is None
+    assert by["mlp"]["status"] == "failed" and "adamw" in by["mlp"]["error"]
+    assert by["mlp"]["avg_online_accuracy"] is None
     assert by["ncm"]["status"] == "ok" and by["ncm"]["avg_online_accuracy"] > 0.3
-    assert [row["learner"] for row in payload["summary"]] == ["ncm", "linear"]  # failed last
+    assert [row["learner"] for row in payload["summary"]] == ["ncm", "mlp"]  # failed last
     table = ranked_table(payload)
-    assert "FAILED" in table and "linear failed:" in table
+    assert "FAILED" in table and "mlp failed:" in table
     saved = json.loads((tmp_path / "r" / "compare.json").read_text())
     assert saved["records"][0]["status"] == "failed"
 
@@ -159,6 +160,10 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(OCLError, match="learner_options"):
         run_compare(config(tmp_path, "learners=[linear]", "+learner_options.knn.k=3"), tmp_path / "r")
     assert resolve_seeds(3, 10) == [10, 11, 12] and resolve_seeds([5, 1], 0) == [5, 1]
+    with pytest.raises(OCLError, match="the last seed would pass 18446744073709551615"):
+        resolve_seeds(2, 2**64 - 1)
+    with pytest.raises(OCLError, match="every seed must be in"):
+        resolve_seeds([-1, 3], 0)
 
 
 def test_default_learner_list_is_every_shipped_baseline():

@@ -1,9 +1,11 @@
 import math
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from ocl.errors import OCLError
 from ocl.metrics import (
     NearFutureTracker,
     Tracker,
@@ -14,6 +16,7 @@ from ocl.metrics import (
     near_future_summary,
     online_accuracy_curve,
 )
+from ocl.sidefile import relative_to
 
 ACC = np.array([
     [0.9, 0.1, 0.0],
@@ -100,9 +103,12 @@ def test_tracker_on_disk_equals_in_memory_and_resumes(tmp_path):
     for s in range(0, 600, 7):
         mem.record(logp[s : s + 7], y[s : s + 7])
         disk.record(logp[s : s + 7], y[s : s + 7])
-    state = disk.state_dict()  # a checkpoint at step 602 ...
+    with relative_to(tmp_path):  # a checkpoint at step 602 (pickled as a checkpoint does) ...
+        blob = pickle.dumps(disk.state_dict())
     disk.record(logp[602:610], y[602:610])  # ... then records that a crash makes void
     disk.close()
+    with relative_to(tmp_path):
+        state = pickle.loads(blob)  # verifies the records [0, 602)
     disk = Tracker(n, tasks, path=str(tmp_path / "s.npy"), resume=True)
     disk.load_state_dict(state)
     for s in range(602, n, 7):
@@ -115,3 +121,8 @@ def test_tracker_on_disk_equals_in_memory_and_resumes(tmp_path):
     np.testing.assert_array_equal(disk.accuracy_curve_at(keep, 100), online_accuracy_curve(mem.correct, 100)[keep])
     rec = np.load(tmp_path / "s.npy")  # a plain structured array
     np.testing.assert_array_equal(rec["task"], tasks) and np.testing.assert_array_equal(rec["label"], y.numpy())
+    # an edited record among those the checkpoint counts is refused on resume
+    rec[5]["loss"] += 1.0
+    np.save(tmp_path / "s.npy", rec)
+    with relative_to(tmp_path), pytest.raises(OCLError, match=r"s.npy \(the per-step records\) changed after the checkpoint"):
+        pickle.loads(blob)

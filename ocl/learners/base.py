@@ -30,6 +30,10 @@ class Learner(abc.ABC):
     """
 
     name: str = "learner"
+    #: For a constructor that takes ``**options``: the dataclass whose fields they are, so that
+    #: the runner can check option names and value types before building (see
+    #: :func:`ocl.experiment.check_options`). ``None``: the constructor's signature says it all.
+    options: type | None = None
 
     @abc.abstractmethod
     def predict(self, x: torch.Tensor) -> torch.Tensor:

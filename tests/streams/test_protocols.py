@@ -100,6 +100,36 @@ def test_permuted_redraws_mapping_every_segment():
         permuted(src, segment_length=0)
 
 
+@pytest.mark.parametrize("K,T,sizes", [(26, 5, [6, 5, 5, 5, 5]), (10, 3, [4, 3, 3]), (10, 5, [2] * 5), (7, 7, [1] * 7)])
+def test_split_spreads_the_remainder_classes_and_keeps_every_example(K, T, sizes):
+    src = make_source(n_per_class=4, K=K)
+    s = split(src, seed=1, n_tasks=T)
+    assert [len(c) for c in s.task_classes] == sizes
+    assert sorted(s.order.tolist()) == list(range(4 * K))  # every example, every class
+    assert set(s.labels.tolist()) == set(range(K)) and s.n_tasks == T
+    assert [len(t.labels) for t in s.tests] == [3 * k for k in sizes]
+
+
+def test_split_with_fewer_classes_per_task_says_what_it_leaves_out(caplog):
+    with caplog.at_level("WARNING", logger="ocl.streams.protocols"):
+        s = split(make_source(), n_tasks=2, classes_per_task=3)
+    assert len(s) == 120 and "use 6 of the 10 classes; the other 4 are left out" in caplog.text
+
+
+@pytest.mark.parametrize("protocol", [split, iid, permuted, bursty])
+@pytest.mark.parametrize("bad", [0, -5, 2.5])
+def test_max_examples_must_be_positive_for_every_protocol(protocol, bad):
+    with pytest.raises(OCLError, match=rf"max_examples must be positive .* got {bad}"):
+        protocol(make_source(), max_examples=bad)
+
+
+@pytest.mark.parametrize("protocol", [split, iid, permuted, bursty])
+def test_max_examples_beyond_the_stream_runs_it_all_and_says_so(protocol, caplog):
+    with caplog.at_level("WARNING", logger="ocl.streams.protocols"):
+        assert len(protocol(make_source(), max_examples=5000)) == 200
+    assert "max_examples=5000 but the stream has only 200 examples" in caplog.text
+
+
 def run_lengths(labels):
     """Lengths of the maximal runs of equal consecutive labels."""
     change = np.flatnonzero(np.diff(labels)) + 1
