@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -215,9 +216,9 @@ def _stopped(e: Exception, entry: ShardedEntry, shards: list[Shard]) -> OCLError
         cause = cause.__cause__ or getattr(cause, "cause", None)
     # Ray Data hands a worker's exception back as text only (a UserCodeException whose message
     # holds the worker's traceback): find our error's message in it.
-    text, head = str(e), "ocl.errors.OCLError: "
-    if head in text:
-        return OCLError(text[text.index(head) + len(head):].split("\n\nThe above exception")[0].strip())
+    found = re.search(r"^ocl\.errors\.\w+: ", str(e), re.M)  # OCLError or a subclass (StorageError)
+    if found:
+        return OCLError(str(e)[found.end():].split("\n\nThe above exception")[0].strip())
     kept = len(entry.done(shards))
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return OCLError(f"the Ray extraction stopped ({type(e).__name__}: {first}). {kept} of {len(shards)} shards "

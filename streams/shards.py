@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, storage_error
 from ocl.rundir import fsync_dir
+from ocl.sidefile import preallocate
 from ocl.streams.base import ImageSet
 from ocl.streams.features import (
     CACHE_FORMAT,
@@ -184,6 +185,8 @@ class ShardedEntry:
         total = hashlib.sha1()
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(self.dtype), shape=shape)
+            with open(tmp, "rb+") as fh:  # a full disk now, not a SIGBUS in the mapped writes
+                preallocate(fh.fileno(), os.path.getsize(tmp), tmp, "the feature cache")
             for sh in shards:
                 self._copy_shard(sh, out, total)
             out.flush()
@@ -192,8 +195,11 @@ class ShardedEntry:
                 os.fsync(fh.fileno())
             (self.path / "meta.json").unlink(missing_ok=True)  # an old meta must never vouch for new features
             os.replace(tmp, self.path / "features.npy")
-        except BaseException:
+        except BaseException as e:
             os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise storage_error(e, self.path, "assembling the feature cache from its shards (they are kept: "
+                                    "the same command, run again, finishes it)") from e
             raise
         write_meta(self.path, shape, self.dtype, total.hexdigest(), self.fingerprint, self.extractor_key,
                    shards=len(shards), **meta)
@@ -236,9 +242,11 @@ class ShardedEntry:
             _, sha1, shape = _compute(SliceImageSet(images, sh.start, sh.stop), extractor, Path(tmp), batch_size,
                                       progress=False, dtype=self.dtype, offset=sh.start)
             os.replace(tmp, self.shards_dir / f"{sh.name}.npy")
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise storage_error(e, self.shards_dir, f"writing shard {sh.index} of the feature cache") from e
             raise
         info = {**asdict(sh), "shape": list(shape), "dtype": self.dtype, "sha1": sha1,
                 "n_bytes": (self.shards_dir / f"{sh.name}.npy").stat().st_size}

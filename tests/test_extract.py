@@ -196,3 +196,6 @@ def test_a_stopped_extraction_says_how_to_resume_or_passes_the_users_error_on(tm
     remote = RuntimeError(f"ray::MapWorker(...)\nocl.errors.OCLError: {nan}\n\nThe above exception was the direct "
                           "cause of the following exception:\n\nray.exceptions.UserCodeException: UDF failed")
     assert str(_stopped(remote, entry, shards)) == str(nan)  # the text Ray Data hands back
+    full = RuntimeError("ray::MapWorker(...)\nocl.errors.StorageError: no space left on the device of /c\n\n"
+                        "The above exception was the direct cause of the following exception:\n\nUserCodeException")
+    assert str(_stopped(full, entry, shards)) == "no space left on the device of /c"

@@ -121,3 +121,20 @@ def test_a_plan_of_other_images_is_discarded(tmp_path) -> None:
     plan = json.loads((entry.shards_dir / "plan.json").read_text())
     (entry.shards_dir / "plan.json").write_text(json.dumps({**plan, "n": 99}))
     assert entry.plan(shard_size=5) == shards and entry.done(shards) == set()  # started again
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    ims = images()
+    entry = entry_for(tmp_path, ims)
+    shards = entry.plan(shard_size=5)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OCLError, match="no space left .* while writing shard 0 of the feature cache"):
+        write_all(entry, shards, ims, only={0})
+    assert sorted(p.name for p in entry.shards_dir.iterdir()) == ["plan.json"]
