@@ -1,15 +1,19 @@
 """Checkpoint and resume of a prequential run.
 
-A checkpoint is one file, ``<run dir>/checkpoint.pt``, written with :func:`torch.save`:
+A checkpoint is one file, ``<run dir>/checkpoint.pt``: a one-line header
+(``OCL-CHECKPOINT`` and a JSON object with the payload's size and sha256), then the
+payload, a :func:`torch.save` of a dict:
 
 - ``learner``: the learner object itself, pickled whole (parameters, optimizer state,
   private RNGs, KV caches, replay cursors, buffers). Pickling is the one mechanism that
   works for every learner without each one writing a ``state_dict``, Avalanche strategies
   included; storage shared between objects (a parameter and its optimizer entry) stays
   shared. Large append-only state lives in side files in the run directory (the
-  transformer's replay history), which pickle as a path and a count.
+  transformer's replay history), which pickle as a :class:`~ocl.sidefile.SideFile`: a path
+  relative to the run directory, a size and the sha256 of the bytes ``[0, size)``.
 - ``run``: the runner's position (steps done, current task, accuracy-matrix rows so far,
-  timings) and the tracker's ``state_dict`` (its records live in ``steps.npy``).
+  timings), the tracker's ``state_dict`` (its records live in ``steps.npy``, a side file) and
+  the near-future evaluations so far (one small record per evaluation, in the checkpoint).
 - ``rng``: the global python, numpy and torch (CPU and CUDA) RNG states.
 - ``config``: the resolved run config, and a digest of the stream, to refuse resuming a
   different experiment.
@@ -19,6 +23,13 @@ directory. A crash (or SIGKILL) at any moment leaves either the previous checkpo
 the new one, never a torn file. Side files are fsynced before the checkpoint that counts
 their records is renamed into place, and rows past that count are never read back.
 
+Loading verifies everything: the payload against its sha256, then (while unpickling)
+every side file against its recorded range, resolved inside the checkpoint's directory
+(a copied run directory resumes into its own files). A mismatch, from a flipped byte in
+the checkpoint to an edited row of ``steps.npy``, is refused with a message naming the
+file. Only the latest checkpoint is kept: a damaged one is not replaced by an older one
+(the side files have moved on since); the run must then start afresh.
+
 A checkpoint can run arbitrary code when loaded (it is a pickle): load only your own.
 """
 
@@ -26,25 +37,29 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import logging
-import os
 import random
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from ocl import sidefile
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
+from ocl.rundir import write_atomic
 from ocl.runner import RunState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 1  # bump when the checkpoint layout changes
+FORMAT = 3  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
+#            side files)
+MAGIC = b"OCL-CHECKPOINT "
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say
 #: where files are; the data itself is pinned by the stream digest).
@@ -58,43 +73,34 @@ class RunInterrupted(OCLError):
 # ---------------------------------------------------------------- files
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def dumps(obj: Any, run_dir: str | Path) -> bytes:
+    """The bytes of a checkpoint of ``obj`` whose side files lie in ``run_dir``: header line + payload."""
+    buf = io.BytesIO()
+    with sidefile.relative_to(run_dir):
+        torch.save(obj, buf)
+    payload = buf.getvalue()
+    header = {"format": FORMAT, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    return MAGIC + json.dumps(header).encode() + b"\n" + payload
 
 
 def save_atomic(path: Path, obj: Any) -> None:
-    """``torch.save(obj)`` to ``path`` via a temp file in the same directory + fsync + rename.
+    """Write the checkpoint ``obj`` to ``path`` via a temp file in the same directory + fsync + rename.
 
-    If anything fails (serialisation, disk full, a crash) the previous file at ``path`` is
-    untouched and the temp file is removed.
+    The payload is serialised in memory first, so its size is known (a full disk is reported
+    with the bytes needed) and the file is written in one go. If anything fails (serialisation,
+    disk full, a crash) the previous file at ``path`` is untouched and the temp file is removed.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    write_atomic(path, dumps(obj, path.parent), what="writing the checkpoint")
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :class:`Checkpointer`; :class:`OCLError` if absent or unreadable."""
+    """Read and verify a checkpoint written by :class:`Checkpointer` (see the module docstring).
+
+    Raises:
+        OCLError: absent, unreadable, not a checkpoint of this format, or its bytes or a side
+            file's do not match what was recorded when it was written.
+    """
     path = Path(path)
     if not path.is_file():
         raise OCLError(
@@ -102,15 +108,41 @@ def load(path: Path) -> dict[str, Any]:
             "Point hydra.run.dir=DIR at the directory of the interrupted run, or drop resume=true "
             "to start a new run."
         )
+    fresh = "Start a new run in another directory."
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, bad pickle, unknown class: all "unreadable"
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OCLError(f"{path}: cannot read the checkpoint ({e.strerror or e}).") from e
+    head, sep, payload = raw.partition(b"\n")
+    try:
+        if not head.startswith(MAGIC) or not sep:
+            raise ValueError
+        header = json.loads(head[len(MAGIC):])
+        size, sha = int(header["bytes"]), str(header["sha256"])
+        if header.get("format") != FORMAT:
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise OCLError(f"{path}: cannot read the checkpoint: it is not an ocl checkpoint of format {FORMAT} "
+                       f"(written by an older version, or not a checkpoint at all). {fresh}") from None
+    if len(payload) != size or hashlib.sha256(payload).hexdigest() != sha:
+        what = (f"it holds {len(payload):,} bytes where {size:,} were written" if len(payload) != size else
+                "its sha256 differs from the one recorded when it was written")
         raise OCLError(
-            f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); it is corrupt or was "
-            "written by an incompatible version. Start a new run in another directory."
+            f"cannot resume {path}: the checkpoint is corrupt ({what}: damaged on disk or edited). Only the "
+            f"latest checkpoint is kept, so the run cannot continue. {fresh}"
+        )
+    try:
+        with sidefile.relative_to(path.parent):
+            ck = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except OCLError as e:  # a side file is missing or does not match
+        raise OCLError(f"cannot resume {path}: {e}") from None
+    except Exception as e:  # bad pickle, unknown class: unreadable
+        raise OCLError(
+            f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); it was written by an "
+            f"incompatible version of ocl or of a learner's code. {fresh}"
         ) from e
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise OCLError(f"{path}: not an ocl checkpoint of format {FORMAT}; start a new run in another directory.")
+        raise OCLError(f"{path}: not an ocl checkpoint of format {FORMAT}; {fresh[0].lower()}{fresh[1:]}")
     return ck
 
 
@@ -193,18 +225,31 @@ class Checkpointer:
         config: the resolved run config (plain containers).
         digest: :func:`stream_digest` of the run's stream.
         resume_hint: how to resume, for the interruption message.
+        resumed_at: the step of the checkpoint a resumed run started from (``None``: a new run,
+            no checkpoint yet).
     """
 
     def __init__(self, path: Path, every: int | None, learner: Learner, config: dict[str, Any],
-                 digest: str, resume_hint: str = "") -> None:
+                 digest: str, resume_hint: str = "", resumed_at: int | None = None) -> None:
         if every is not None and (isinstance(every, bool) or int(every) != every or every < 1):
             raise OCLError(f"checkpoint_every={every!r}: must be a positive number of examples, or null "
                            "(checkpoint only at the end and on Ctrl-C).")
         self.path, self.every, self.learner = Path(path), None if every is None else int(every), learner
         self.config, self.digest, self.resume_hint = config, digest, resume_hint
-        self.last_saved = 0  # steps at the last save (or where a resumed run started)
+        self.last_saved = resumed_at or 0  # steps at the last save (or where a resumed run started)
+        self.has_checkpoint = resumed_at is not None
+        self.total: int | None = None  # stream length, known at the first save
         self.signal: int | None = None
         self.saves = 0
+
+    def recovery(self) -> str:
+        """What a run that failed now (disk full, ...) leaves to continue from, for its message."""
+        if not self.has_checkpoint:
+            return "No checkpoint had been written yet: fix the cause, then start the run again."
+        at = (f"example {self.last_saved:,}" + (f" of {self.total:,}" if self.total else "")
+              if self.last_saved != self.total else "the end of the stream")
+        return (f"The last checkpoint, {self.path} (at {at}), is intact: fix the cause (e.g. free space), "
+                f"then continue with: {self.resume_hint or 'resume=true'}")
 
     def save(self, state: RunState) -> None:
         """Checkpoint ``state`` (and the learner, and the global RNGs) atomically."""
@@ -216,7 +261,8 @@ class Checkpointer:
             "run": state.state_dict(),
             "rng": rng_state(),
         })
-        self.last_saved = state.steps
+        self.last_saved, self.total = state.steps, state.tracker.n
+        self.has_checkpoint = True
         self.saves += 1
         log.debug("checkpoint at step %d: %s", state.steps, self.path)
 

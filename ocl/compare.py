@@ -5,8 +5,9 @@ learner and seed then runs prequentially over the same cached features. The prot
 (stream order, class order, task split) is rebuilt per seed, so the seeds vary the
 stream as well as the learners' own randomness, exactly as ``ocl run seed=s`` would.
 
-With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), which run
-the same :func:`run_guarded` on the same features; records are identical either way.
+With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), with
+``engine=ray`` to Ray tasks (:mod:`ocl.ray_engine`); both run the same :func:`run_guarded`
+on the same features, so records are identical whichever runs them.
 
 Outputs in the run directory (rewritten after every run, so a crash or Ctrl-C keeps
 what finished): ``compare.json`` (one record per learner x seed, plus a per-learner
@@ -22,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,9 +35,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
-from ocl.experiment import (build, check_run_config, learning_threads, make_learner, seed_everything,
-                            summarize)
+from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_options, check_run_config,
+                            learning_threads, make_learner, make_near_future, seed_everything, summarize)
+from ocl.ray_engine import check_engine, check_ray_config, run_ray
 from ocl.report import format_table, weights_label, write_json_atomic
+from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
 from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
@@ -57,18 +59,20 @@ ALL_LEARNERS: tuple[str, ...] = (
 #: Scalar metrics of every record (``None`` when a run failed or the metric is undefined,
 #: e.g. forgetting without test data).
 METRICS: tuple[str, ...] = (
-    "avg_online_accuracy", "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
+    "avg_online_accuracy", "near_future_accuracy", "near_future_mean_log_loss", "near_future_evaluations",
+    "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
     "avg_anytime_accuracy", "forgetting", "backward_transfer", "examples_per_second", "n_examples",
     "learn_seconds", "eval_seconds",
 )
 
 #: Metrics where smaller is better (the table ranks them ascending).
-LOWER_IS_BETTER = frozenset({"cumulative_log_loss", "mean_log_loss", "forgetting", "learn_seconds",
-                             "eval_seconds"})
+LOWER_IS_BETTER = frozenset({"cumulative_log_loss", "mean_log_loss", "near_future_mean_log_loss", "forgetting",
+                             "learn_seconds", "eval_seconds"})
 
 #: Table columns: (metric, header).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("avg_online_accuracy", "online acc"),
+    ("near_future_accuracy", "near-future acc"),
     ("mean_log_loss", "mean log-loss"),
     ("final_avg_accuracy", "final acc"),
     ("forgetting", "forgetting"),
@@ -141,11 +145,16 @@ def resolve_seeds(value: Any, base_seed: int) -> list[int]:
     if isinstance(value, int):
         if value < 1:
             raise OCLError(f"seeds={value}: must be >= 1 (the number of seeds per learner).")
+        if base_seed + value - 1 > MAX_SEED:
+            raise OCLError(f"seed={base_seed} seeds={value}: the last seed would pass {MAX_SEED} (2**64 - 1, the "
+                           "largest seed torch takes); lower seed.")
         return [base_seed + i for i in range(value)]
     if isinstance(value, (list, tuple, ListConfig)) and value:
         seeds = list(value)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
             raise OCLError(f"seeds={list(value)!r}: a list of seeds must hold distinct integers.")
+        if not all(0 <= s <= MAX_SEED for s in seeds):
+            raise OCLError(f"seeds={list(value)!r}: every seed must be in [0, {MAX_SEED}].")
         return [int(s) for s in seeds]
     raise OCLError(f"seeds={value!r}: must be a number of seeds >= 1 or a list of distinct integers.")
 
@@ -203,10 +212,11 @@ def extract_once(cfg: DictConfig) -> Features:
     cache = cfg.get("cache_dir")
     cache = os.path.expanduser(str(cache)) if cache else None
     progress = bool(cfg.get("progress", True))
-    train = extract_features(source.train, extractor, cache, progress=progress)
+    dtype = str(cfg.get("cache_dtype", "float32"))
+    train = extract_features(source.train, extractor, cache, progress=progress, dtype=dtype)
     test = None
     if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
-        test = extract_features(source.test, extractor, cache, progress=progress)
+        test = extract_features(source.test, extractor, cache, progress=progress, dtype=dtype)
     elif cfg.get("eval_test", True):
         log.info("%s has no test split: no accuracy matrix, forgetting or final accuracy.", source.name)
     return Features(source, extractor, train, test, time.perf_counter() - t0)
@@ -240,12 +250,12 @@ def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Pat
     test = feats.test if feats.test is not None and len(stream.tests) > 0 else None
     # A learner may keep scratch state on disk (the transformer's replay history): give it a
     # private directory that is removed after the run.
-    work = Path(tempfile.mkdtemp(prefix=f".work-{name}-seed{seed}-", dir=out_dir))
+    work = scratch_dir(out_dir, f"work-{name}-seed{seed}")
     try:
         learner.set_workdir(work)
         with learning_threads(cfg.get("threads")):
             result = run_stream(learner, feats.train, stream, int(cfg.chunk_size), test,
-                                progress=bool(cfg.get("progress", True)))
+                                progress=bool(cfg.get("progress", True)), near_future=make_near_future(cfg))
         res = summarize(result, stream, int(cfg.curve_window))
         res["skipped_updates"] = getattr(learner, "skipped_updates", None)
         result.tracker.close()
@@ -257,6 +267,8 @@ def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Pat
     record.update({
         "skipped_updates": res.get("skipped_updates"),
         "nonfinite_predictions": res.get("nonfinite_predictions"),
+        "near_future_offset": res["near_future_offset"],
+        "near_future_every": res["near_future_every"],
         "n_tasks": stream.n_tasks,
         "num_classes": stream.num_classes,
         "task_boundaries": np.asarray(res["task_boundaries"]).tolist(),
@@ -348,6 +360,10 @@ def ranked_table(payload: dict[str, Any]) -> str:
             f"(weights: {weights_label(s['backbone'])}, D={s['feature_dim']}); "
             f"seeds {s['seeds']}; ranked by {rank_by} ({direction} is better; mean ± std over seeds)")
     lines = [head, format_table(rows, headers=headers, align="rl" + "r" * (len(headers) - 2))]
+    nf = s.get("near_future")
+    lines.append("near-future acc: off (near_future.every=null)" if nf is None else
+                 f"near-future acc: the learner after step t scores the unseen x_(t+1+S), S={nf['offset']}, "
+                 f"every {nf['every']} steps ({nf['evaluations']} evaluations per run)")
     if s["backbone"].get("weights") == "random":
         lines.append("WARNING: the backbone has RANDOM weights (backbone.weights=random); these are not pretrained features.")
     for row in payload["summary"]:
@@ -362,14 +378,12 @@ def ranked_table(payload: dict[str, Any]) -> str:
 
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """``compare.csv``: one row per learner x seed with the scalar metrics (empty = undefined)."""
-    cols = ["learner", "seed", "status", *METRICS, "error"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    cols = ["learner", "seed", "status", *METRICS, "near_future_offset", "near_future_every", "error"]
+    with atomic_file(path, "w") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in records:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    os.replace(tmp, path)
 
 
 def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[int], records: list[dict[str, Any]],
@@ -377,6 +391,7 @@ def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[
     rank_by = str(cfg.get("rank_by", "avg_online_accuracy"))
     first = next((r for r in records if r["status"] == "ok"), None)
     info = getattr(feats.extractor, "info", {"model": "pixels", "weights": "none"})
+    nf = make_near_future(cfg)
     return {
         "complete": complete,
         "rank_by": rank_by,
@@ -393,6 +408,8 @@ def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[
             "learners": learners,
             "seeds": seeds,
             "chunk_size": int(cfg.chunk_size),
+            "near_future": None if nf is None else {"offset": nf.offset, "every": nf.every,
+                                                    "evaluations": first["near_future_evaluations"] if first else None},
         },
         "summary": aggregate(records, learners, rank_by),
         "records": records,
@@ -418,25 +435,36 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             A learner that fails does not raise: its record is marked ``failed``.
     """
     check_run_config(cfg)
+    check_groups(cfg, ("stream", "protocol", "backbone"))  # `learner` is not used here
     learners = resolve_learners(cfg.get("learners"), cfg.get("learner_options"))
     seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
     _check_compare_config(cfg, learners)
     writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
     workers = check_workers(cfg.get("workers", 1))
-    for name in learners:  # every learner config parses before the (maybe slow) extraction
-        learner_config(name, (cfg.get("learner_options") or {}).get(name))
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OCLError(f"cannot create the run directory {out_dir} ({e.strerror or e}); "
-                       "choose another with hydra.run.dir=DIR.") from e
+    engine = check_engine(cfg.get("engine", "local"))
+    if engine == "ray":
+        check_ray_config(cfg.ray)
+        if workers != 1:
+            raise OCLError(f"workers={workers} is for engine=local; with engine=ray the cluster's CPUs set how many "
+                           "runs go at once (ray.num_cpus / ray.task_cpus).")
+    for name in learners:  # every learner config parses and its options check out before the slow extraction
+        check_options(learner_config(name, (cfg.get("learner_options") or {}).get(name)), f"learner_options.{name}",
+                      LEARNER_ARGS)
+    with claim(out_dir) as rd:
+        return _compare_owned(cfg, rd, learners, seeds, workers, engine, writer_class)
 
+
+def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list[int], workers: int, engine: str,
+                   writer_class: Any) -> dict[str, Any]:
+    out_dir = rd.path
     feats = extract_once(cfg)
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
+    rd.commit()  # checks passed, features ready: from here on the comparison writes into its directory
     jobs = [(name, seed) for name in learners for seed in seeds]
-    if workers > 1 and len(jobs) > 1:
+    if engine == "ray":
+        results = run_ray(cfg, feats, jobs, out_dir)
+    elif workers > 1 and len(jobs) > 1:
         from ocl.workers import run_parallel
 
         log.info("%d runs in %d worker processes", len(jobs), min(workers, len(jobs)))
@@ -459,6 +487,8 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             bar.update(1)
     finally:
         bar.close()
+        if hasattr(results, "close"):  # a Ctrl-C that lands here, not inside the engine, still stops its workers
+            results.close()
     payload = _payload(cfg, feats, learners, seeds, records, out_dir, complete=True)
     _write(out_dir, payload)
     if cfg.get("plots", True):

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ocl.errors import OCLError
-from ocl.metrics import Tracker
+from ocl.metrics import NearFutureTracker, Tracker
+from ocl.rundir import atomic_file, write_atomic
 
 
 def weights_label(backbone: dict[str, Any]) -> str:
@@ -55,24 +56,26 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = 
     return "\n".join(lines)
 
 
-def check_writable_dir(path: str | os.PathLike) -> None:
+def check_writable_dir(path: str | os.PathLike, what: str = "the run directory",
+                       fix: str = "choose another directory with hydra.run.dir=DIR (or fix its permissions)") -> None:
     """Raise :class:`OCLError` unless ``path`` is, or can be created as, a writable directory.
 
     Creates nothing: it probes the nearest existing ancestor with an anonymous temp file
     (``os.access`` is not enough: it says yes to root on a read-only file system).
+    ``what`` names the directory in the message (``the run directory``);
+    ``fix`` says what to do.
     """
     path = Path(os.path.abspath(os.path.expanduser(str(path))))
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    fix = "choose another directory with hydra.run.dir=DIR (or fix its permissions)."
     if not probe.is_dir():
-        raise OCLError(f"cannot create the run directory {path}: {probe} is a file, not a directory; {fix}")
+        raise OCLError(f"cannot create {what} {path}: {probe} is a file, not a directory; {fix}.")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
-        raise OCLError(f"cannot write to the run directory {path} ({probe}: {e.strerror or e}); {fix}") from e
+        raise OCLError(f"cannot write to {what} {path} ({probe}: {e.strerror or e}); {fix}.") from e
 
 
 def _jsonable(v: Any) -> Any:
@@ -91,41 +94,31 @@ def _jsonable(v: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temp file + rename, so a crash never leaves a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2).encode(), what=f"writing {Path(path).name}")
 
 
 def write_steps_csv(path: Path, tracker: Tracker) -> None:
     """One row per step: step, task, label, pred, correct, loss (nats), p_true.
 
-    Streamed block by block from the tracker (constant memory on long streams), written to
-    a temp file that is fsynced and renamed: an existing steps.csv is replaced only whole.
+    Streamed block by block from the tracker (constant memory on long streams), written
+    atomically (:func:`ocl.rundir.atomic_file`).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("step,task,label,pred,correct,loss,p_true\n")
-            step = 0
-            for b in tracker.blocks():
-                for task, label, pred, loss, p in zip(b["task"].tolist(), b["label"].tolist(), b["pred"].tolist(),
-                                                      b["loss"].tolist(), b["p_true"].tolist()):
-                    f.write(f"{step},{task},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
-                    step += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w", what=f"writing {Path(path).name}") as f:
+        f.write("step,task,label,pred,correct,loss,p_true\n")
+        step = 0
+        for b in tracker.blocks():
+            for task, label, pred, loss, p in zip(b["task"].tolist(), b["label"].tolist(), b["pred"].tolist(),
+                                                  b["loss"].tolist(), b["p_true"].tolist()):
+                f.write(f"{step},{task},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")
+                step += 1
+
+
+def write_near_future_csv(path: Path, nf: NearFutureTracker) -> None:
+    """One row per near-future evaluation: step (the last step learned), target (the step
+    whose unseen input was scored, ``step + 1 + S``), label, pred, correct, loss (nats), p_true."""
+    with atomic_file(path, "w", what=f"writing {Path(path).name}") as f:
+        f.write("step,target,label,pred,correct,loss,p_true\n")
+        r = nf.records
+        for step, target, label, pred, loss, p in zip(r["step"].tolist(), r["target"].tolist(), r["label"].tolist(),
+                                                      r["pred"].tolist(), r["loss"].tolist(), r["p_true"].tolist()):
+            f.write(f"{step},{target},{label},{pred},{int(pred == label)},{loss:.6g},{p:.6g}\n")

@@ -5,6 +5,8 @@ For every chunk of C examples, strictly in this order::
     logp = learner.predict(x)     # labels of this chunk not yet revealed
     tracker.record(logp, y)       # scored before any update
     learner.update(x, y)          # now the learner may learn from them
+    # every m steps (near-future accuracy, optional): the learner as it stands now scores
+    # the input of step end + S, which it has not seen, through learner.evaluate (no state change)
 
 At each task boundary (and at the end) the learner is evaluated on every task's
 held-out test set, filling the accuracy matrix ``acc[after task i, on task j]``.
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.metrics import Tracker
+from ocl.metrics import NearFutureTracker, Tracker
 from ocl.streams.protocols import Stream
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class RunState:
         task: the task of the last chunk processed.
         learn_seconds, eval_seconds: wall time so far.
         done: the final evaluation has run.
+        near_future: near-future evaluations so far, or ``None`` when they are off.
+        near_future_seconds: wall time spent on them.
     """
 
     tracker: Tracker
@@ -49,6 +53,8 @@ class RunState:
     learn_seconds: float = 0.0
     eval_seconds: float = 0.0
     done: bool = False
+    near_future: NearFutureTracker | None = None
+    near_future_seconds: float = 0.0
 
     @property
     def steps(self) -> int:
@@ -57,14 +63,23 @@ class RunState:
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict(), "acc": None if self.acc is None else self.acc.copy(),
                 "task": self.task, "learn_seconds": self.learn_seconds, "eval_seconds": self.eval_seconds,
-                "done": self.done}
+                "done": self.done, "near_future": None if self.near_future is None else self.near_future.state_dict(),
+                "near_future_seconds": self.near_future_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore into this state (its tracker must be built for the same stream)."""
+        """Restore into this state (its tracker must be built for the same stream, its
+        near-future tracker, if any, with the same S and m)."""
+        if (self.near_future is None) != (state["near_future"] is None):
+            raise ValueError("the checkpoint was made with near-future evaluation "
+                             f"{'on' if state['near_future'] is not None else 'off'}, this run has it "
+                             f"{'on' if self.near_future is not None else 'off'}")
         self.tracker.load_state_dict(state["tracker"])
+        if self.near_future is not None:
+            self.near_future.load_state_dict(state["near_future"])
         self.acc = None if state["acc"] is None else np.array(state["acc"])
         self.task, self.done = int(state["task"]), bool(state["done"])
         self.learn_seconds, self.eval_seconds = float(state["learn_seconds"]), float(state["eval_seconds"])
+        self.near_future_seconds = float(state["near_future_seconds"])
 
 
 @dataclass
@@ -77,6 +92,8 @@ class RunResult:
         learn_seconds: wall time spent in predict + record + update.
         eval_seconds: wall time spent on held-out evaluation at task boundaries.
         state: the final :class:`RunState` (what the end-of-run checkpoint stores).
+        near_future: the near-future evaluations, or ``None`` when they were off.
+        near_future_seconds: wall time spent on them (in neither of the two above).
     """
 
     tracker: Tracker
@@ -85,6 +102,8 @@ class RunResult:
     eval_seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
     state: RunState | None = None
+    near_future: NearFutureTracker | None = None
+    near_future_seconds: float = 0.0
 
 
 def _iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0) -> Iterator[tuple[int, int]]:
@@ -146,7 +165,7 @@ def evaluate_tasks(
     for tt in stream.tests:
         correct = 0
         for s in range(0, tt.index.size, batch_size):
-            x = torch.from_numpy(np.asarray(test_feats[tt.index[s : s + batch_size]]))
+            x = torch.from_numpy(np.asarray(test_feats[tt.index[s : s + batch_size]], dtype=np.float32))
             pred = learner.evaluate(x).argmax(1).numpy()
             correct += int((pred == tt.labels[s : s + batch_size]).sum())
         accs.append(correct / max(tt.index.size, 1))
@@ -163,6 +182,7 @@ def run_stream(
     on_chunk: Callable[[RunState], None] | None = None,
     state: RunState | None = None,
     tracker: Tracker | None = None,
+    near_future: NearFutureTracker | None = None,
 ) -> RunResult:
     """Run ``learner`` prequentially over ``stream``.
 
@@ -178,6 +198,8 @@ def run_stream(
         state: continue from this state (a resumed run; the learner must be the one that
             produced it) instead of from the start.
         tracker: where to record a fresh run (default: an in-memory :class:`Tracker`).
+        near_future: evaluate near-future accuracy in a fresh run with these S and m
+            (``None``: off). A resumed run continues what ``state`` holds.
     """
     if chunk_size < 1:
         raise OCLError(f"chunk_size must be >= 1; got {chunk_size}.")
@@ -185,8 +207,9 @@ def run_stream(
     evaluate = test_feats is not None and len(stream.tests) > 0
     if state is None:
         state = RunState(tracker if tracker is not None else Tracker(n, stream.tasks),
-                         np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None)
-    acc = state.acc
+                         np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None,
+                         near_future=near_future)
+    acc, nf = state.acc, state.near_future
     rows = _RowReader(feats)
     bar = tqdm(total=n, initial=state.steps, desc=f"{getattr(learner, 'name', 'learner')}", unit="ex",
                disable=not progress, mininterval=0.5, leave=False)
@@ -207,6 +230,14 @@ def run_stream(
             state.tracker.record(logp, y)
             learner.update(x, y)
             state.learn_seconds += time.perf_counter() - t0
+            j = None if nf is None else nf.target(start, end, n)
+            if j is not None:  # after the update: the learner as it stands after step end - 1
+                t0 = time.perf_counter()
+                xj = torch.from_numpy(rows(stream.order[j : j + 1]))  # (1, D), never seen by the learner
+                with torch.no_grad():
+                    logp_j = learner.evaluate(xj)  # (1, K)
+                nf.record(end - 1, j, logp_j, torch.from_numpy(stream.labels[j : j + 1]))
+                state.near_future_seconds += time.perf_counter() - t0
             bar.update(end - start)
             if on_chunk is not None:
                 on_chunk(state)
@@ -218,4 +249,5 @@ def run_stream(
         acc[state.task] = evaluate_tasks(learner, test_feats, stream)
         state.eval_seconds += time.perf_counter() - t0
     state.done = True
-    return RunResult(state.tracker, acc, state.learn_seconds, state.eval_seconds, state=state)
+    return RunResult(state.tracker, acc, state.learn_seconds, state.eval_seconds, state=state,
+                     near_future=nf, near_future_seconds=state.near_future_seconds)

@@ -15,12 +15,12 @@ serial path runs, so a record does not depend on ``workers`` (tests check this).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ocl.errors import OCLError
+from ocl.rundir import scratch_dir
 from ocl.streams.base import ImageSet, Source
 
 log = logging.getLogger(__name__)
@@ -146,14 +147,23 @@ def run_parallel(cfg: DictConfig, feats: Any, jobs: Sequence[tuple[str, int]], o
         out_dir: the run directory (scratch files go here and are removed after).
         workers: processes at once (capped at ``len(jobs)``).
     """
-    scratch = Path(tempfile.mkdtemp(prefix=".workers-", dir=out_dir))
+    with shared_features(cfg, feats, out_dir) as ctx:
+        yield from _run(ctx, list(jobs), workers)
+
+
+@contextlib.contextmanager
+def shared_features(cfg: DictConfig, feats: Any, out_dir: Path) -> Iterator[_Pool]:
+    """What every worker of a comparison needs, as files and plain data: the resolved config
+    (bars off), the labels-only source and the paths of the feature ``.npy`` files (the cache's,
+    else copies in a scratch folder of ``out_dir``, removed on exit). Both engines use it
+    (``workers=N`` here, ``engine=ray`` in :mod:`ocl.ray_engine`)."""
+    scratch = scratch_dir(out_dir, "workers")
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain["progress"] = False  # one bar, the parent's; workers' bars would interleave
-        ctx = _Pool(plain, labels_only(feats.source), str(_npy_path(feats.train, scratch / "train.npy")),
+        yield _Pool(plain, labels_only(feats.source), str(_npy_path(feats.train, scratch / "train.npy")),
                     None if feats.test is None else str(_npy_path(feats.test, scratch / "test.npy")),
                     out_dir, scratch, bool(cfg.get("tensorboard", False)))
-        yield from _run(ctx, list(jobs), workers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -226,6 +236,12 @@ def _pool(ctx: _Pool, jobs: list[tuple[str, int]], workers: int
     started = [job for job in jobs if job in broken and markers[job].exists()]
     for name, seed in started:  # the dead run's marker and scratch directory
         markers[(name, seed)].unlink(missing_ok=True)
-        for p in ctx.out_dir.glob(f".work-{name}-seed{seed}-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        remove_work_dirs(ctx.out_dir, name, seed)
     return [job for job in jobs if job in broken and job not in started], started
+
+
+def remove_work_dirs(out_dir: Path, name: str, seed: int) -> None:
+    """Remove the scratch directories a run whose process died left in ``out_dir``
+    (:func:`ocl.compare.run_one` removes them itself when it gets to)."""
+    for p in Path(out_dir).glob(f".work-{name}-seed{seed}-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)

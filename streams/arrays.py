@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, storage_error
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.download import missing_files
 
@@ -17,13 +17,35 @@ log = logging.getLogger(__name__)
 _NPZ_KEYS = (("x_train", "y_train"), ("x", "y"))
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _check_magic(path: str, magic: bytes, what: str, hint: str) -> None:
+    """Refuse a file that is not of its kind at all (a text file named .npz) before numpy
+    guesses at it (numpy's message for that talks about pickles)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise storage_error(e, path, f"reading {what}") from e
+    if not head.startswith(magic):
+        raise OCLError(f"{path}: not {what} ({hint}); it starts with {head!r}.")
+
+
 def _load_npy(path: str, what: str) -> np.ndarray:
     path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise missing_files(what, [path], "check the path of the .npy file.")
+    _check_magic(path, _NPY_MAGIC, "a .npy file", "one array saved with np.save")
     try:
         return np.load(path, allow_pickle=False)  # pickled object arrays could run code
-    except FileNotFoundError as e:
-        raise missing_files(what, [path], "check the path of the .npy file.") from e
-    except (OSError, ValueError, EOFError) as e:
+    except ValueError as e:
+        if "pickle" in str(e) or "Object arrays" in str(e):
+            raise OCLError(f"{path}: {what} holds Python objects (dtype object), which ocl does not load (unpickling "
+                           "can run code); save numbers (labels as integers 0..K-1).") from e
+        raise OCLError(f"{path}: cannot read {what} as a numpy array ({e}).") from e
+    except (OSError, EOFError) as e:
         raise OCLError(f"{path}: cannot read {what} as a numpy array ({e}).") from e
 
 
@@ -93,10 +115,17 @@ def load_arrays(
         if path.endswith(".npz"):
             if not os.path.isfile(path):
                 raise missing_files(name, [path], "check the path of the .npz file.")
+            _check_magic(path, _ZIP_MAGIC, "a .npz archive", "a zip of .npy arrays, as np.savez writes")
             try:
                 with np.load(path, allow_pickle=False) as z:
                     stored = {k: z[k] for k in z.files}
-            except (OSError, ValueError, EOFError) as e:
+            except ValueError as e:
+                if "pickle" in str(e) or "Object arrays" in str(e):
+                    raise OCLError(f"{path}: an array in the archive holds Python objects (dtype object), which ocl "
+                                   "does not load (unpickling can run code); save numbers (labels as integers "
+                                   "0..K-1).") from e
+                raise OCLError(f"{path}: cannot read the .npz archive ({e}).") from e
+            except (OSError, EOFError) as e:
                 raise OCLError(f"{path}: cannot read the .npz archive ({e}).") from e
             arrays = _pick(stored, path)
         elif os.path.isdir(path):

@@ -72,6 +72,14 @@ class ArrayImageSet(ImageSet):
                 f"{where}: labels must have shape ({data.shape[0]},) to match the data; "
                 f"got {tuple(labels.shape)}."
             )
+        if labels.size and labels.dtype.kind not in "biuf":  # strings, objects: np.mod would fail obscurely
+            kind = {"U": "text", "S": "bytes", "O": "Python object"}.get(labels.dtype.kind, str(labels.dtype))
+            first = repr(labels.reshape(-1)[0].item())
+            raise OCLError(
+                f"{where}: labels must be integer class indices 0..K-1; got {kind} labels (dtype {labels.dtype}, "
+                f"e.g. {first[:40]}). Map class names to indices, e.g. names, y = np.unique(y, return_inverse=True) "
+                "(and pass the names as classes)."
+            )
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             if not np.all(np.equal(np.mod(labels, 1), 0)):
                 raise OCLError(f"{where}: labels must be integers; got dtype {labels.dtype}.")

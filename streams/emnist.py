@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, storage_error
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.download import DEFAULT_ROOT, fetch, missing_files
 
@@ -49,10 +49,13 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-            raw = gzip.decompress(raw)
     except FileNotFoundError as e:
         raise missing_files("emnist", [path], "put the IDX file there.") from e
+    except OSError as e:
+        raise storage_error(e, path, "reading the EMNIST IDX file") from e
+    try:
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            raw = gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as e:
         raise OCLError(f"{path}: cannot decompress ({e}); the gzip file is corrupt or truncated.") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -119,6 +122,12 @@ def _shift_labels(y: np.ndarray, split: str, num_classes: int, path: str, where)
 # ----------------------------------------------------------------------------- CSV
 
 
+def _short(text: str, limit: int = 40) -> str:
+    """A cell as quoted in a message: never more than ``limit`` characters of a file's bytes."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _parse_rows(lines: list[str], path: str, rownums: list[int]) -> np.ndarray:
     """Parse CSV lines into ``(n, 785)`` float64; on failure find and name the bad row."""
     try:
@@ -133,50 +142,73 @@ def _parse_rows(lines: list[str], path: str, rownums: list[int]) -> np.ndarray:
             raise OCLError(
                 f"{path}: row {num} has {len(cells)} values; expected 785 (label then 28x28 pixels)."
             )
-        try:
-            [float(c) for c in cells]
-        except ValueError as e:
-            raise OCLError(f"{path}: row {num} holds a non-numeric value ({e}).") from e
+        for col, cell in enumerate(cells):
+            if not _is_number(cell):
+                what = "its label" if col == 0 else f"pixel {col}"
+                raise OCLError(f"{path}: row {num}: {what} is {_short(cell)}, not a number.")
     raise OCLError(f"{path}: rows {rownums[0]}..{rownums[-1]} cannot be parsed as numbers.")
 
 
-def _is_header(line: str) -> bool:
-    cell = line.split(",", 1)[0].strip().strip('"')
+def _is_number(cell: str) -> bool:
     try:
-        float(cell)
-        return False
-    except ValueError:
+        float(cell.strip().strip('"'))
         return True
+    except ValueError:
+        return False
+
+
+def _is_header(line: str) -> bool:
+    """A header names its columns: every cell is a non-numeric name (``label,p0,p1,...``). A
+    row with numbers in it is data, even if its label is damaged (then it is an error that
+    names the row, not a silently skipped row)."""
+    cells = line.strip().split(",")
+    return all(c.strip().strip('"') and not _is_number(c) for c in cells)
 
 
 def read_emnist_csv(path: str, split: str, num_classes: int) -> ArrayImageSet:
     """Read label-first CSV rows into ``(n, 28, 28, 1)`` uint8 upright images and 0-based labels.
 
-    Rows in errors are 1-based line numbers. A non-numeric first line is a header.
+    Rows in errors are 1-based line numbers. A first line of names only (``label,p0,...``) is
+    a header; any other line must be numbers.
     """
     xs, ys = [], []
     try:
-        f = open(path)
+        f = open(path, encoding="utf-8")
     except FileNotFoundError as e:
         raise missing_files(f"emnist-{split}", [path], "check the CSV path (train_file / test_file).") from e
+    except OSError as e:
+        raise storage_error(e, path, "reading the EMNIST CSV") from e
+    row = 0
     with f:
-        numbered = ((i, ln) for i, ln in enumerate(f, start=1) if ln.strip())
-        first = next(numbered, None)
-        rows_it = itertools.chain([first] if first and not _is_header(first[1]) else [], numbered)
-        while chunk := list(itertools.islice(rows_it, _CSV_CHUNK)):
-            nums = [i for i, _ in chunk]
-            rows = _parse_rows([ln for _, ln in chunk], path, nums)
-            labels, pixels = rows[:, 0], rows[:, 1:]
-            if not np.all(labels == np.round(labels)):
-                k = int(np.flatnonzero(labels != np.round(labels))[0])
-                raise OCLError(f"{path}: row {nums[k]} has a non-integer label {labels[k]}.")
-            badpix = (pixels < 0) | (pixels > 255) | (pixels != np.round(pixels))
-            if badpix.any():
-                k = int(np.flatnonzero(badpix.any(axis=1))[0])
-                raise OCLError(f"{path}: row {nums[k]} has pixel values outside the integers 0..255.")
-            where = lambda k, nums=nums: f"row {nums[k]}"  # noqa: E731
-            ys.append(_shift_labels(labels.astype(np.int64), split, num_classes, path, where))
-            xs.append(pixels.astype(np.uint8).reshape(-1, 28, 28).transpose(0, 2, 1))  # undo EMNIST's transpose
+        def numbered():  # non-empty lines with their 1-based line numbers
+            nonlocal row
+            for row, ln in enumerate(f, start=1):
+                if ln.strip():
+                    yield row, ln
+
+        try:
+            lines = numbered()
+            first = next(lines, None)
+            rows_it = itertools.chain([first] if first and not _is_header(first[1]) else [], lines)
+            while chunk := list(itertools.islice(rows_it, _CSV_CHUNK)):
+                nums = [i for i, _ in chunk]
+                rows = _parse_rows([ln for _, ln in chunk], path, nums)
+                labels, pixels = rows[:, 0], rows[:, 1:]
+                if not np.all(labels == np.round(labels)):
+                    k = int(np.flatnonzero(labels != np.round(labels))[0])
+                    raise OCLError(f"{path}: row {nums[k]} has a non-integer label {labels[k]}.")
+                badpix = (pixels < 0) | (pixels > 255) | (pixels != np.round(pixels))
+                if badpix.any():
+                    k = int(np.flatnonzero(badpix.any(axis=1))[0])
+                    raise OCLError(f"{path}: row {nums[k]} has pixel values outside the integers 0..255.")
+                where = lambda k, nums=nums: f"row {nums[k]}"  # noqa: E731
+                ys.append(_shift_labels(labels.astype(np.int64), split, num_classes, path, where))
+                xs.append(pixels.astype(np.uint8).reshape(-1, 28, 28).transpose(0, 2, 1))  # undo EMNIST's transpose
+        except UnicodeDecodeError:
+            raise OCLError(f"{path}: not a text file (bytes that are not UTF-8 text in line {row + 1}); an EMNIST "
+                           "CSV holds rows of numbers: a label, then 784 pixel values.") from None
+        except OSError as e:
+            raise storage_error(e, path, "reading the EMNIST CSV") from e
     if not ys:
         raise OCLError(f"{path}: no data rows.")
     return ArrayImageSet(np.concatenate(xs), np.concatenate(ys), path)

@@ -4,18 +4,23 @@ An :class:`Extractor` maps a batch of images ``(n, H, W, C)`` uint8 to features
 ``(n, D)`` float32. :func:`extract_features` runs one over a whole :class:`ImageSet`
 and caches the result under ``cache_dir/<key>/``::
 
-    features.npy   (n, D) float32, read back as a read-only np.memmap
+    features.npy   (n, D) in the storage dtype, read back as a read-only np.memmap
     meta.json      shape, dtype, sha1 of the feature bytes, fingerprint, extractor key
 
 ``<key>`` is the sha1 of the images' fingerprint and the extractor's key (model, weights,
-preprocessing), so any change to either is a cache miss. Files are written to a temp file,
-fsynced and renamed (atomic), meta.json last; on load every check (meta present and
-matching, file size, sha1) must pass, otherwise a WARNING says why and the cache is rebuilt.
+preprocessing) and, for ``float16`` storage, the dtype, so any change to either is a cache
+miss. The storage dtype is ``float32`` (default) or ``float16`` (half the disk and page
+cache; the runner reads rows back as float32, so learners always get float32). Files are
+written to a temp file, fsynced and renamed (atomic), meta.json last; on load every check
+(meta present and matching, file size, sha1) must pass, otherwise a WARNING says why and
+the cache is rebuilt. :mod:`ocl.streams.shards` builds the same entry from shards written
+by several workers (``ocl extract engine=ray``).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,13 +35,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, storage_error
+from ocl.rundir import fsync_dir
+from ocl.sidefile import preallocate
 from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
 from ocl.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cache layout or meta fields change
+CACHE_FORMAT = 2  # bump when the cache layout or meta fields change
+#: Formats this code reads. 2 added float16 storage and the optional meta fields `engine`
+#: and `shards` (an entry assembled from shards); a format-1 entry is a float32 entry as
+#: format 2 writes it, so the caches of earlier versions stay valid.
+READABLE_FORMATS = (1, 2)
+#: Storage dtypes of the cache (``cache_dtype=``).
+STORAGE_DTYPES = ("float32", "float16")
 
 
 class Extractor(abc.ABC):
@@ -110,11 +123,13 @@ class TimmExtractor(Extractor):
         model_kwargs: extra ``timm.create_model`` arguments.
         threads: torch intra-op threads while extracting (``None``: torch's default,
             every core); restored afterwards.
-        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 on CUDA, fp32 on
-            the CPU: exact features, and bf16 pays off only on CPUs with native bf16
-            instructions; on this project's AVX512-BF16 EPYC it was 1.8x faster at 128 px,
-            ``scripts/bench_features.py``). bf16 changes the features (by up to a few
-            percent of their largest value), so it is part of the cache key.
+        precision: ``"fp32"`` (default), ``"bf16"`` (autocast: the fast choice on a GPU, and
+            on CPUs with native bf16 instructions: 1.8x at 128 px on this project's
+            AVX512-BF16 EPYC, ``scripts/bench_features.py``) or ``"auto"`` (bf16 on CUDA,
+            fp32 on the CPU). bf16 changes the features (by up to a few percent of their
+            largest value), so it is part of the cache key. fp32 is the default so that the
+            features and their cache entry do not depend on the machine (a CPU-only driver
+            and GPU Ray workers must agree on the key; see ``ocl.extract``).
         channels_last: run the network and its input in the channels-last memory format:
             ``True``, ``False`` or ``"auto"`` (on CUDA only, where it is the fast layout for
             convolutions under bf16; on this project's CPU it made no consistent difference,
@@ -132,7 +147,7 @@ class TimmExtractor(Extractor):
         device: str = "auto",
         model_kwargs: dict[str, Any] | None = None,
         threads: int | None = None,
-        precision: str = "auto",
+        precision: str = "fp32",
         channels_last: bool | str = "auto",
     ) -> None:
         if device == "auto":
@@ -233,9 +248,19 @@ def make_extractor(name: str = DEFAULT_BACKBONE, **kwargs: Any) -> Extractor:
 # ---------------------------------------------------------------------------------------
 
 
-def cache_key(fingerprint: str, extractor_key: str) -> str:
-    """Directory name of a cache entry: sha1 of the image fingerprint and the extractor key."""
-    return hashlib.sha1(json.dumps([fingerprint, extractor_key]).encode()).hexdigest()
+def cache_key(fingerprint: str, extractor_key: str, dtype: str = "float32") -> str:
+    """Directory name of a cache entry: sha1 of the image fingerprint, the extractor key and
+    (unless float32, so that float32 keys are those of earlier versions) the storage dtype."""
+    parts = [fingerprint, extractor_key] + ([] if dtype == "float32" else [dtype])
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is a storage dtype of the cache, else :class:`OCLError`."""
+    if dtype not in STORAGE_DTYPES:
+        raise OCLError(f"cache_dtype={dtype!r}: must be one of {', '.join(STORAGE_DTYPES)} "
+                       "(float16 halves the cache; learners still get float32).")
+    return dtype
 
 
 def extract_features(
@@ -244,6 +269,7 @@ def extract_features(
     cache_dir: str | os.PathLike | None,
     batch_size: int = 256,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> np.ndarray:
     """Features of every item of ``images`` (an :class:`ImageSet`), cached on disk.
 
@@ -253,53 +279,78 @@ def extract_features(
         cache_dir: cache root; ``None`` (or a non-cacheable extractor) computes in memory.
         batch_size: images read per step.
         progress: show a tqdm bar (only on a terminal).
+        dtype: storage dtype of the cache, ``"float32"`` or ``"float16"`` (rounded once,
+            when written; without a cache the features stay float32).
 
     Returns:
-        ``(n, D)`` float32: a read-only ``np.memmap`` when cached, else an array.
+        ``(n, D)``: a read-only ``np.memmap`` in the storage dtype when cached (read rows
+        with ``np.asarray(x[idx], dtype=np.float32)``, as the runner does), else a float32
+        array.
 
     Raises:
-        OCLError: the extractor produced NaN/inf (nothing is cached) or a bad shape.
+        OCLError: the extractor produced NaN/inf, or values float16 cannot hold (nothing
+            is cached), or a bad shape.
     """
     if batch_size < 1:
         raise OCLError(f"batch_size must be >= 1; got {batch_size}.")
+    check_dtype(dtype)
     if cache_dir is None or not extractor.cacheable:
         return _compute(images, extractor, None, batch_size, progress)[0]
 
     fp, ekey = images.fingerprint(), extractor.key()
-    entry = Path(cache_dir) / cache_key(fp, ekey)
-    feats = _load_cached(entry, fp, ekey, len(images))
+    entry = Path(cache_dir) / cache_key(fp, ekey, dtype)
+    feats = _load_cached(entry, fp, ekey, len(images), dtype)
     if feats is not None:
         log.info("feature cache hit: %s (%d x %d)", entry, *feats.shape)
         return feats
 
-    entry.mkdir(parents=True, exist_ok=True)
     meta_path, feat_path = entry / "meta.json", entry / "features.npy"
-    meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
-    fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=entry)
-    os.close(fd)
     try:
-        written, sha1, shape = _compute(images, extractor, Path(tmp), batch_size, progress)
+        entry.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
+        fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=entry)
+        os.close(fd)
+    except OSError as e:
+        raise storage_error(e, entry, "creating a feature cache entry (cache_dir=null runs without the cache)") from e
+    try:
+        written, sha1, shape = _compute(images, extractor, Path(tmp), batch_size, progress, dtype)
         del written  # close the writable memmap; the caller gets a read-only one
         os.replace(tmp, feat_path)
-    except BaseException:
-        os.unlink(tmp)
+        write_meta(entry, shape, dtype, sha1, fp, ekey)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not meta_path.exists():  # features without their meta are never trusted: remove them
+            with contextlib.suppress(OSError):
+                feat_path.unlink()
         _rmdir_if_empty(entry)  # a failed first build leaves nothing behind
+        if isinstance(e, OSError):
+            raise storage_error(e, entry, "writing the feature cache; nothing was cached (cache_dir=null runs "
+                                "without the cache)") from e
         raise
-    meta = {
-        "format": CACHE_FORMAT, "shape": list(shape), "dtype": "float32", "sha1": sha1,
-        "n_bytes": feat_path.stat().st_size, "fingerprint": fp, "extractor": ekey,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
-    _fsync_dir(entry)
     log.info("feature cache written: %s", entry)
     return np.load(feat_path, mmap_mode="r")
 
 
+def write_meta(entry: Path, shape: tuple[int, int], dtype: str, sha1: str, fingerprint: str,
+               extractor_key: str, **extra: Any) -> None:
+    """Write ``entry/meta.json`` for the complete ``entry/features.npy`` (atomically, and
+    last: it is what makes the entry valid). ``extra``: optional fields (``engine``, ...)."""
+    meta = {
+        "format": CACHE_FORMAT, "shape": list(shape), "dtype": dtype, "sha1": sha1,
+        "n_bytes": (entry / "features.npy").stat().st_size, "fingerprint": fingerprint,
+        "extractor": extractor_key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+    }
+    _atomic_write_text(entry / "meta.json", json.dumps(meta, indent=1))
+    fsync_dir(entry)
+
+
 def _compute(
-    images: Any, extractor: Extractor, out_path: Path | None, batch_size: int, progress: bool
+    images: Any, extractor: Extractor, out_path: Path | None, batch_size: int, progress: bool,
+    dtype: str = "float32", offset: int = 0,
 ) -> tuple[np.ndarray, str, tuple[int, int]]:
-    """Run the extractor over all images; write to ``out_path`` (.npy) if given.
+    """Run the extractor over all images; write to ``out_path`` (.npy, in ``dtype``) if given.
+    ``offset``: index of ``images[0]`` in the whole set (for error messages).
 
     Returns ``(features, sha1 of their bytes, shape)``.
     """
@@ -309,7 +360,7 @@ def _compute(
     h = hashlib.sha1()
     out: np.ndarray | None = None
     if n == 0:
-        out = np.zeros((0, extractor.feature_dim or 0), np.float32)
+        out = np.zeros((0, extractor.feature_dim or 0), np.float32 if out_path is None else dtype)
     t0 = time.perf_counter()
     bar = tqdm(total=n, unit="img", desc="features", disable=not progress or not sys.stderr.isatty())
     try:
@@ -322,15 +373,26 @@ def _compute(
                 raise OCLError(
                     f"extractor {extractor.key()} returned shape {f.shape} for {len(idx)} images.")
             if not np.isfinite(f).all():
-                bad = s + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
+                bad = offset + s + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
                 raise OCLError(
                     f"the feature extractor produced NaN/inf (first at image {bad}); nothing was "
                     f"cached. Extractor: {extractor.key()}. Check the weights and the input images."
                 )
+            if out_path is not None and dtype != "float32":
+                with np.errstate(over="ignore"):  # checked right below, with a message
+                    f = f.astype(dtype)
+                if not np.isfinite(f).all():  # |x| > 65504 overflows float16
+                    bad = offset + s + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
+                    raise OCLError(f"features of image {bad} exceed the range of cache_dtype={dtype}; nothing "
+                                   "was cached. Use cache_dtype=float32.")
             if out is None:  # D is known only after the first batch
                 shape = (n, f.shape[1])
-                out = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
-                       if out_path is not None else np.empty(shape, np.float32))
+                if out_path is not None:
+                    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=f.dtype, shape=shape)
+                    with open(out_path, "rb+") as fh:  # a full disk now, not a SIGBUS in the mapped writes
+                        preallocate(fh.fileno(), os.path.getsize(out_path), str(out_path), "the feature cache")
+                else:
+                    out = np.empty(shape, np.float32)
             f = np.ascontiguousarray(f)
             out[s:s + len(idx)] = f
             h.update(f.data)  # row-major batches in order == the bytes of the whole array
@@ -350,18 +412,18 @@ def _compute(
     return out, h.hexdigest(), (n, int(out.shape[1]))
 
 
-def _load_cached(entry: Path, fp: str, ekey: str, n: int) -> np.ndarray | None:
+def _load_cached(entry: Path, fp: str, ekey: str, n: int, dtype: str = "float32") -> np.ndarray | None:
     """The cached features if every check passes; else None (with a WARNING if an entry existed)."""
     if not (entry / "meta.json").exists() and not (entry / "features.npy").exists():
         return None  # nothing there yet: a plain miss
-    why = _cache_problem(entry, fp, ekey, n)
+    why = _cache_problem(entry, fp, ekey, n, dtype)
     if why is None:
         return np.load(entry / "features.npy", mmap_mode="r")
     log.warning("feature cache %s is invalid (%s); rebuilding it.", entry, why)
     return None
 
 
-def _cache_problem(entry: Path, fp: str, ekey: str, n: int) -> str | None:
+def _cache_problem(entry: Path, fp: str, ekey: str, n: int, dtype: str = "float32") -> str | None:
     """Why the cache entry cannot be trusted, or None if it can."""
     meta_path, feat_path = entry / "meta.json", entry / "features.npy"
     if not meta_path.is_file():
@@ -371,8 +433,8 @@ def _cache_problem(entry: Path, fp: str, ekey: str, n: int) -> str | None:
         shape, sha1, n_bytes = tuple(meta["shape"]), meta["sha1"], int(meta["n_bytes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"meta.json is unreadable ({type(e).__name__}: {e})"
-    if meta.get("format") != CACHE_FORMAT or meta.get("dtype") != "float32":
-        return f"format/dtype {meta.get('format')}/{meta.get('dtype')}, expected {CACHE_FORMAT}/float32"
+    if meta.get("format") not in READABLE_FORMATS or meta.get("dtype") != dtype:
+        return f"format/dtype {meta.get('format')}/{meta.get('dtype')}, expected {CACHE_FORMAT}/{dtype}"
     if meta.get("fingerprint") != fp or meta.get("extractor") != ekey:
         return "meta.json was written for other images or another extractor"
     if len(shape) != 2 or shape[0] != n:
@@ -386,8 +448,8 @@ def _cache_problem(entry: Path, fp: str, ekey: str, n: int) -> str | None:
         arr = np.load(feat_path, mmap_mode="r")
     except (OSError, ValueError) as e:
         return f"features.npy is unreadable ({type(e).__name__}: {e})"
-    if arr.shape != shape or arr.dtype != np.float32:
-        return f"features.npy holds {arr.shape} {arr.dtype}, meta.json says {list(shape)} float32"
+    if arr.shape != shape or arr.dtype != np.dtype(dtype):
+        return f"features.npy holds {arr.shape} {arr.dtype}, meta.json says {list(shape)} {dtype}"
     h = hashlib.sha1()
     flat = arr.reshape(-1)
     step = 1 << 22  # hash 16 MB at a time: never loads a big cache whole
@@ -416,17 +478,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

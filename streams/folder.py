@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, storage_error
 from ocl.streams.base import ImageSet, Source
 from ocl.streams.download import extract_zip, missing_files
 
@@ -63,6 +63,8 @@ class FileImageSet(ImageSet):
                 img = img.convert("RGB" if self.channels == 3 else "L")
         except FileNotFoundError as e:
             raise OCLError(f"{path}: image file disappeared after the folder was listed.") from e
+        except PermissionError as e:
+            raise storage_error(e, path, "reading an image") from e
         except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "bad file"
             raise OCLError(f"{path}: cannot decode image ({e}); the file is corrupt or truncated.") from e
         return path, img
@@ -120,7 +122,19 @@ def _class_dirs(directory: str) -> list[str]:
         classes, _ = find_classes(directory)
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise storage_error(e, directory, "listing its class folders") from e
     return [c for c in classes if not c.startswith(".") and c not in _IGNORED_DIRS]
+
+
+def _check_listable(directory: str) -> None:
+    """Refuse a folder under ``directory`` that cannot be listed: ``os.walk``, which torchvision's
+    ``make_dataset`` uses, skips it silently, and its class would look empty."""
+    def fail(e: OSError) -> None:
+        raise storage_error(e, e.filename or directory, "listing the images of a class folder") from e
+
+    for _ in os.walk(directory, onerror=fail, followlinks=True):
+        pass
 
 
 def _list_files(directory: str, classes: list[str]) -> list[tuple[str, int]]:
@@ -136,6 +150,8 @@ def _list_files(directory: str, classes: list[str]) -> list[tuple[str, int]]:
     class_to_idx = {c: i for i, c in enumerate(classes) if c in present}
     if not class_to_idx:
         return []
+    for c in class_to_idx:
+        _check_listable(os.path.join(directory, c))
     samples = make_dataset(directory, class_to_idx, is_valid_file=valid, allow_empty=True)
     samples.sort(key=lambda s: s[1])  # stable: class index order, files sorted within a class
     return [(os.path.relpath(p, directory), y) for p, y in samples]

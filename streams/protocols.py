@@ -70,12 +70,22 @@ class Stream:
         return np.flatnonzero(np.diff(self.tasks)) + 1
 
 
+def _check_max_examples(max_examples: int | None) -> None:
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise OCLError(f"protocol.max_examples must be positive (a number of examples), or null for the whole "
+                       f"stream; got {max_examples!r}.")
+
+
 def _truncate(stream: Stream, max_examples: int | None) -> Stream:
     """Keep the first ``max_examples`` steps (and the tests of the tasks that remain)."""
-    if max_examples is None or max_examples >= len(stream):
+    _check_max_examples(max_examples)
+    if max_examples is None:
         return stream
-    if max_examples <= 0:
-        raise OCLError(f"max_examples must be positive; got {max_examples}.")
+    if max_examples > len(stream):
+        log.warning("protocol.max_examples=%d but the stream has only %d examples: running all %d.",
+                    max_examples, len(stream), len(stream))
+        return stream
     n_tasks = int(stream.tasks[max_examples - 1]) + 1
     return Stream(
         name=stream.name,
@@ -86,6 +96,13 @@ def _truncate(stream: Stream, max_examples: int | None) -> Stream:
         tests=stream.tests[:n_tasks],
         task_classes=None if stream.task_classes is None else stream.task_classes[:n_tasks],
     )
+
+
+def task_sizes(n_classes: int, n_tasks: int) -> list[int]:
+    """Classes per task when ``n_classes`` are spread over ``n_tasks``: as equal as possible,
+    the first ``n_classes % n_tasks`` tasks one class more (26 over 5: 6, 5, 5, 5, 5)."""
+    q, r = divmod(n_classes, n_tasks)
+    return [q + 1 if t < r else q for t in range(n_tasks)]
 
 
 def split(
@@ -101,11 +118,15 @@ def split(
     """Class-incremental split: tasks are disjoint groups of classes, one after another.
 
     The learner predicts over all ``source.num_classes`` classes (single head). Within a
-    task the examples are shuffled.
+    task the examples are shuffled. By default every class is used: K classes over T tasks
+    give each task K // T classes and the first K % T tasks one more (26 over 5: 6,5,5,5,5).
 
     Args:
         n_tasks: number of tasks.
-        classes_per_task: classes in each task (default: ``num_classes // n_tasks``).
+        classes_per_task: classes in each task; ``None`` (default) spreads every class (of
+            ``class_order`` if given) over the tasks as above. With a number, the first
+            ``n_tasks * classes_per_task`` classes of the order are used (a warning says how
+            many are left out).
         class_order: explicit order of classes (overrides the seeded shuffle).
         shuffle_classes: draw the class order from ``seed`` (else 0, 1, 2, ...).
         max_examples: cut the stream after this many steps (``None``: whole stream).
@@ -113,27 +134,37 @@ def split(
             task (``None``: all); a shorter stream that still visits every task.
     """
     K = source.num_classes
+    _check_max_examples(max_examples)
     if examples_per_task is not None and examples_per_task < 1:
         raise OCLError(f"protocol.examples_per_task must be >= 1; got {examples_per_task}.")
     if n_tasks < 1:
         raise OCLError(f"protocol.n_tasks must be >= 1; got {n_tasks}.")
-    cpt = classes_per_task if classes_per_task is not None else K // n_tasks
-    if cpt < 1 or cpt * n_tasks > K:
-        raise OCLError(
-            f"protocol: {n_tasks} tasks x {cpt} classes per task needs {n_tasks * max(cpt, 1)} "
-            f"classes, but {source.name} has {K}. Lower protocol.n_tasks or "
-            f"protocol.classes_per_task."
-        )
     rng = np.random.default_rng(seed)
     if class_order is not None:
         order_c = np.asarray(list(class_order), dtype=np.int64)
         if sorted(order_c.tolist()) != sorted(set(order_c.tolist())) or order_c.min() < 0 or order_c.max() >= K:
             raise OCLError(f"protocol.class_order must list distinct classes in [0, {K}); got {list(order_c)}.")
-        if len(order_c) < cpt * n_tasks:
-            raise OCLError(f"protocol.class_order lists {len(order_c)} classes; {cpt * n_tasks} needed.")
     else:
         order_c = rng.permutation(K) if shuffle_classes else np.arange(K)
-    task_classes = [order_c[i * cpt : (i + 1) * cpt].tolist() for i in range(n_tasks)]
+    available = len(order_c)
+    if classes_per_task is None:
+        sizes = task_sizes(available, n_tasks)
+    else:
+        if classes_per_task < 1:
+            raise OCLError(f"protocol.classes_per_task must be >= 1; got {classes_per_task}.")
+        sizes = [classes_per_task] * n_tasks
+    if min(sizes) < 1 or sum(sizes) > available:
+        what = "protocol.class_order lists" if class_order is not None else f"{source.name} has"
+        raise OCLError(
+            f"protocol: {n_tasks} tasks x {max(min(sizes), 1)} classes per task needs {n_tasks * max(min(sizes), 1)} "
+            f"classes, but {what} {available}. Lower protocol.n_tasks or protocol.classes_per_task."
+        )
+    if sum(sizes) < available:
+        log.warning("protocol: %d tasks x %d classes per task use %d of the %d classes; the other %d are left out "
+                    "of the stream (protocol.classes_per_task=null uses them all).",
+                    n_tasks, sizes[0], sum(sizes), available, available - sum(sizes))
+    ends = np.cumsum(sizes)
+    task_classes = [order_c[e - k : e].tolist() for k, e in zip(sizes, ends)]
 
     y = source.train.labels
     order, tasks = [], []
@@ -185,10 +216,14 @@ def permuted(
     """
     if segment_length < 1:
         raise OCLError(f"protocol.segment_length must be >= 1; got {segment_length}.")
+    _check_max_examples(max_examples)
     K = source.num_classes
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(source.train))
     if max_examples is not None:
+        if max_examples > order.size:
+            log.warning("protocol.max_examples=%d but the stream has only %d examples: running all %d.",
+                        max_examples, order.size, order.size)
         order = order[:max_examples]
     n = order.size
     tasks = np.arange(n, dtype=np.int64) // segment_length
@@ -200,3 +235,58 @@ def permuted(
         yt = source.test.labels
         tests = [TaskTest(np.arange(yt.size), perms[s, yt].astype(np.int64)) for s in range(n_seg)]
     return Stream("permuted", order, labels, tasks, K, tests)
+
+
+def bursty(source: Source, seed: int = 0, stay: float = 0.9, max_examples: int | None = None) -> Stream:
+    """A temporally correlated stream: consecutive examples tend to share a class, as in
+    video, geolocated photo streams (CLOC) or a user's albums.
+
+    The class sequence is a seeded Markov chain: after each example the stream stays on
+    the current class with probability ``stay`` and otherwise jumps to a class drawn
+    uniformly from the *other* classes that still have examples. Examples of a class are
+    drawn without replacement in a seeded random order, until the training split runs out:
+    every training example appears exactly once, so the class counts are the source's.
+
+    Run lengths: away from exhaustion a run lasts a geometric number of steps, mean
+    ``1 / (1 - stay)`` (10 at 0.9; a jump never lands on the class it leaves, so this is
+    exact), and P(next example has the same class) = ``stay``. Exhaustion bends this near
+    the end of the stream: a class that runs out ends its run early (the chain moves to a
+    class that still has examples), and once a single class is left it runs to the end.
+    ``stay = 0`` never repeats a class while another one is available.
+
+    One task; its held-out test set is the whole test split.
+
+    Args:
+        stay: probability of staying on the current class, in ``[0, 1)``.
+        max_examples: cut the stream after this many steps (``None``: all).
+    """
+    if isinstance(stay, bool) or not isinstance(stay, (int, float)) or not 0.0 <= stay < 1.0:
+        raise OCLError(f"protocol.stay must be a number in [0, 1) (the probability of staying on the current "
+                       f"class; 1 would never leave it); got {stay!r}.")
+    rng = np.random.default_rng(seed)
+    y = source.train.labels
+    K = source.num_classes
+    pools = [rng.permutation(np.flatnonzero(y == k)) for k in range(K)]  # each class's examples, seeded order
+    left = np.array([p.size for p in pools])  # examples still to draw, per class
+    order = np.empty(y.size, dtype=np.int64)
+    n = 0
+    c = int(rng.choice(np.flatnonzero(left > 0)))
+    # One iteration per run: a run's length is geometric (the per-step coin of the chain,
+    # memoryless), so drawing it at once is the same chain at a cost of O(runs), not O(steps).
+    while n < y.size:
+        length = int(rng.geometric(1.0 - stay))  # >= 1
+        take = min(length, int(left[c]))
+        pool = pools[c]
+        order[n : n + take] = pool[pool.size - left[c] : pool.size - left[c] + take]
+        left[c] -= take
+        n += take
+        others = np.flatnonzero(left > 0)
+        others = others[others != c]
+        if others.size:  # the run ended (a jump, or the class ran out): move to another class
+            c = int(others[rng.integers(others.size)])
+        # else: only c is left (a run that ended just continues with c), or nothing is
+    tests = []
+    if source.test is not None:
+        tests = [TaskTest(np.arange(len(source.test)), source.test.labels.astype(np.int64))]
+    stream = Stream("bursty", order, y[order].astype(np.int64), np.zeros(y.size, dtype=np.int64), K, tests)
+    return _truncate(stream, max_examples)

@@ -1,5 +1,30 @@
+import logging
 import os
+from types import SimpleNamespace
+
+import pytest
 
 # Tests must never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OCL_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "test-features"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local Ray cluster of 2 CPUs, started once, when the first test needs it, for every
+    Ray test of the session (skipped without the `ray` extra: pip install -e ".[ray]").
+
+    ``modules``: a folder on the Ray workers' PYTHONPATH, for helper modules the tests write
+    (a learner or extractor a worker must import by name)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    modules = tmp_path_factory.mktemp("ray_modules")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from tests
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback test cluster: no token written to ~/.ray
+    path = os.pathsep.join(p for p in (str(modules), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield SimpleNamespace(modules=modules, address=ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,19 +21,26 @@ from ocl.learners.mlp import MLPLearner
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def tree(*dirs):
+    """Every file under ``dirs`` with its bytes."""
+    return {str(p): p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def previous(tmp_path):
-    """A run directory and a feature cache that already hold results: bad runs must leave them be."""
+    """A run directory (results, .hydra/, log) and a feature cache: bad runs must leave them be,
+    byte for byte, and add nothing (no .hydra/ rewrite, no log lines, no lock file)."""
     run, cache = tmp_path / "run", tmp_path / "cache"
-    run.mkdir()
+    (run / ".hydra").mkdir(parents=True)
     (cache / "entry").mkdir(parents=True)
     files = {run / "results.json": b'{"previous": true}', run / "steps.csv": b"step\n0\n",
+             run / ".hydra" / "overrides.yaml": b"- seed=0\n", run / "ocl.log": b"[earlier run]\n",
              cache / "entry" / "features.npy": b"cached"}
     for p, b in files.items():
         p.write_bytes(b)
+    before = tree(run, cache)
     yield run, cache
-    for p, b in files.items():
-        assert p.read_bytes() == b, f"{p} was changed by a failed run"
+    assert tree(run, cache) == before, "a failed run changed its directory or the cache"
 
 
 def ocl(previous, monkeypatch, capsys, *args):
@@ -186,6 +194,11 @@ def test_unknown_or_mistyped_config_keys(previous, monkeypatch, capsys, override
     ("chunk_size=abc", "chunk_size='abc': must be an integer >= 1"),
     ("checkpoint_every=-5", "checkpoint_every=-5: must be a number of examples >= 1, or null"),
     ("eval_test=maybe", "eval_test='maybe': must be true or false"),
+    # used to be tracebacks:
+    ("seed=-1", "seed=-1: must be an integer in [0, 18446744073709551615]"),
+    ("seed=99999999999999999999", "seed=99999999999999999999: must be an integer in [0,"),
+    ("stream=arrays", "stream.path: required but not given; set it on the command line, e.g. stream.path=VALUE"),
+    ("protocol.n_tasks=abc", "protocol.n_tasks='abc': must be an integer"),
 ])
 def test_bad_config_values(previous, monkeypatch, capsys, override, expect):
     assert expect in user_error(previous, monkeypatch, capsys, override)
@@ -239,3 +252,156 @@ def test_skipped_updates_are_reported(tmp_path):
                                                        f"cache_dir={tmp_path / 'c'}"])
     run_experiment(cfg, tmp_path / "r")
     assert json.loads((tmp_path / "r" / "results.json").read_text())["skipped_updates"] == 0
+
+
+# ------------------------------------------------------------------------ settings that used to run or crash
+
+LR_LEARNERS = ["linear", "mlp", "er", "avalanche_naive", "avalanche_replay", "avalanche_er_ace", "avalanche_gdumb",
+               "transformer"]
+
+
+@pytest.mark.parametrize("learner", LR_LEARNERS)
+def test_learning_rate_must_be_a_finite_non_negative_number(previous, monkeypatch, capsys, learner):
+    """lr=nan/inf used to run with every update skipped (exit 0); -1 and abc were tracebacks."""
+    for value, expect in (("nan", "learner.lr=nan: must be a finite number"),
+                          ("inf", "learner.lr=inf: must be a finite number"),
+                          ("-1", "learner.lr=-1: must be >= 0"),
+                          ("abc", "learner.lr='abc': must be a finite number")):
+        assert expect in user_error(previous, monkeypatch, capsys, f"learner={learner}", f"learner.lr={value}")
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("learner.window=abc", "learner.window='abc': must be an integer"),
+    ("learner.temp_lr=-0.1", "learner.temp_lr=-0.1: must be >= 0"),
+    ("learner.dropout=nan", "learner.dropout=nan: must be a finite number"),
+    ("+learner.windw=8", "learner: unknown option(s) ['windw'] for TransformerLearner"),
+])
+def test_transformer_options_are_checked(previous, monkeypatch, capsys, override, expect):
+    assert expect in user_error(previous, monkeypatch, capsys, "learner=transformer", override)
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_permuted_max_examples_must_be_positive(previous, monkeypatch, capsys, value):
+    """-5 used to run 1,432 examples; 0 was an IndexError."""
+    err = user_error(previous, monkeypatch, capsys, "protocol=permuted", f"protocol.max_examples={value}")
+    assert f"protocol.max_examples must be positive (a number of examples), or null for the whole stream; got {value}" in err
+
+
+def test_cache_dir_that_is_a_file(tmp_path, previous, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    err = user_error(previous, monkeypatch, capsys, f"cache_dir={tmp_path / 'afile'}")
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in err and "cache_dir=null" in err
+
+
+# ------------------------------------------------------------------------ data that used to be guessed at
+
+def test_string_labels_in_an_npz(tmp_path, previous, monkeypatch, capsys):
+    np.savez(tmp_path / "x.npz", x_train=np.ones((10, 4), np.float32), y_train=np.array(list("ababababab")))
+    err = user_error(previous, monkeypatch, capsys, "stream=arrays", f"stream.path={tmp_path / 'x.npz'}", "protocol=iid")
+    assert "labels must be integer class indices 0..K-1; got text labels (dtype <U1, e.g. 'a')" in err
+
+
+def test_a_text_file_named_npz(tmp_path, previous, monkeypatch, capsys):
+    (tmp_path / "x.npz").write_text("this is not an archive\n")
+    err = user_error(previous, monkeypatch, capsys, "stream=arrays", f"stream.path={tmp_path / 'x.npz'}", "protocol=iid")
+    assert f"{tmp_path / 'x.npz'}: not a .npz archive" in err and "pickle" not in err
+
+
+def _emnist_csv(path, rows=6, first_label="3"):
+    rng = np.random.default_rng(0)
+    lines = [",".join([str(1 + i % 26)] + [str(v) for v in rng.integers(0, 256, 784)]) for i in range(rows)]
+    lines[0] = first_label + lines[0][lines[0].index(","):]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_binary_garbage_as_csv_is_one_short_line(tmp_path, previous, monkeypatch, capsys):
+    """The message used to carry 29 KB of the file's bytes."""
+    (tmp_path / "g.csv").write_bytes(np.random.default_rng(0).integers(0, 256, 30000, dtype=np.uint8).tobytes())
+    err = user_error(previous, monkeypatch, capsys, "stream=emnist", "stream.format=csv",
+                     f"stream.train_file={tmp_path / 'g.csv'}", "protocol=iid")
+    line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
+    assert f"{tmp_path / 'g.csv'}: not a text file" in line and len(line) < 300
+
+
+def test_csv_whose_first_label_is_damaged_is_not_a_header(tmp_path, previous, monkeypatch, capsys):
+    """The row used to be taken for a header and dropped without a word."""
+    csv = _emnist_csv(tmp_path / "c.csv", first_label="x.0")
+    err = user_error(previous, monkeypatch, capsys, "stream=emnist", "stream.format=csv", f"stream.train_file={csv}",
+                     "protocol=iid")
+    assert f"{csv}: row 1: its label is 'x.0', not a number" in err
+
+
+def test_unreadable_class_folder(tmp_path, previous, monkeypatch, capsys):
+    """Simulated (tests may run as root, who reads anything): listing the folder fails with
+    EACCES. It used to be skipped, as "no training images" for that class."""
+    root = folder(tmp_path / "imgs")
+    bad, real = str(root / "b"), os.scandir
+
+    def scandir(p="."):
+        if os.path.abspath(os.fspath(p)) == bad:
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={root}", "protocol=iid")
+    assert f"permission denied: {bad} while listing the images of a class folder" in err
+
+
+def test_permission_error_names_the_file(tmp_path, previous, monkeypatch, capsys):
+    from ocl.streams import emnist
+
+    csv = _emnist_csv(tmp_path / "c.csv")
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied")  # as os.open reports it: no file name attached
+
+    monkeypatch.setattr(emnist, "open", denied, raising=False)
+    err = user_error(previous, monkeypatch, capsys, "stream=emnist", "stream.format=csv", f"stream.train_file={csv}",
+                     "protocol=iid")
+    assert f"permission denied: {csv} while reading the EMNIST CSV" in err
+
+
+# ------------------------------------------------------------------------ every example and class is streamed
+
+def _run_ok(tmp_path, monkeypatch, *args):
+    """``ocl run ARGS`` in-process, expected to succeed; returns (examples, distinct labels, tasks)."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    main(["run", "progress=false", f"cache_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'r'}", *args])
+    run = tmp_path / "r"
+    res = json.loads((run / "results.json").read_text())
+    labels = {int(row.split(",")[2]) for row in (run / "steps.csv").read_text().splitlines()[1:]}
+    return res["n_examples"], len(labels), res["n_tasks"]
+
+
+def test_split_with_a_remainder_keeps_every_class(tmp_path, monkeypatch):
+    """protocol.n_tasks=3 on digits used to drop a class (146 examples)."""
+    assert _run_ok(tmp_path, monkeypatch, "protocol.n_tasks=3") == (1437, 10, 3)
+
+
+# The real EMNIST sample of README's example: $OCL_SHARED_DATA, or ../shared/data beside the checkout
+# (or beside the folder of worktrees).
+_REPO = Path(__file__).resolve().parents[1]
+EMNIST = next((d / "emnist-letters-sample" for d in (Path(os.environ.get("OCL_SHARED_DATA", "/nonexistent")),
+                                                     _REPO.parent / "shared" / "data",
+                                                     _REPO.parent.parent / "shared" / "data")
+               if (d / "emnist-letters-sample" / "light-train.csv").exists()), _REPO / "missing")
+
+
+@pytest.mark.skipif(not (EMNIST / "light-train.csv").exists(), reason="needs ../shared/data (the EMNIST sample)")
+def test_readme_emnist_example_streams_every_row_and_letter(tmp_path, monkeypatch):
+    """README's example (26 classes, 5 tasks) used to stream 954 of 1,000 rows and 25 letters."""
+    assert _run_ok(tmp_path, monkeypatch, "stream=emnist", "stream.format=csv",
+                   f"stream.train_file={EMNIST / 'light-train.csv'}",
+                   f"stream.test_file={EMNIST / 'light-test.csv'}") == (1000, 26, 5)
+
+
+def test_compare_refuses_a_nan_learning_rate_before_running(tmp_path, monkeypatch, capsys):
+    """It used to run linear with every update skipped and rank it ok."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "progress=false", f"hydra.run.dir={tmp_path / 'cmp'}", f"cache_dir={tmp_path / 'c'}",
+              "learners=[linear,ncm]", "+learner_options.linear.lr=nan"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "learner_options.linear.lr=nan: must be a finite number" in err
+    assert not (tmp_path / "cmp").exists()

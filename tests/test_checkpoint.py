@@ -1,9 +1,12 @@
 """Checkpoint and resume: a run killed at any point and resumed ends exactly like an
 uninterrupted run; checkpoint writes are atomic; resume refuses what it cannot continue."""
 
+import errno
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +19,12 @@ import torch
 from hydra import compose, initialize_config_module
 
 from ocl import checkpoint as ckpt
-from ocl.errors import OCLError
+from ocl.errors import OCLError, StorageError
 from ocl.experiment import run_experiment
 
 # Keys that legitimately differ between an uninterrupted and a resumed run.
-VOLATILE = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "host", "config", "resumed",
-            "threads"}
+VOLATILE = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "near_future_seconds", "host",
+            "config", "resumed", "threads"}
 TINY_TRANSFORMER = ["learner=transformer", "learner.d_model=16", "learner.window=4", "learner.replay_streams=2"]
 BASE = ["protocol.max_examples=500", "protocol.n_tasks=5"]
 
@@ -38,6 +41,9 @@ def same_results(ref_dir: Path, run_dir: Path) -> None:
     assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
     assert (ref_dir / "steps.csv").read_bytes() == (run_dir / "steps.csv").read_bytes()
     np.testing.assert_array_equal(np.load(ref_dir / "steps.npy"), np.load(run_dir / "steps.npy"))  # bit-exact
+    # near-future evaluations (on by default), record by record
+    assert a["near_future_evaluations"] > 0
+    assert (ref_dir / "near_future.csv").read_bytes() == (run_dir / "near_future.csv").read_bytes()
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -126,7 +132,10 @@ class Crash(Exception):
 @pytest.mark.parametrize("learner", LEARNERS + ["transformer"])
 def test_every_learner_resumes_exactly(tmp_path, monkeypatch, learner):
     """Pickling the learner whole restores it exactly, for every learner (in-process crash)."""
-    over = [f"learner={learner}", "checkpoint_every=64", "chunk_size=3", "protocol.max_examples=300"]
+    # near-future evaluation after every chunk that holds a 4th step, on step end + 7: records
+    # made before the crash (and lost with steps 193-201) must come out the same after resume
+    over = [f"learner={learner}", "checkpoint_every=64", "chunk_size=3", "protocol.max_examples=300",
+            "near_future.offset=7", "near_future.every=4"]
     if learner == "transformer":
         over += TINY_TRANSFORMER[1:]
     run_experiment(config(tmp_path, *over), tmp_path / "ref")
@@ -157,7 +166,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
         with monkeypatch.context() as m:
             m.setattr(os, target, boom)
-            with pytest.raises(OSError, match="simulated"):
+            with pytest.raises(StorageError, match="c.pt: simulated crash"):  # one message naming the file
                 ckpt.save_atomic(path, {"format": ckpt.FORMAT, "v": 2, "big": torch.zeros(10_000)})
         assert path.read_bytes() == good and ckpt.load(path)["v"] == 1
         assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left behind
@@ -177,7 +186,7 @@ def test_crash_while_checkpointing_a_run_keeps_the_previous_checkpoint(tmp_path,
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(StorageError, match=r"disk gone[\s\S]*checkpoint.pt \(at example 100 of 300\), is intact"):
         run_experiment(config(tmp_path, *over), tmp_path / "run")
     monkeypatch.setattr(os, "replace", real)
     assert checkpoint_step(tmp_path / "run") == 100
@@ -193,6 +202,8 @@ def test_resume_refusals_change_nothing(tmp_path):
         run_experiment(config(tmp_path, "resume=true"), tmp_path / "empty")
     with pytest.raises(OCLError, match=r"config differs[\s\S]*learner.lr: 1.0 -> 0.5"):
         run_experiment(config(tmp_path, "protocol.max_examples=100", "learner.lr=0.5", "resume=true"), run)
+    with pytest.raises(OCLError, match=r"config differs[\s\S]*near_future.every: 20 -> None"):
+        run_experiment(config(tmp_path, "protocol.max_examples=100", "near_future.every=null", "resume=true"), run)
     with pytest.raises(OCLError, match="already holds a checkpoint"):
         run_experiment(config(tmp_path, "protocol.max_examples=100"), run)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
@@ -241,3 +252,171 @@ def _wait_file(path, proc, timeout=60.0):
             return False
         time.sleep(0.01)
     return True
+
+
+# ------------------------------------------------------------------------ verified checkpoints, self-contained run dirs
+
+CRASH_OVER = [*TINY_TRANSFORMER, "checkpoint_every=64", "chunk_size=3", "protocol.max_examples=300"]
+
+
+def _crash_at(steps):
+    real = ckpt.Checkpointer.__call__
+
+    def crashing(self, state):
+        real(self, state)
+        if state.steps >= steps:
+            raise Crash
+
+    return crashing
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    """A tiny transformer run that crashed after its checkpoint at step 192, and the same run
+    uninterrupted (``ref``)."""
+    base = tmp_path_factory.mktemp("crashed")
+    run_experiment(config(base, *CRASH_OVER), base / "ref")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ckpt.Checkpointer, "__call__", _crash_at(200))
+        with pytest.raises(Crash):
+            run_experiment(config(base, *CRASH_OVER), base / "run")
+    assert checkpoint_step(base / "run") == 192
+    return base
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def resume_cli(base: Path, run_dir: Path, monkeypatch, capsys):
+    """``ocl run <the crashed run's overrides> resume=true`` in-process: (exit code, stderr)."""
+    from ocl.cli import main
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    code = 0
+    try:
+        main(["run", "progress=false", f"cache_dir={base / 'cache'}", *BASE, *CRASH_OVER, "resume=true",
+              f"hydra.run.dir={run_dir}"])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _flip_head_weight(run: Path) -> None:
+    path = run / ckpt.CHECKPOINT
+    w = ckpt.load(path)["learner"].model.head.weight.detach().numpy()
+    raw = bytearray(path.read_bytes())
+    at = raw.find(w.tobytes()[:64]) + 4 * 3 + 3  # the exponent byte of head.weight[0, 3]
+    raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def _edit_history(run: Path, byte: int) -> None:
+    rec = 64 * 4 + 8  # digits: D = 64 float32 + an int64 label
+    raw = bytearray((run / "replay_history.bin").read_bytes())
+    raw[10 * rec + byte] ^= 0x01
+    (run / "replay_history.bin").write_bytes(bytes(raw))
+
+
+def _edit_steps(run: Path) -> None:
+    rec = np.load(run / "steps.npy", mmap_mode="r+")
+    rec[5]["pred"] = (rec[5]["label"] + 1) % 10
+    rec[6]["loss"] = 0.0
+    rec.flush()
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (_flip_head_weight, r"checkpoint.pt: the checkpoint is corrupt \(its sha256 differs"),
+    (lambda run: _edit_history(run, 4 * 5), r"replay_history.bin \(the replay history\) changed after the checkpoint"),
+    (lambda run: _edit_history(run, 64 * 4 + 1), r"replay_history.bin \(the replay history\) changed after"),  # a label
+    (_edit_steps, r"steps.npy \(the per-step records\) changed after the checkpoint"),
+], ids=["checkpoint-tensor-byte", "history-float", "history-label-byte", "steps-rows"])
+def test_resume_refuses_damaged_checkpoint_or_side_file(crashed, tmp_path, monkeypatch, capsys, damage, expect):
+    """Each of these used to resume with exit 0 and different results (the label byte: an IndexError)."""
+    run = tmp_path / "run"
+    shutil.copytree(crashed / "run", run)
+    damage(run)
+    before = tree(run)
+    code, err = resume_cli(crashed, run, monkeypatch, capsys)
+    assert code == 2 and re.search(expect, err) and "Traceback" not in err, err
+    assert "start the run afresh in a new directory" in err or "Start a new run in another directory" in err
+    assert tree(run) == before  # nothing written: not the checkpoint, not a side file, not .hydra/
+
+
+def test_a_copied_run_directory_resumes_into_its_own_files(crashed, tmp_path, monkeypatch, capsys):
+    """The checkpoint used to hold the absolute path of the replay history: a copy resumed into
+    the original's file, and failed once the original was gone."""
+    copy = tmp_path / "copy"
+    shutil.copytree(crashed / "run", copy)
+    original = tmp_path / "original"
+    shutil.copytree(crashed / "run", original)
+    untouched = tree(original)
+    shutil.move(str(crashed / "run"), str(tmp_path / "moved-away"))  # the directory the checkpoint was written in
+    try:
+        code, err = resume_cli(crashed, copy, monkeypatch, capsys)
+        assert code == 0, err
+        same_results(crashed / "ref", copy)
+        assert tree(original) == untouched
+    finally:
+        shutil.move(str(tmp_path / "moved-away"), str(crashed / "run"))
+
+
+def test_disk_full_in_a_side_file_says_where_and_keeps_the_last_checkpoint(crashed, tmp_path, monkeypatch, capsys):
+    """ENOSPC while appending to the replay history (simulated: os.pwrite fails once the history
+    passes 250 examples): one message with the path, the bytes needed and the intact checkpoint;
+    after "freeing space" the run resumes to the uninterrupted results."""
+    run = tmp_path / "run"
+    real_pwrite = os.pwrite
+    saved = {}
+
+    def full_disk(fd, data, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("replay_history.bin") and offset >= 250 * (64 * 4 + 8):
+            saved["checkpoint"] = (run / ckpt.CHECKPOINT).read_bytes()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    from ocl.cli import main
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:
+        main(["run", "progress=false", f"cache_dir={crashed / 'cache'}", *BASE, *CRASH_OVER, f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"no space left on the device of {run / 'replay_history.bin'} while writing the replay history" in err
+    assert re.search(r"\(\d[\d,]* bytes were needed, [\d,]+ bytes are free\)", err)
+    assert f"The last checkpoint, {run / ckpt.CHECKPOINT} (at example 192 of 300), is intact" in err
+    assert "resume=true" in err and (run / ckpt.CHECKPOINT).read_bytes() == saved["checkpoint"]
+    code, err = resume_cli(crashed, run, monkeypatch, capsys)
+    assert code == 0, err
+    same_results(crashed / "ref", run)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    """ENOSPC reported when the new checkpoint is flushed (simulated in os.fsync): the message
+    gives the checkpoint's size, the old checkpoint and no temp file remain."""
+    from ocl.cli import main
+
+    over = ["checkpoint_every=100", "protocol.max_examples=300"]
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def full_disk(fd):
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the checkpoint at step 200
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "progress=false", f"cache_dir={tmp_path / 'cache'}", *BASE, *over, f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "inline_container" not in err
+    assert re.search(rf"no space left on the device of {re.escape(str(run / ckpt.CHECKPOINT))} while writing the "
+                     r"checkpoint \([\d,]+ bytes were needed", err)
+    assert "(at example 100 of 300), is intact" in err
+    assert checkpoint_step(run) == 100 and not list(run.glob(".*.tmp"))

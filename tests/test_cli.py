@@ -21,6 +21,7 @@ def test_run_prints_table_and_writes_results(tmp_path):
             "protocol.n_tasks=2", "protocol.max_examples=300", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "avg online accuracy" in p.stdout and "cumulative log-loss (nats)" in p.stdout
+    assert "near-future accuracy (S=100, every 20: 9 evals)" in p.stdout  # after steps 19, 39, ..., 179
     assert "[INFO]" not in p.stdout and "[INFO]" in p.stderr  # stdout is the table; logs go to stderr
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["n_examples"] == 300

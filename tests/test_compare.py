@@ -45,7 +45,8 @@ def extract_calls(monkeypatch):
 
 def test_compare_records_table_plots_and_features_once(tmp_path, extract_calls, capsys):
     out = tmp_path / "run"
-    payload = run_compare(config(tmp_path, "learners=[recent,linear,ncm]", "seeds=2"), out)
+    payload = run_compare(config(tmp_path, "learners=[recent,linear,ncm]", "seeds=2", "near_future.offset=5",
+                                 "near_future.every=10"), out)
 
     # features: one extraction per split (train, test) for 3 learners x 2 seeds
     assert extract_calls == [1437, 360]
@@ -58,8 +59,11 @@ def test_compare_records_table_plots_and_features_once(tmp_path, extract_calls, 
     for r in recs:
         assert r["status"] == "ok" and r["error"] is None and r["n_examples"] == 80
         for m in ("avg_online_accuracy", "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
-                  "forgetting", "backward_transfer", "avg_anytime_accuracy", "examples_per_second"):
+                  "forgetting", "backward_transfer", "avg_anytime_accuracy", "examples_per_second",
+                  "near_future_accuracy", "near_future_mean_log_loss"):
             assert isinstance(r[m], float), (r["learner"], m)
+        # after steps 9, 19, ..., 69 on targets 15, 25, ..., 75 (the one after step 79 is past the end)
+        assert (r["near_future_offset"], r["near_future_every"], r["near_future_evaluations"]) == (5, 10, 7)
         assert r["cumulative_log_loss"] == pytest.approx(80 * r["mean_log_loss"])
         assert np.asarray(r["accuracy_matrix"]).shape == (2, 2)
     # the protocol is rebuilt per seed: the two seeds see different streams
@@ -77,6 +81,11 @@ def test_compare_records_table_plots_and_features_once(tmp_path, extract_calls, 
     table = ranked_table(payload)
     body = table.splitlines()
     assert "online acc" in body[1] and "mean log-loss" in body[1] and "ex/s" in body[1]
+    assert body[1].index("online acc") < body[1].index("near-future acc") < body[1].index("mean log-loss")
+    assert "near-future acc: the learner after step t scores the unseen x_(t+1+S), S=5, every 10 steps " \
+           "(7 evaluations per run)" in table
+    nf_col = [row["mean"]["near_future_accuracy"] for row in summary]
+    assert all(f"{v:.4f}" in line for v, line in zip(nf_col, body[3:6]))
     order = [next(n for n in ("recent", "linear", "ncm") if f" {n} " in line) for line in body[3:6]]
     assert order == [row["learner"] for row in summary]
     assert "±" in table
@@ -84,6 +93,11 @@ def test_compare_records_table_plots_and_features_once(tmp_path, extract_calls, 
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {"learner", "seed", "avg_online_accuracy", "forgetting"} <= set(rows[0])
+    by = {(r["learner"], int(r["seed"])): r for r in rows}
+    for r in recs:
+        row = by[(r["learner"], r["seed"])]
+        assert float(row["near_future_accuracy"]) == pytest.approx(r["near_future_accuracy"])
+        assert (row["near_future_offset"], row["near_future_every"], row["near_future_evaluations"]) == ("5", "10", "7")
 
     for png in ("curves.png", "acc_matrix.png"):
         assert is_png(out / png) and (out / png).stat().st_size > 5000
@@ -104,17 +118,28 @@ def test_compare_matches_ocl_run_for_the_same_seed(tmp_path):
     assert not (tmp_path / "c" / "curves.png").exists()
 
 
+def test_near_future_off_and_undefined_in_the_table(tmp_path):
+    # off: the column is empty and the note says so; on, with S past the 80-step stream: no evaluation
+    for over, note in [("near_future.every=null", "near-future acc: off"), ("near_future.offset=100", "(0 evaluations")]:
+        payload = run_compare(config(tmp_path, "learners=[ncm]", over, "plots=false"), tmp_path / over)
+        rec = payload["records"][0]
+        assert rec["status"] == "ok" and rec["near_future_accuracy"] is None
+        table = ranked_table(payload)
+        assert note in table and table.splitlines()[3].split()[3] == "-"  # #, learner, online acc, near-future acc
+
+
 def test_failing_learner_is_recorded_and_others_kept(tmp_path):
-    # a mistyped option makes every linear run fail with an OCLError; ncm must still run
-    payload = run_compare(config(tmp_path, "learners=[linear,ncm]", "+learner_options.linear.lrr=0.1"),
+    # an optimizer the MLP does not know makes every mlp run fail with an OCLError (a string
+    # option: only the learner can tell); ncm must still run
+    payload = run_compare(config(tmp_path, "learners=[mlp,ncm]", "+learner_options.mlp.optimizer=adamw"),
                           tmp_path / "r")
     by = {r["learner"]: r for r in payload["records"]}
-    assert by["linear"]["status"] == "failed" and "lrr" in by["linear"]["error"]
-    assert by["linear"]["avg_online_accuracy"] is None
+    assert by["mlp"]["status"] == "failed" and "adamw" in by["mlp"]["error"]
+    assert by["mlp"]["avg_online_accuracy"] is None
     assert by["ncm"]["status"] == "ok" and by["ncm"]["avg_online_accuracy"] > 0.3
-    assert [row["learner"] for row in payload["summary"]] == ["ncm", "linear"]  # failed last
+    assert [row["learner"] for row in payload["summary"]] == ["ncm", "mlp"]  # failed last
     table = ranked_table(payload)
-    assert "FAILED" in table and "linear failed:" in table
+    assert "FAILED" in table and "mlp failed:" in table
     saved = json.loads((tmp_path / "r" / "compare.json").read_text())
     assert saved["records"][0]["status"] == "failed"
 
@@ -135,6 +160,10 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(OCLError, match="learner_options"):
         run_compare(config(tmp_path, "learners=[linear]", "+learner_options.knn.k=3"), tmp_path / "r")
     assert resolve_seeds(3, 10) == [10, 11, 12] and resolve_seeds([5, 1], 0) == [5, 1]
+    with pytest.raises(OCLError, match="the last seed would pass 18446744073709551615"):
+        resolve_seeds(2, 2**64 - 1)
+    with pytest.raises(OCLError, match="every seed must be in"):
+        resolve_seeds([-1, 3], 0)
 
 
 def test_default_learner_list_is_every_shipped_baseline():

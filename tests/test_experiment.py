@@ -30,6 +30,29 @@ def test_default_run_on_digits(tmp_path):
     rows = (tmp_path / "run" / "steps.csv").read_text().splitlines()
     assert rows[0] == "step,task,label,pred,correct,loss,p_true" and len(rows) == 1438
     assert out["random_backbone"] is False
+    # near-future accuracy with the defaults S = 100, m = 20: after steps 19, 39, ..., 1319 (the
+    # target t + 1 + 100 must exist), 66 evaluations, one row each in near_future.csv
+    assert (out["near_future_offset"], out["near_future_every"], out["near_future_evaluations"]) == (100, 20, 66)
+    assert 0.0 < out["near_future_accuracy"] < out["avg_online_accuracy"]
+    nf = (tmp_path / "run" / "near_future.csv").read_text().splitlines()
+    assert nf[0] == "step,target,label,pred,correct,loss,p_true" and len(nf) == 67
+    assert nf[1].startswith("19,120,") and nf[-1].startswith("1319,1420,")
+    assert np.mean([int(r.split(",")[4]) for r in nf[1:]]) == pytest.approx(out["near_future_accuracy"])
+
+
+def test_near_future_settings_off_and_bad_values(tmp_path):
+    res = run_experiment(config(tmp_path, "protocol.max_examples=200", "near_future.every=null"), tmp_path / "off")
+    assert res["near_future_accuracy"] is None and res["near_future_every"] is None
+    assert not (tmp_path / "off" / "near_future.csv").exists()
+    res = run_experiment(config(tmp_path, "protocol=bursty", "protocol.max_examples=200", "near_future.offset=0",
+                                "near_future.every=1", "chunk_size=4"), tmp_path / "dense")
+    assert res["protocol"] == "bursty" and res["near_future_evaluations"] == 49  # after every chunk but the last
+    for bad, msg in [("near_future.offset=-1", "offset"), ("near_future.offset=1.5", "offset"),
+                     ("near_future.every=0", "every"), ("near_future.every=true", "every"),
+                     ("near_future=3", "near_future")]:
+        with pytest.raises(OCLError, match=msg):
+            run_experiment(config(tmp_path, "protocol.max_examples=50", bad), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "results.json").exists()
 
 
 def test_same_seed_same_result_and_seed_changes_order(tmp_path):

@@ -30,6 +30,10 @@ class Learner(abc.ABC):
     """
 
     name: str = "learner"
+    #: For a constructor that takes ``**options``: the dataclass whose fields they are, so that
+    #: the runner can check option names and value types before building (see
+    #: :func:`ocl.experiment.check_options`). ``None``: the constructor's signature says it all.
+    options: type | None = None
 
     @abc.abstractmethod
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +66,14 @@ class Learner(abc.ABC):
         that it survives in checkpoints. Default: nothing."""
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities for held-out data without changing any state (``(N, D) -> (N, K)``).
+        """Log-probabilities for data the learner does not learn from, without changing any
+        state that later predictions depend on (``(N, D) -> (N, K)``).
 
-        Defaults to :meth:`predict`; learners whose ``predict`` uses or changes a stream
-        context (e.g. a KV cache) override this with a context-free evaluation.
+        The runner calls it on held-out test sets at task boundaries and, for near-future
+        accuracy, on one upcoming stream input every m steps, between one chunk's
+        :meth:`update` and the next :meth:`predict`. Defaults to :meth:`predict`; learners
+        whose ``predict`` uses or changes a stream context (e.g. a KV cache) override this
+        with a context-free evaluation. A cache that the next ``predict`` would fill the same
+        way (SLDA's lazily refreshed precision) may be filled here.
         """
         return self.predict(x)

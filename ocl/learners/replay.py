@@ -10,7 +10,6 @@ spread over the whole history: multi-epoch training that stays strictly sequenti
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from ocl.errors import OCLError
+from ocl.sidefile import SideFile
 
 
 class History:
@@ -38,9 +38,10 @@ class History:
         path: the file; ``None`` uses an anonymous temporary file that disappears with the
             process (see :meth:`relocate` to put it in a run directory, which checkpoints need).
 
-    Pickling (checkpoints) stores the path and the count ``n``, not the data: the records
-    ``[0, n)`` are fsynced first and never rewritten afterwards, so a later crash cannot
-    touch them. An anonymous-file history pickles its data instead.
+    The file is a :class:`~ocl.sidefile.SideFile`: a checkpoint stores its path relative to
+    the run directory, the count ``n`` and the sha256 of records ``[0, n)`` (fsynced first,
+    never rewritten afterwards), not the data; resuming verifies them. An anonymous-file
+    history pickles its data instead.
     """
 
     def __init__(self, feature_dim: int, device: torch.device | str = "cpu", capacity: int = 1024,
@@ -48,27 +49,23 @@ class History:
         self.D = int(feature_dim)
         self.device = torch.device(device)
         self.n = 0  # number of revealed examples stored
-        self._open(path, truncate=True)
+        self._file = SideFile(path, "the replay history")
 
     @property
     def record(self) -> np.dtype:
         """One stored example: ``x (D,) float32`` and ``y int64``."""
         return np.dtype([("x", "<f4", (self.D,)), ("y", "<i8")])
 
-    def _open(self, path: str | os.PathLike | None, truncate: bool) -> None:
-        self.path = None if path is None else str(path)
-        if self.path is None:
-            self._file = tempfile.TemporaryFile(prefix="ocl-history-")
-        else:
-            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
-            self._file = os.fdopen(os.open(self.path, flags, 0o644), "r+b", buffering=0)
+    @property
+    def path(self) -> str | None:
+        return self._file.path
 
     def relocate(self, path: str | os.PathLike) -> None:
         """Keep the store in ``path`` (e.g. inside the run directory). Only before any append."""
         if self.n:
             raise RuntimeError("History.relocate must be called before anything is stored")
         self._file.close()
-        self._open(path, truncate=True)
+        self._file = SideFile(path, "the replay history")
 
     def close(self) -> None:
         self._file.close()
@@ -82,7 +79,7 @@ class History:
         rec = np.empty(c, dtype=self.record)
         rec["x"] = x.detach().to("cpu", torch.float32).numpy()
         rec["y"] = y.detach().cpu().numpy()
-        os.pwrite(self._file.fileno(), rec.tobytes(), self.n * self.record.itemsize)
+        self._file.append(rec.tobytes())
         self.n += c
 
     def chunks(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,36 +90,18 @@ class History:
         assert starts.min() >= 0 and int(starts.max()) + length <= self.n, (
             f"replay read [{starts.min()}, {starts.max() + length}) beyond the {self.n} revealed examples"
         )
-        size, fd = self.record.itemsize, self._file.fileno()
-        rec = np.stack([np.frombuffer(os.pread(fd, length * size, int(s) * size), dtype=self.record)
+        size = self.record.itemsize
+        rec = np.stack([np.frombuffer(self._file.pread(length * size, int(s) * size), dtype=self.record)
                         for s in starts])  # (B, length)
         x = torch.from_numpy(np.ascontiguousarray(rec["x"])).to(self.device)  # (B, length, D)
         y = torch.from_numpy(np.ascontiguousarray(rec["y"])).to(self.device)  # (B, length)
         return x, y
 
-    # ------------------------------------------------------------ pickling (checkpoints)
-    def __getstate__(self) -> dict[str, Any]:
-        state = {"D": self.D, "device": str(self.device), "n": self.n, "path": self.path}
-        if self.path is None:  # an anonymous file dies with the process: carry the data
-            state["data"] = os.pread(self._file.fileno(), self.n * self.record.itemsize, 0)
-        else:
-            os.fsync(self._file.fileno())  # records [0, n) durable before a checkpoint counts them
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.D, self.device, self.n = state["D"], torch.device(state["device"]), state["n"]
-        need = self.n * self.record.itemsize
-        if state["path"] is None:
-            self._open(None, truncate=True)
-            os.pwrite(self._file.fileno(), state["data"], 0)
-            return
-        if not os.path.isfile(state["path"]) or os.path.getsize(state["path"]) < need:
-            raise OCLError(
-                f"{state['path']}: the replay history of this checkpoint is missing or shorter than its "
-                f"{self.n} examples ({need} bytes); it was moved, deleted or truncated. Restore it, or "
-                "start the run afresh in a new directory."
-            )
-        self._open(state["path"], truncate=False)  # records past n (written after the checkpoint) get overwritten
+        self.__dict__.update(state)  # the SideFile verified its bytes while unpickling
+        if self._file.size != self.n * self.record.itemsize:
+            raise OCLError(f"{self._file.where}: the checkpoint counts {self.n} replay examples but "
+                           f"{self._file.size} bytes; start the run afresh in a new directory.")
 
 
 @dataclass

@@ -341,6 +341,7 @@ class TransformerLearner(Learner):
     """
 
     name = "transformer"
+    options = TransformerConfig  # the **config options (checked by the runner before building)
 
     def __init__(self, feature_dim: int, num_classes: int, seed: int = 0, **config) -> None:
         names = {f.name for f in dataclasses.fields(TransformerConfig)}

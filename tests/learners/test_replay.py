@@ -74,16 +74,26 @@ def test_cursors_are_seeded():
 
 
 def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
+    """Inside a checkpoint (sidefile.relative_to the run dir) a history pickles as a relative
+    path, a count and a checksum; unpickling verifies the file and resumes into the copy."""
     import pickle
+    import shutil
 
+    from ocl.errors import OCLError
+    from ocl.sidefile import relative_to
+
+    run = tmp_path / "run"
+    run.mkdir()
     h = History(feature_dim=3)
-    h.relocate(tmp_path / "h.bin")
+    h.relocate(run / "h.bin")
     x, y = torch.arange(30.0).view(10, 3), torch.arange(10)
     h.append(x[:6], y[:6])
-    blob = pickle.dumps(h)  # a checkpoint: the path and n=6, not the data
-    assert len(blob) < 300
+    with relative_to(run):
+        blob = pickle.dumps(h)  # a checkpoint: the path, n=6 and a sha256, not the data
+    assert len(blob) < 400 and str(tmp_path).encode() not in blob
     h.append(x[6:], y[6:])  # written after the checkpoint, then a crash
-    g = pickle.loads(blob)
+    with relative_to(run):
+        g = pickle.loads(blob)
     assert len(g) == 6
     g.append(x[6:8], y[6:8])  # overwrites the void rows
     cx, cy = g.chunks(np.array([0, 5]), 3)
@@ -91,6 +101,19 @@ def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
     anon = History(feature_dim=3)  # an anonymous file pickles its data
     anon.append(x, y)
     assert torch.equal(pickle.loads(pickle.dumps(anon)).chunks(np.array([7]), 3)[0][0], x[7:])
-    (tmp_path / "h.bin").write_bytes(b"")
-    with pytest.raises(Exception, match="missing or shorter"):
+    # a copied run directory resumes into its own file, not the original's
+    shutil.copytree(run, tmp_path / "copy")
+    (run / "h.bin").unlink()
+    with relative_to(tmp_path / "copy"):
+        c = pickle.loads(blob)
+    assert c.path == str(tmp_path / "copy" / "h.bin") and torch.equal(c.chunks(np.array([0]), 6)[0][0], x[:6])
+    # a flipped label byte in the counted records is refused, not an IndexError later
+    raw = bytearray((tmp_path / "copy" / "h.bin").read_bytes())
+    raw[20 * 1 + 12 + 1] ^= 1  # record 1: bytes [20, 40) = 3 float32 then the int64 label; its second byte
+    (tmp_path / "copy" / "h.bin").write_bytes(bytes(raw))
+    changed = r"h.bin \(the replay history\) changed after the checkpoint"
+    with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match=changed):
+        pickle.loads(blob)
+    (tmp_path / "copy" / "h.bin").write_bytes(b"")
+    with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match="missing or shorter"):
         pickle.loads(blob)

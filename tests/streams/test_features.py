@@ -290,8 +290,9 @@ def test_timm_precision_and_memory_format_in_key(tiny_vit) -> None:
         return TimmExtractor("vit_small_patch16_224", weights="random", image_size=32, device="cpu",
                              model_kwargs=TINY, **kw)
 
-    assert tiny_vit.precision == "fp32" and tiny_vit.info["precision"] == "fp32"  # auto on CPU
+    assert tiny_vit.precision == "fp32" and tiny_vit.info["precision"] == "fp32"  # the default
     assert not tiny_vit.channels_last  # auto on CPU
+    assert make(precision="auto").precision == "fp32"  # auto on CPU
     fp32, cl, bf16 = make(precision="fp32"), make(channels_last=True), make(precision="bf16")
     assert cl.channels_last and cl.net.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
     assert fp32.key() == tiny_vit.key() == cl.key()
@@ -308,10 +309,62 @@ def test_timm_precision_and_memory_format_in_key(tiny_vit) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_timm_gpu_bf16_channels_last_matches_cpu() -> None:
     cpu = TimmExtractor("efficientnet_lite0", image_size=96, device="cpu")
-    gpu = TimmExtractor("efficientnet_lite0", image_size=96, device="cuda")  # auto: bf16 + channels_last
+    gpu = TimmExtractor("efficientnet_lite0", image_size=96, device="cuda", precision="auto")  # bf16 + channels_last
     assert gpu.precision == "bf16" and gpu.channels_last and gpu.key() != cpu.key()
+    assert TimmExtractor("efficientnet_lite0", image_size=96, device="cuda").key() == cpu.key()  # fp32 default
     assert gpu.info["weights_sha1"] == cpu.info["weights_sha1"]
     x = images(n=16, h=32).data
     a, b = cpu(x), gpu(x)
     assert b.device.type == "cpu" and b.dtype == torch.float32 and b.shape == (16, 1280)
     assert F.cosine_similarity(a, b).min() > 0.98
+
+
+# --- storage dtype -------------------------------------------------------------------
+
+
+def test_float16_storage_halves_the_cache_and_is_its_own_entry(tmp_path) -> None:
+    ims = images(n=50)
+    ex = Counting()
+    full = extract_features(ims, ex, tmp_path, progress=False)
+    half = extract_features(ims, ex, tmp_path, progress=False, dtype="float16")
+    assert ex.calls == 2  # a separate entry: float32 features never vouch for float16 ones
+    assert isinstance(half, np.memmap) and half.dtype == np.float16
+    np.testing.assert_array_equal(half, expected(ims).astype(np.float16))  # rounded once, when written
+    f32, f16 = entry_of(tmp_path, ims, ex), tmp_path / cache_key(ims.fingerprint(), ex.key(), "float16")
+    assert f16 != f32 and f32.name == cache_key(ims.fingerprint(), ex.key())  # float32 keys are unchanged
+    meta = json.loads((f16 / "meta.json").read_text())
+    assert meta["dtype"] == "float16" and meta["format"] == 2
+    header = 128  # .npy header of a small 2-d array
+    assert (f16 / "features.npy").stat().st_size - header == ((f32 / "features.npy").stat().st_size - header) // 2
+    again = extract_features(ims, Counting(), tmp_path, progress=False, dtype="float16")
+    np.testing.assert_array_equal(again, half)
+    np.testing.assert_array_equal(full, expected(ims))
+
+
+def test_float16_overflow_is_refused_and_caches_nothing(tmp_path) -> None:
+    class Big(Counting):
+        def __call__(self, batch: np.ndarray) -> torch.Tensor:
+            return super().__call__(batch) * 1000.0
+
+    ims, big = images(), Big()
+    np.testing.assert_array_equal(extract_features(ims, big, tmp_path, progress=False), expected(ims) * 1000.0)
+    with pytest.raises(OCLError, match="exceed the range of cache_dtype=float16.*cache_dtype=float32"):
+        extract_features(ims, big, tmp_path, progress=False, dtype="float16")  # means up to 255k > 65504
+    assert not (tmp_path / cache_key(ims.fingerprint(), big.key(), "float16")).exists()
+
+
+def test_unknown_storage_dtype_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(OCLError, match="cache_dtype='bfloat16'"):
+        extract_features(images(), Counting(), tmp_path, progress=False, dtype="bfloat16")
+
+
+def test_entries_of_cache_format_1_stay_valid(tmp_path, caplog) -> None:
+    ims, ex = images(), Counting()
+    extract_features(ims, ex, tmp_path, progress=False)
+    meta_path = entry_of(tmp_path, ims, ex) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = 1  # what the earlier version wrote: the same layout, float32 only
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="ocl.streams.features"):
+        extract_features(ims, ex, tmp_path, progress=False)
+    assert ex.calls == 1 and not caplog.records

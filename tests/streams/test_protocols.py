@@ -3,7 +3,7 @@ import pytest
 
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet, Source
-from ocl.streams.protocols import iid, permuted, split
+from ocl.streams.protocols import bursty, iid, permuted, split
 
 
 def make_source(n_per_class=20, K=10, with_test=True):
@@ -98,3 +98,92 @@ def test_permuted_redraws_mapping_every_segment():
     np.testing.assert_array_equal(s.labels, permuted(src, seed=0, segment_length=50).labels)
     with pytest.raises(OCLError):
         permuted(src, segment_length=0)
+
+
+@pytest.mark.parametrize("K,T,sizes", [(26, 5, [6, 5, 5, 5, 5]), (10, 3, [4, 3, 3]), (10, 5, [2] * 5), (7, 7, [1] * 7)])
+def test_split_spreads_the_remainder_classes_and_keeps_every_example(K, T, sizes):
+    src = make_source(n_per_class=4, K=K)
+    s = split(src, seed=1, n_tasks=T)
+    assert [len(c) for c in s.task_classes] == sizes
+    assert sorted(s.order.tolist()) == list(range(4 * K))  # every example, every class
+    assert set(s.labels.tolist()) == set(range(K)) and s.n_tasks == T
+    assert [len(t.labels) for t in s.tests] == [3 * k for k in sizes]
+
+
+def test_split_with_fewer_classes_per_task_says_what_it_leaves_out(caplog):
+    with caplog.at_level("WARNING", logger="ocl.streams.protocols"):
+        s = split(make_source(), n_tasks=2, classes_per_task=3)
+    assert len(s) == 120 and "use 6 of the 10 classes; the other 4 are left out" in caplog.text
+
+
+@pytest.mark.parametrize("protocol", [split, iid, permuted, bursty])
+@pytest.mark.parametrize("bad", [0, -5, 2.5])
+def test_max_examples_must_be_positive_for_every_protocol(protocol, bad):
+    with pytest.raises(OCLError, match=rf"max_examples must be positive .* got {bad}"):
+        protocol(make_source(), max_examples=bad)
+
+
+@pytest.mark.parametrize("protocol", [split, iid, permuted, bursty])
+def test_max_examples_beyond_the_stream_runs_it_all_and_says_so(protocol, caplog):
+    with caplog.at_level("WARNING", logger="ocl.streams.protocols"):
+        assert len(protocol(make_source(), max_examples=5000)) == 200
+    assert "max_examples=5000 but the stream has only 200 examples" in caplog.text
+
+
+def run_lengths(labels):
+    """Lengths of the maximal runs of equal consecutive labels."""
+    change = np.flatnonzero(np.diff(labels)) + 1
+    return np.diff(np.concatenate([[0], change, [labels.size]]))
+
+
+@pytest.mark.parametrize("stay", [0.0, 0.5, 0.9, 0.95])
+def test_bursty_run_lengths_follow_the_chain(stay):
+    """Away from exhaustion (first 3/4 of a 20,000-step stream of 10 balanced classes) the mean
+    run length is 1/(1-stay) and P(same class next) = stay."""
+    src = make_source(n_per_class=2000)
+    s = bursty(src, seed=0, stay=stay)
+    head = s.labels[: 15_000]
+    runs = run_lengths(head)
+    # geometric run lengths: sd sqrt(stay)/(1-stay); ~15000 (1-stay) runs; 4 standard errors
+    tol = 4 * np.sqrt(stay) / (1 - stay) / np.sqrt(runs.size) + 1e-9
+    assert abs(runs.mean() - 1 / (1 - stay)) < tol, (runs.mean(), tol)
+    assert abs(np.mean(head[1:] == head[:-1]) - stay) < 4 * np.sqrt(stay * (1 - stay) / head.size) + 1e-9
+    if stay == 0.0:
+        assert runs.max() == 1
+
+
+def test_bursty_uses_every_example_once_and_moves_off_exhausted_classes():
+    # unbalanced: class 0 has 3 examples, class 1 has 200, the others 20; with stay 0.99 a run
+    # of class 0 must end when it runs out, and the long tail is class 1 alone
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.zeros(3), np.ones(200), np.repeat(np.arange(2, 6), 20)]).astype(np.int64)
+    x = rng.integers(0, 255, size=(y.size, 4, 4), dtype=np.uint8)
+    test = ArrayImageSet(x[:12], y[:12])
+    src = Source("unbalanced", ArrayImageSet(x, y), test, [str(k) for k in range(7)])  # class 6 has none
+    for seed in range(5):
+        s = bursty(src, seed=seed, stay=0.99)
+        assert sorted(s.order.tolist()) == list(range(y.size))  # every example exactly once
+        np.testing.assert_array_equal(s.labels, y[s.order])
+        np.testing.assert_array_equal(np.bincount(s.labels, minlength=7), np.bincount(y, minlength=7))
+        assert s.n_tasks == 1 and s.num_classes == 7 and s.name == "bursty"
+        assert len(s.tests) == 1 and s.tests[0].index.tolist() == list(range(12))
+        # nearly never jumping, the chain leaves a class when it runs out: one run per class
+        s = bursty(src, seed=seed, stay=1 - 1e-6)
+        assert run_lengths(s.labels).size == 6 and sorted(np.unique(s.labels).tolist()) == [0, 1, 2, 3, 4, 5]
+    # stay 0: consecutive steps share a class only once a single class is left (the tail)
+    s = bursty(src, seed=0, stay=0.0)
+    same = np.flatnonzero(s.labels[1:] == s.labels[:-1])
+    assert same.size and np.all(s.labels[same[0]:] == s.labels[-1])
+    assert len(set(s.labels[: same[0]].tolist())) == 6
+
+
+def test_bursty_is_deterministic_per_seed_truncates_and_refuses_bad_stay():
+    src = make_source(n_per_class=50)
+    a, b, c = bursty(src, seed=3), bursty(src, seed=3), bursty(src, seed=4)
+    np.testing.assert_array_equal(a.order, b.order)
+    assert not np.array_equal(a.order, c.order)
+    cut = bursty(src, seed=3, max_examples=123)
+    assert len(cut) == 123 and np.array_equal(cut.order, a.order[:123])
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "0.9", True):
+        with pytest.raises(OCLError, match="stay"):
+            bursty(src, stay=bad)
