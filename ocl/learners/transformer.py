@@ -57,9 +57,11 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.kernels import BACKENDS, check_backend, resolve_backend, windowed_attention
+from ocl.kernels.reference import attention_bias
 from ocl.learners.base import Learner
+from ocl.learners.flat_adamw import FlatAdamW
 from ocl.learners.kv_cache import KVCache
-from ocl.learners.replay import History, ReplayCursors
+from ocl.learners.replay import History, ReplayCursors, ReplayPlan
 
 
 @dataclass
@@ -173,7 +175,7 @@ class Block(nn.Module):
     def forward(
         self,
         h: torch.Tensor,  # (B, T, d) residual stream
-        lab: torch.Tensor | None,  # (B, T, 2, d) label terms of keys/values, or None
+        lab: torch.Tensor | None,  # (B, T, 2d) label terms of keys | values, or None
         ctx_k: torch.Tensor,  # (B, H, S, Dh) cached keys
         ctx_v: torch.Tensor,  # (B, H, S, Dh) cached values
         bias: torch.Tensor | FusedMask,  # (B, H, T, 1+S+T) additive bias (torch backend), or positions
@@ -181,26 +183,21 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, d = h.shape
         H = self.n_heads
-        q, k, v = self.qkv(self.ln1(h)).split(d, dim=2)  # each (B, T, d)
-        fused = isinstance(bias, FusedMask)
-        lab_k = lab_v = None
-        if lab is not None and fused:  # the kernel adds the label terms while it loads K/V tiles
-            lab_k = lab[:, :, 0].view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-            lab_v = lab[:, :, 1].view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        elif lab is not None:  # label enters keys and values only; q and h never see it
-            k = k + lab[:, :, 0]
-            v = v + lab[:, :, 1]
+        q, kv = self.qkv(self.ln1(h)).split([d, 2 * d], dim=2)  # (B, T, d), (B, T, 2d)
         q = q.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        v = v.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        fused = isinstance(bias, FusedMask)
+        if lab is not None and not fused:  # label enters keys and values only; q and h never see it
+            kv = kv + lab
+        k, v = split_heads(kv, H)  # each (B, H, T, Dh)
         if fused:
+            lab_k, lab_v = split_heads(lab, H) if lab is not None else (None, None)  # the kernel adds them
             a = windowed_attention(q, k, v, lab_k, lab_v, ctx_k, ctx_v, bias.ctx_pos, bias.tpos,
                                    self.sink_kv[0, :, 0], self.sink_kv[1, :, 0], bias.slopes, bias.strict,
                                    isolated=bias.isolated, q_lo=bias.q_lo, backend=bias.backend)
             if lab_k is not None:  # the keys/values the cache stores (it detaches them anyway)
                 k, v = (k + lab_k).detach(), (v + lab_v).detach()
         else:
-            sink_k, sink_v = self.sink_kv[0].expand(B, H, 1, d // H), self.sink_kv[1].expand(B, H, 1, d // H)
+            sink_k, sink_v = self.sink_kv[:, None].expand(-1, B, -1, -1, -1).unbind(0)  # each (B, H, 1, Dh)
             keys = torch.cat([sink_k, ctx_k, k], dim=2)  # (B, H, 1+S+T, Dh)
             vals = torch.cat([sink_v, ctx_v, v], dim=2)  # (B, H, 1+S+T, Dh)
             a = attention(q, keys, vals, bias)  # (B, H, T, Dh)
@@ -210,6 +207,12 @@ class Block(nn.Module):
         h = h + self.drop(self.proj(a))
         h = h + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(h)))))
         return h, k, v
+
+
+def split_heads(kv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, 2d)`` keys | values (or their label terms) -> two ``(B, H, T, Dh)`` views."""
+    B, T, two_d = kv.shape
+    return kv.view(B, T, 2, n_heads, two_d // (2 * n_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class OnlineTransformer(nn.Module):
@@ -252,6 +255,12 @@ class OnlineTransformer(nn.Module):
             if isinstance(m, Dropout):
                 m.gen = gen
 
+    def label_terms(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """kv mode: what labels ``y (B, C)`` add to keys | values, per layer ``(B, C, 2d)``."""
+        B, C = y.shape
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        return self.label_kv(self.label_emb(y)).view(B, C, L, 2 * d).unbind(2)
+
     def attn_bias(
         self,
         tpos: torch.Tensor,  # (B, T) token positions of the chunk
@@ -266,25 +275,12 @@ class OnlineTransformer(nn.Module):
         ``(B, T)`` optionally bounds each query's lowest attendable token position (used by
         the full-recomputation reference, which has no cache).
         """
-        B, T = tpos.shape
-        S = ctx_pos.shape[1]
-        kpos = torch.cat([ctx_pos, tpos], dim=1)  # (B, S+T)
-        dist = tpos[:, :, None] - kpos[:, None, :]  # (B, T, S+T)
-        ok = dist >= (1 if self.kv_mode else 0)
-        ok[:, :, :S] &= (ctx_pos >= 0)[:, None, :]
-        if isolated:
-            ok[:, :, S:] &= torch.eye(T, dtype=torch.bool, device=tpos.device)
-        if q_lo is not None:
-            ok &= kpos[:, None, :] >= q_lo[:, :, None]
-        bias = -self.slopes[:, None, None] * dist[:, None].to(self.slopes.dtype)  # (B, H, T, S+T)
-        bias = bias.masked_fill(~ok[:, None], float("-inf"))
-        sink = bias.new_zeros(B, bias.shape[1], T, 1)
-        return torch.cat([sink, bias], dim=3)  # (B, H, T, 1+S+T)
+        return attention_bias(ctx_pos, tpos, self.slopes, self.kv_mode, isolated, q_lo, dtype=self.slopes.dtype)
 
     def forward(
         self,
         x: torch.Tensor,  # (B, C, D) features
-        y: torch.Tensor | None,  # (B, C) labels, K = unknown; unused when isolated
+        y: torch.Tensor | None,  # (B, C) labels, K = unknown; unused when isolated; kv mode: None = no label terms
         pos: torch.Tensor,  # (B, C) example positions in each stream
         ctx: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer (B, H, S, Dh) x2
         ctx_pos: torch.Tensor | None = None,  # (B, S)
@@ -298,11 +294,11 @@ class OnlineTransformer(nn.Module):
         B, C, _ = x.shape
         d, L, H = self.cfg.d_model, self.cfg.n_layers, self.cfg.n_heads
         h = self.in_proj(self.in_ln(x))  # (B, C, d)
-        lab = None
+        labs = [None] * L
         if self.kv_mode:
             tpos = pos
-            if not isolated:  # isolated queries never see their own keys: no label needed
-                lab = self.label_kv(self.label_emb(y)).view(B, C, L, 2, d)  # (B, C, L, 2, d)
+            if y is not None and not isolated:  # isolated queries never see their own keys: no label needed
+                labs = self.label_terms(y)
         elif isolated:
             tpos = 2 * pos  # x-tokens only
         else:
@@ -318,8 +314,8 @@ class OnlineTransformer(nn.Module):
         else:  # fused kernels build mask and bias from positions, tile by tile
             bias = FusedMask(tpos, ctx_pos, self.slopes, self.kv_mode, isolated, q_lo, backend)
         ks, vs = [], []
-        for layer, block in enumerate(self.blocks):
-            h, k, v = block(h, None if lab is None else lab[:, :, layer], *ctx[layer], bias, trace)
+        for block, lab, (ctx_k, ctx_v) in zip(self.blocks, labs, ctx):
+            h, k, v = block(h, lab, ctx_k, ctx_v, bias, trace)
             ks.append(k)
             vs.append(v)
         if not self.kv_mode and not isolated:
@@ -328,8 +324,69 @@ class OnlineTransformer(nn.Module):
         return logits, ks, vs, tpos
 
 
+class Temperature:
+    """Output calibration ``logits * exp(s)``, s fitted online: one Adam step per scored chunk on
+    that chunk's log-loss (the chunk was scored before, so the fit never sees a label early).
+
+    One scalar needs no autograd and no optimizer object: the gradient has a closed form,
+    ``d/ds CE(z e^s, y) = e^s * mean_i(sum_k p_ik z_ik - z_i,y_i)`` with ``p = softmax(z e^s)``,
+    and the Adam update below is ``torch.optim.Adam``'s (default betas and eps), in floats.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.log_scale = 0.0
+        self.m = self.v = 0.0  # Adam's moments
+        self.steps = 0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    def step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One step on raw logits ``(C, K)`` and labels ``(C,)``; skipped if the gradient is not finite."""
+        s = self.scale
+        z = logits.detach().float()
+        p = torch.softmax(z * s, dim=1)
+        grad = s * float(((p * z).sum(1) - z.gather(1, y[:, None])[:, 0]).mean())
+        if not math.isfinite(grad):
+            return
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        denom = math.sqrt(self.v) / math.sqrt(1 - b2**self.steps) + self.eps
+        self.log_scale -= self.lr / (1 - b1**self.steps) * self.m / denom
+
+
+class _Forward(NamedTuple):
+    """One training forward over every stream (stream 0 = the new chunk), by ``predict`` or ``update``."""
+
+    plan: ReplayPlan  # the replay streams' chunks (committed when the step is taken)
+    rows: torch.Tensor  # (B,) the streams' cache rows: [0], or 0..R-1 once replay runs
+    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) when run by predict
+    labelled: bool  # False: run without any label (see TransformerLearner.shares_forward)
+    logits: torch.Tensor  # (B, C, K), attached to the autograd graph
+    ks: list[torch.Tensor]  # per layer (B, H, T, Dh): the chunk's keys, for the cache
+    vs: list[torch.Tensor]  # per layer (B, H, T, Dh): its values
+    tpos: torch.Tensor  # (B, T) their token positions
+
+
+class _Pending(NamedTuple):
+    """What ``predict`` leaves for ``update`` of the same chunk."""
+
+    x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
+    logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
+    forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
+
+
 class TransformerLearner(Learner):
     """Online transformer learner (in-context + in-weights), see the module docstring.
+
+    One step (``predict`` then ``update`` of a chunk) is one training forward over all R
+    streams, one backward and one AdamW step. With C = 1 in kv mode the forward runs in
+    ``predict`` and ``update`` reuses it (:meth:`shares_forward`); otherwise ``predict`` runs
+    its own gradient-free forward of stream 0 with the chunk's labels "unknown".
 
     Args:
         feature_dim: D. num_classes: K. seed: seeds init, dropout and replay cursors.
@@ -370,13 +427,11 @@ class TransformerLearner(Learner):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "sink" not in name else no_decay).append(p)
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.99), fused=True,  # beta2 0.99: moments that track a drifting stream
-        )
+        self.opt = FlatAdamW([(decay, cfg.weight_decay), (no_decay, 0.0)],
+                             betas=(0.9, 0.99),  # beta2 0.99: moments that track a drifting stream
+                             grad_clip=cfg.grad_clip)
         # Forward calibration: logits * exp(log_scale), fitted only on already-scored chunks.
-        self.log_scale = torch.zeros((), device=self.device, requires_grad=True)
-        self.temp_opt = torch.optim.Adam([self.log_scale], lr=cfg.temp_lr, fused=True)
+        self.temperature = Temperature(cfg.temp_lr)
 
         tpe = self.model.tokens_per_example
         self.cache = KVCache(cfg.n_layers, self.R, cfg.n_heads, cfg.window * tpe, cfg.d_model // cfg.n_heads,
@@ -387,7 +442,7 @@ class TransformerLearner(Learner):
         self.skipped_updates = 0
         self._rows0 = torch.zeros(1, dtype=torch.long, device=self.device)  # stream 0 only
         self._rows_all = torch.arange(self.R, device=self.device)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, raw logits) of the last predict
+        self._pending: _Pending | None = None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -398,19 +453,23 @@ class TransformerLearner(Learner):
     def _check(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.dim() != 2 or x.shape[1] != self.D:
             raise OCLError(f"transformer learner expects features of shape (C, {self.D}); got {tuple(x.shape)}.")
-        x = x.to(self.device, torch.float32)
-        if y is not None:
+        if y is not None:  # checked where the caller keeps them: no device round trip
             if y.shape != (x.shape[0],):
                 raise OCLError(f"labels must have shape ({x.shape[0]},); got {tuple(y.shape)}.")
-            y = y.to(self.device, torch.long)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.K):
                 raise OCLError(f"labels must lie in [0, {self.K}); got range [{int(y.min())}, {int(y.max())}].")
-        return x, y
+            y = y.to(self.device, torch.long)
+        return x.to(self.device, torch.float32), y
 
-    def _stream_forward(self, x, y, pos, rows, **kw):
-        """Model forward over the cached context of the selected streams (``rows``: slice)."""
+    def _set_training(self, training: bool) -> None:
+        if self.model.training != training:  # Module.train() walks every submodule: only when it changes
+            self.model.train(training)
+
+    def _stream_forward(self, x, y, pos, rows, ctx_pos=None, **kw):
+        """Model forward over the cached context of the selected streams (``rows``: slice);
+        ``ctx_pos`` overrides the cache's slot positions (-1 masks a slot)."""
         ctx = [self.cache.read(layer, rows) for layer in range(self.cfg.n_layers)]
-        return self.model(x, y, pos, ctx, self.cache.positions(rows), **kw)
+        return self.model(x, y, pos, ctx, self.cache.positions(rows) if ctx_pos is None else ctx_pos, **kw)
 
     def _lr(self, t: int) -> float:
         """Learning rate when the chunk ending at example t is learned."""
@@ -419,79 +478,122 @@ class TransformerLearner(Learner):
             return cfg.lr * t / cfg.warmup
         return cfg.lr * math.sqrt(w / t) if cfg.lr_decay == "inv_sqrt" else cfg.lr
 
-    def _scale(self) -> torch.Tensor:
-        return self.log_scale.detach().exp() if self.cfg.temperature else self.log_scale.new_ones(())
+    def _scale(self) -> float:
+        return self.temperature.scale if self.cfg.temperature else 1.0
+
+    def shares_forward(self, C: int) -> bool:
+        """Whether ``predict`` of a chunk of C examples runs the training forward itself.
+
+        In kv mode with C = 1 every stream's chunk is a single token, and a token's label only
+        enters its own key and value, which no query of the same forward attends to (a query
+        never sees its own key). So labels change nothing the training forward computes but
+        the keys/values it hands to the cache: ``predict`` can run it, without any label, and
+        ``update`` adds the label terms before caching them (:meth:`_learn`). The logits and
+        gradients are those of a forward with labels (whose label-term gradients are exactly
+        zero), and a forward per example is saved. Not with dropout: predict's forward would
+        then be a training one.
+        """
+        return self.model.kv_mode and C == 1 and self.cfg.dropout == 0
 
     @torch.no_grad()
     def _raw_predict(self, x: torch.Tensor) -> torch.Tensor:
         C = x.shape[0]
-        self.model.eval()
+        self._set_training(False)
         pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
         y = torch.full((1, C), self.K, device=self.device)  # this chunk's labels: unknown
         return self._stream_forward(x[None], y, pos, slice(0, 1))[0][0]  # (C, K)
+
+    def _forward_streams(self, x: torch.Tensor, y: torch.Tensor | None) -> _Forward:
+        """The training forward of a chunk ``x (C, D)`` (stream 0) and of the replay streams'
+        chunks; ``y (C,)`` its labels, or None: then no stream's labels enter the forward (only
+        valid where :meth:`shares_forward`). Changes no state: the replay plan is committed and
+        jumped streams' caches are emptied by :meth:`_learn` (until then their slots are masked)."""
+        C = x.shape[0]
+        plan = self.cursors.plan(len(self.history), C)
+        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        y0 = (torch.full((C,), self.K, device=self.device) if y is None else y)[None]  # (1, C)
+        if plan.active.any():  # all cursors are active together (once a chunk of history exists)
+            hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
+            hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
+            xs, ys, pos = torch.cat([x[None], hx]), torch.cat([y0, hy]), torch.cat([pos0, hpos])  # (R, C, ...)
+            rows, ctx_rows, ctx_pos = self._rows_all, slice(None), self.cache.positions(slice(None))
+            if plan.reset.any():  # streams that jump start from an empty cache
+                jumped = torch.as_tensor(np.concatenate([[False], plan.reset]), device=self.device)
+                ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
+        else:
+            xs, ys, pos, rows, ctx_rows, ctx_pos = x[None], y0, pos0, self._rows0, slice(0, 1), None
+        self._set_training(True)
+        logits, ks, vs, tpos = self._stream_forward(xs, ys if y is not None else None, pos, ctx_rows, ctx_pos)
+        return _Forward(plan, rows, ys, y is not None, logits, ks, vs, tpos)
 
     # ---------------------------------------------------------------- protocol
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         xd, _ = self._check(x)
-        logits = self._raw_predict(xd)
-        self._pending = (x, logits)
+        forward = None
+        if self.shares_forward(xd.shape[0]):
+            with torch.enable_grad():
+                forward = self._forward_streams(xd, None)
+            logits = forward.logits[0].detach()  # stream 0: this chunk
+        else:
+            logits = self._raw_predict(xd)
+        self._pending = _Pending(x, logits, forward)
         return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pending, self._pending = self._pending, None
-        x_in = x
-        x, y = self._check(x, y)
-        C, cfg = x.shape[0], self.cfg
-        if cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
-            same = pending is not None and (pending[0] is x_in or torch.equal(pending[0], x_in))
-            self._calibrate(pending[1] if same else self._raw_predict(x), y)
+        xd, yd = self._check(x, y)
+        same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
+        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
+            self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
+        forward = pending.forward if same and pending.forward is not None else self._forward_streams(xd, yd)
+        self._learn(forward, xd, yd)
 
-        # Stream 0: the new chunk. Streams 1..R-1: replay chunks of the same length.
-        plan = self.cursors.step(len(self.history), C)
-        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
-        if plan.active.any():  # all cursors are active together (once a chunk of history exists)
-            for b in np.flatnonzero(plan.reset):
-                self.cache.reset(int(b) + 1)
-            hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
-            hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
-            xs, ys = torch.cat([x[None], hx]), torch.cat([y[None], hy])  # (R, C, D), (R, C)
-            pos, rows, rows_t = torch.cat([pos0, hpos]), slice(None), self._rows_all
-        else:
-            xs, ys, pos, rows, rows_t = x[None], y[None], pos0, slice(0, 1), self._rows0
-
-        self.model.train()
-        logits, ks, vs, tpos = self._stream_forward(xs, ys, pos, rows)
-        loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
+    def _learn(self, fwd: _Forward, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Loss, backward and AdamW step of a training forward; then cache its keys/values and
+        store the chunk in the history."""
+        C = x.shape[0]
+        self.cursors.commit(fwd.plan)
+        ys = torch.cat([y[None], fwd.ys[1:]])  # (B, C): stream 0's labels are revealed now
+        loss = F.cross_entropy(fwd.logits.reshape(-1, self.K), ys.reshape(-1))
         self.t += C
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr(self.t)
-        self.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
-            self.opt.step()
-            self.cache.write(rows_t, tpos, ks, vs)
-            self.history.append(x, y)
-        else:  # skip the step, keep the chunk out of the history (replay would hit it again),
-            self.skipped_updates += 1  # and empty the caches that may now hold non-finite K/V
-            for b in rows_t.tolist():
+        self.opt.zero_grad()
+        if not torch.isfinite(loss):  # skip the step, keep the chunk out of the history (replay would
+            self.skipped_updates += 1  # hit it again), and empty the caches that may now hold non-finite K/V
+            for b in fwd.rows.tolist():
                 self.cache.reset(b)
+            return
+        loss.backward()
+        # Streams that jumped start afresh (the forward had their slots masked); only now, as the
+        # fused kernels' backward reads the cache in place.
+        for b in np.flatnonzero(fwd.plan.reset):
+            self.cache.reset(int(b) + 1)
+        kv = torch.stack([*fwd.ks, *fwd.vs]).unflatten(0, (2, self.cfg.n_layers))  # (2, L, B, H, T, Dh)
+        if not fwd.labelled:  # label terms from the weights the forward used, i.e. before the step
+            kv = kv + self._label_kv_terms(ys)
+        self.opt.step(self._lr(self.t))
+        self.cache.write_stacked(fwd.rows, fwd.tpos, kv)
+        self.history.append(x, y)
 
-    def _calibrate(self, raw_logits: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(raw_logits.detach() * self.log_scale.exp(), y)
-        self.temp_opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            self.temp_opt.step()
+    @torch.no_grad()
+    def _label_kv_terms(self, ys: torch.Tensor) -> torch.Tensor:
+        """What labels ``ys (B, C)`` add to keys and values in kv mode, ``(2, L, B, H, C, Dh)``.
+
+        A label-free forward (:meth:`shares_forward`) hands the cache keys/values without
+        them. (The label weights get no gradient from such a forward where they would get an
+        exactly zero one from a forward with labels; :class:`FlatAdamW` treats both the same.)
+        """
+        B, C = ys.shape
+        cfg = self.cfg
+        lab = self.model.label_kv(self.model.label_emb(ys))  # (B, C, L * 2 * d): per layer [key | value]
+        return lab.view(B, C, cfg.n_layers, 2, cfg.n_heads, -1).permute(3, 2, 0, 4, 1, 5)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Held-out log-probs ``(N, K)``: each example attends to stream 0's current cache as
         if it were the next example, independently of the others; no cache is modified."""
         xd, _ = self._check(x)
-        self.model.eval()
+        self._set_training(False)
         out = []
         for s in range(0, xd.shape[0], self.cfg.eval_batch):
             xb = xd[s : s + self.cfg.eval_batch][None]  # (1, N', D)
