@@ -5,9 +5,10 @@ A learner that takes one optimizer step per example on a small network pays per 
 here) in Python and launch kernels per tensor, and ``zero_grad`` frees and the backward
 reallocates every gradient. Here every parameter is a view of one contiguous buffer
 (ordered by group) and its ``.grad`` a view of a second one; AdamW's moments are two more
-flat buffers. Zeroing the gradients is then one fill, clipping one norm and one scale, and
-the AdamW step one fused kernel per group (``torch.optim.adamw.adamw``, the functional form
-of ``torch.optim.AdamW``: the same update). The backward accumulates into the gradient views
+flat buffers. Zeroing the gradients is then one fill, clipping one norm (the fused kernel
+divides the gradients by the clipping factor as it reads them: its ``grad_scale``), and the
+AdamW step one fused kernel per group (``torch.optim.adamw.adamw``, the functional form of
+``torch.optim.AdamW``: the same update). The backward accumulates into the gradient views
 in place (autograd adds to an existing ``.grad``).
 
 The parameters keep their identity, names and modules; only their storage moves. A
@@ -44,38 +45,42 @@ class FlatAdamW:
         self.exp_avg, self.exp_avg_sq = torch.zeros(n, **like), torch.zeros(n, **like)  # AdamW's moments
         self.groups: list[tuple[slice, float, torch.Tensor]] = []  # (range in the buffers, weight decay, step)
         offset = 0
-        with torch.no_grad():
-            for ps, weight_decay in groups:
-                start = offset
-                for p in ps:
-                    self.flat[offset : offset + p.numel()].copy_(p.view(-1))
-                    p.data = self.flat[offset : offset + p.numel()].view_as(p)
-                    offset += p.numel()
-                # the fused kernel counts steps in a float32 tensor on the parameters' device
-                self.groups.append((slice(start, offset), weight_decay, torch.zeros((), **like)))
-        self._bind_grads()
+        for ps, weight_decay in groups:
+            start = offset
+            offset += sum(p.numel() for p in ps)
+            # the fused kernel counts steps in a float32 tensor on the parameters' device
+            self.groups.append((slice(start, offset), weight_decay, torch.zeros((), **like)))
+        self._bind()
 
-    def _bind_grads(self) -> None:
-        """Each parameter's ``.grad`` as its view of ``flat_grad`` (again after unpickling:
-        pickled parameters do not carry their gradients)."""
+    @torch.no_grad()
+    def _bind(self) -> None:
+        """Make each parameter a view of ``flat`` (holding its current value) and its ``.grad`` a
+        view of ``flat_grad``. Again after unpickling (pickled parameters do not carry their
+        gradients) or a deep copy (which copies parameters apart from the buffer)."""
         offset = 0
         for p in self.params:
+            view = self.flat[offset : offset + p.numel()].view_as(p)
+            view.copy_(p)
+            p.data = view
             p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
 
     def zero_grad(self) -> None:
         """Zero every gradient (one fill), before a backward."""
-        if self.params[0].grad is None:
-            self._bind_grads()
+        first = self.params[0]  # at offset 0 of both buffers
+        if first.data_ptr() != self.flat.data_ptr() or first.grad is None or (
+                first.grad.data_ptr() != self.flat_grad.data_ptr()):
+            self._bind()
         self.flat_grad.zero_()
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
         """Clip the global gradient norm to ``grad_clip``, then one AdamW step at ``lr``."""
-        if self.grad_clip > 0:  # clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is < 1
-            norm = torch.linalg.vector_norm(self.flat_grad)
-            self.flat_grad.mul_((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        divide_by = None
+        if self.grad_clip > 0:  # clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is < 1,
+            norm = torch.linalg.vector_norm(self.flat_grad)  # here as the fused kernel's gradient divisor
+            divide_by = ((norm + 1e-6) / self.grad_clip).clamp(min=1.0)
         for part, weight_decay, step in self.groups:
             adamw([self.flat[part]], [self.flat_grad[part]], [self.exp_avg[part]], [self.exp_avg_sq[part]], [],
-                  [step], fused=True, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=lr,
-                  weight_decay=weight_decay, eps=self.eps, maximize=False)
+                  [step], fused=True, grad_scale=divide_by, amsgrad=False, beta1=self.betas[0],
+                  beta2=self.betas[1], lr=lr, weight_decay=weight_decay, eps=self.eps, maximize=False)
