@@ -74,13 +74,18 @@ class FlatAdamW:
         self.flat_grad.zero_()
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
-        """Clip the global gradient norm to ``grad_clip``, then one AdamW step at ``lr``."""
+    def step(self, lr: float | torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Clip the global gradient norm to ``grad_clip``, then one AdamW step at ``lr``.
+
+        ``skip``: a 0-dim bool tensor; where true, nothing changes (the kernel checks it on the
+        device, so a captured step needs no host synchronisation). ``lr`` may be a 0-dim tensor
+        on the parameters' device (a captured step reads it there)."""
         divide_by = None
         if self.grad_clip > 0:  # clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is < 1,
             norm = torch.linalg.vector_norm(self.flat_grad)  # here as the fused kernel's gradient divisor
             divide_by = ((norm + 1e-6) / self.grad_clip).clamp(min=1.0)
         for part, weight_decay, step in self.groups:
             adamw([self.flat[part]], [self.flat_grad[part]], [self.exp_avg[part]], [self.exp_avg_sq[part]], [],
-                  [step], fused=True, grad_scale=divide_by, amsgrad=False, beta1=self.betas[0],
+                  [step], fused=True, grad_scale=divide_by, found_inf=None if skip is None else skip.float(),
+                  amsgrad=False, beta1=self.betas[0],
                   beta2=self.betas[1], lr=lr, weight_decay=weight_decay, eps=self.eps, maximize=False)

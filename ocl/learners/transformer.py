@@ -59,6 +59,7 @@ from ocl.errors import OCLError
 from ocl.kernels import BACKENDS, check_backend, resolve_backend, windowed_attention
 from ocl.kernels.reference import attention_bias
 from ocl.learners.base import Learner
+from ocl.learners.cuda_graphs import StepGraphs
 from ocl.learners.flat_adamw import FlatAdamW
 from ocl.learners.kv_cache import KVCache
 from ocl.learners.replay import History, ReplayCursors, ReplayPlan
@@ -85,6 +86,7 @@ class TransformerConfig:
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when available)
     attn: str = "torch"  # "torch" (concat + SDPA) | "triton" (fused kernels, CUDA) | "flex" | "auto": triton on CUDA, else torch
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
+    cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
 
     def __post_init__(self) -> None:
@@ -359,12 +361,21 @@ class Temperature:
         self.log_scale -= self.lr / (1 - b1**self.steps) * self.m / denom
 
 
-class _Forward(NamedTuple):
-    """One training forward over every stream (stream 0 = the new chunk), by ``predict`` or ``update``."""
+class _Batch(NamedTuple):
+    """The inputs of one training forward: stream 0 (the new chunk) and, once there is history,
+    the R-1 replay streams' chunks (B = 1 or R; stream b is cache row b)."""
 
     plan: ReplayPlan  # the replay streams' chunks (committed when the step is taken)
-    rows: torch.Tensor  # (B,) the streams' cache rows: [0], or 0..R-1 once replay runs
-    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) when run by predict
+    xs: torch.Tensor  # (B, C, D)
+    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) until they are revealed
+    pos: torch.Tensor  # (B, C) example positions in each stream
+    ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
+
+
+class _Forward(NamedTuple):
+    """A training forward over a batch, by ``predict`` or ``update``."""
+
+    batch: _Batch
     labelled: bool  # False: run without any label (see TransformerLearner.shares_forward)
     logits: torch.Tensor  # (B, C, K), attached to the autograd graph
     ks: list[torch.Tensor]  # per layer (B, H, T, Dh): the chunk's keys, for the cache
@@ -413,6 +424,11 @@ class TransformerLearner(Learner):
             raise OCLError(f"learner.device={cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'.")
         self.device = torch.device(dev)
         check_backend(cfg.attn, self.device, training=True)  # e.g. attn=triton on CPU: fail now, not mid-run
+        if cfg.cuda_graph and cfg.dropout > 0:
+            raise OCLError("learner.cuda_graph=true needs learner.dropout=0 (the captured step draws no random numbers).")
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise OCLError(f"learner.cuda_graph=true needs a CUDA device (learner.device={cfg.device!r} gives "
+                           f"{self.device.type!r}); set learner.cuda_graph=false on CPU.")
         self.D, self.K, self.R = feature_dim, num_classes, cfg.replay_streams
 
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
@@ -440,9 +456,9 @@ class TransformerLearner(Learner):
         self.cursors = ReplayCursors(self.R - 1, cfg.reset_rule, seed=seed)
         self.t = 0
         self.skipped_updates = 0
-        self._rows0 = torch.zeros(1, dtype=torch.long, device=self.device)  # stream 0 only
-        self._rows_all = torch.arange(self.R, device=self.device)
+        self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
+        self.graphs = StepGraphs(self) if cfg.cuda_graph else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -488,43 +504,57 @@ class TransformerLearner(Learner):
         enters its own key and value, which no query of the same forward attends to (a query
         never sees its own key). So labels change nothing the training forward computes but
         the keys/values it hands to the cache: ``predict`` can run it, without any label, and
-        ``update`` adds the label terms before caching them (:meth:`_learn`). The logits and
+        ``update`` adds the label terms before caching them (:meth:`_cache_entries`). The logits and
         gradients are those of a forward with labels (whose label-term gradients are exactly
-        zero), and a forward per example is saved. Not with dropout: predict's forward would
-        then be a training one.
+        zero), and a forward per example is saved. Not with dropout (predict's forward would
+        then be a training one), nor with ``cuda_graph`` (predict and the training step are
+        captured separately: an autograd graph cannot span two CUDA graphs).
         """
-        return self.model.kv_mode and C == 1 and self.cfg.dropout == 0
+        return self.model.kv_mode and C == 1 and self.cfg.dropout == 0 and self.graphs is None
 
     @torch.no_grad()
     def _raw_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Stream 0's logits ``(C, K)`` for a chunk ``x (C, D)`` whose labels are unknown."""
         C = x.shape[0]
-        self._set_training(False)
         pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
-        y = torch.full((1, C), self.K, device=self.device)  # this chunk's labels: unknown
-        return self._stream_forward(x[None], y, pos, slice(0, 1))[0][0]  # (C, K)
+        if self.graphs is not None:
+            return self.graphs.predict(x[None], pos)
+        return self._predict_forward(x[None], pos)
 
-    def _forward_streams(self, x: torch.Tensor, y: torch.Tensor | None) -> _Forward:
-        """The training forward of a chunk ``x (C, D)`` (stream 0) and of the replay streams'
-        chunks; ``y (C,)`` its labels, or None: then no stream's labels enter the forward (only
-        valid where :meth:`shares_forward`). Changes no state: the replay plan is committed and
-        jumped streams' caches are emptied by :meth:`_learn` (until then their slots are masked)."""
+    def _predict_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` (no gradient)."""
+        self._set_training(False)
+        y = torch.full(pos.shape, self.K, device=self.device)  # this chunk's labels: unknown
+        with torch.no_grad():
+            return self._stream_forward(x, y, pos, slice(0, 1))[0][0]
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor | None) -> _Batch:
+        """Stream 0's chunk ``x (C, D)``, ``y (C,)`` (None: labels not revealed yet) and the replay
+        streams' next chunks. Changes no state: the replay plan is committed and the caches of
+        streams that jump are emptied when the step is taken (:meth:`_finish`); until then
+        their slots are masked."""
         C = x.shape[0]
         plan = self.cursors.plan(len(self.history), C)
         pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
         y0 = (torch.full((C,), self.K, device=self.device) if y is None else y)[None]  # (1, C)
-        if plan.active.any():  # all cursors are active together (once a chunk of history exists)
-            hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
-            hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
-            xs, ys, pos = torch.cat([x[None], hx]), torch.cat([y0, hy]), torch.cat([pos0, hpos])  # (R, C, ...)
-            rows, ctx_rows, ctx_pos = self._rows_all, slice(None), self.cache.positions(slice(None))
-            if plan.reset.any():  # streams that jump start from an empty cache
-                jumped = torch.as_tensor(np.concatenate([[False], plan.reset]), device=self.device)
-                ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
-        else:
-            xs, ys, pos, rows, ctx_rows, ctx_pos = x[None], y0, pos0, self._rows0, slice(0, 1), None
+        if not plan.active.any():  # no history yet: stream 0 alone
+            return _Batch(plan, x[None], y0, pos0, self.cache.positions(slice(0, 1)))
+        hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
+        hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
+        ctx_pos = self.cache.positions(slice(None))
+        if plan.reset.any():  # streams that jump start from an empty cache
+            jumped = torch.as_tensor(np.concatenate([[False], plan.reset]), device=self.device)
+            ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
+        return _Batch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), torch.cat([pos0, hpos]), ctx_pos)
+
+    def _forward(self, batch: _Batch, labelled: bool = True) -> _Forward:
+        """The training forward of a batch; ``labelled=False``: no label enters it (only where
+        :meth:`shares_forward`)."""
         self._set_training(True)
-        logits, ks, vs, tpos = self._stream_forward(xs, ys if y is not None else None, pos, ctx_rows, ctx_pos)
-        return _Forward(plan, rows, ys, y is not None, logits, ks, vs, tpos)
+        rows = slice(0, batch.xs.shape[0])
+        logits, ks, vs, tpos = self._stream_forward(batch.xs, batch.ys if labelled else None, batch.pos, rows,
+                                                    batch.ctx_pos)
+        return _Forward(batch, labelled, logits, ks, vs, tpos)
 
     # ---------------------------------------------------------------- protocol
     @torch.no_grad()
@@ -533,7 +563,7 @@ class TransformerLearner(Learner):
         forward = None
         if self.shares_forward(xd.shape[0]):
             with torch.enable_grad():
-                forward = self._forward_streams(xd, None)
+                forward = self._forward(self._batch(xd, None), labelled=False)
             logits = forward.logits[0].detach()  # stream 0: this chunk
         else:
             logits = self._raw_predict(xd)
@@ -546,33 +576,65 @@ class TransformerLearner(Learner):
         same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
-        forward = pending.forward if same and pending.forward is not None else self._forward_streams(xd, yd)
-        self._learn(forward, xd, yd)
+        lr = self._lr(self.t + xd.shape[0])
+        if same and pending.forward is not None:  # predict ran the training forward (labels not in it)
+            fwd = pending.forward
+            ys = torch.cat([yd[None], fwd.batch.ys[1:]])  # (B, C): stream 0's labels are revealed now
+            kv = self._cache_entries(fwd, ys)  # before the step changes the label weights
+            finite = self._train(fwd.logits, ys, lr)
+            self._finish(fwd.batch, finite, kv, fwd.tpos, xd, yd)
+            return
+        batch = self._batch(xd, yd)
+        if self.graphs is not None:
+            finite, kv, tpos = self.graphs.train(batch, lr)
+        else:
+            finite, kv, tpos = self._train_step(batch.xs, batch.ys, batch.pos, batch.ctx_pos, lr)
+        self._finish(batch, finite, kv, tpos, xd, yd)
 
-    def _learn(self, fwd: _Forward, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Loss, backward and AdamW step of a training forward; then cache its keys/values and
-        store the chunk in the history."""
-        C = x.shape[0]
-        self.cursors.commit(fwd.plan)
-        ys = torch.cat([y[None], fwd.ys[1:]])  # (B, C): stream 0's labels are revealed now
-        loss = F.cross_entropy(fwd.logits.reshape(-1, self.K), ys.reshape(-1))
-        self.t += C
+    def _train_step(self, xs: torch.Tensor, ys: torch.Tensor, pos: torch.Tensor, ctx_pos: torch.Tensor,
+                    lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward (with labels), loss, backward and AdamW step of a batch, all on the device (what
+        ``cuda_graph`` captures). Returns the finite flag, the cache entries and their positions."""
+        fwd = self._forward(_Batch(None, xs, ys, pos, ctx_pos))
+        kv = self._cache_entries(fwd, ys)
+        return self._train(fwd.logits, ys, lr), kv, fwd.tpos
+
+    def _train(self, logits: torch.Tensor, ys: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits (B, C, K)`` on ``ys (B, C)``, backward, one clipped AdamW step at ``lr``;
+        no step (decided on the device) when the loss is not finite. Returns that flag (0-dim)."""
+        loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
+        finite = torch.isfinite(loss)
         self.opt.zero_grad()
-        if not torch.isfinite(loss):  # skip the step, keep the chunk out of the history (replay would
-            self.skipped_updates += 1  # hit it again), and empty the caches that may now hold non-finite K/V
-            for b in fwd.rows.tolist():
+        loss.backward()
+        self.opt.step(lr, skip=~finite)
+        return finite
+
+    @torch.no_grad()
+    def _cache_entries(self, fwd: _Forward, ys: torch.Tensor) -> torch.Tensor:
+        """The forward's keys and values as the cache stores them, ``(2, L, B, H, T, Dh)``: with
+        the label terms of ``ys`` added if the forward ran without labels."""
+        kv = torch.stack([*fwd.ks, *fwd.vs]).unflatten(0, (2, self.cfg.n_layers))
+        return kv if fwd.labelled else kv + self._label_kv_terms(ys)
+
+    def _finish(self, batch: _Batch, finite: torch.Tensor, kv: torch.Tensor, tpos: torch.Tensor, x: torch.Tensor,
+                y: torch.Tensor) -> None:
+        """After the step: the replay streams move on, the chunk's keys/values enter the caches
+        and the chunk the history; after a non-finite loss (no step was taken) the chunk stays out
+        of the history (replay would hit it again) and the caches, which may now hold non-finite
+        K/V, are emptied."""
+        self.cursors.commit(batch.plan)
+        self.t += x.shape[0]
+        B = batch.xs.shape[0]
+        if not bool(finite):
+            self.skipped_updates += 1
+            for b in range(B):
                 self.cache.reset(b)
             return
-        loss.backward()
         # Streams that jumped start afresh (the forward had their slots masked); only now, as the
         # fused kernels' backward reads the cache in place.
-        for b in np.flatnonzero(fwd.plan.reset):
+        for b in np.flatnonzero(batch.plan.reset):
             self.cache.reset(int(b) + 1)
-        kv = torch.stack([*fwd.ks, *fwd.vs]).unflatten(0, (2, self.cfg.n_layers))  # (2, L, B, H, T, Dh)
-        if not fwd.labelled:  # label terms from the weights the forward used, i.e. before the step
-            kv = kv + self._label_kv_terms(ys)
-        self.opt.step(self._lr(self.t))
-        self.cache.write_stacked(fwd.rows, fwd.tpos, kv)
+        self.cache.write_stacked(self._rows_all[:B], tpos, kv)
         self.history.append(x, y)
 
     @torch.no_grad()
