@@ -9,7 +9,8 @@ steps of predict + update at a time (``--threads`` torch threads; the order flip
 block), until each has done ``--steps``: both see the same load on the machine. It prints
 the examples/s of each, their ratio, and the mean log-loss of the timed examples (equal up
 to float rounding when the two compute the same thing; on random labels training is
-chaotic enough that rounding differences grow to a few 1e-3 over long runs at C > 1).
+chaotic enough that rounding differences can grow over long runs). ``--profile`` adds
+each implementation's top ops (torch.profiler, self CPU time and calls) after the timing.
 
 The baseline is exported with ``git archive REF`` into a temporary directory. Each
 subprocess imports ``ocl`` from a staged package tree that mirrors the ``package-dir``
@@ -23,6 +24,7 @@ Examples::
     .venv/bin/python scripts/bench_speed.py --baseline f1a4e19
     .venv/bin/python scripts/bench_speed.py --baseline main --dims 384 --chunks 1 --reps 5
     .venv/bin/python scripts/bench_speed.py --baseline main --option window=256   # any learner option
+    .venv/bin/python scripts/bench_speed.py --baseline f1a4e19 --dims 384 --chunks 1 --profile 50  # + top ops
 """
 
 from __future__ import annotations
@@ -113,7 +115,21 @@ def worker(args: argparse.Namespace) -> None:
     at = warm
     print("ready", flush=True)
     for line in sys.stdin:
-        steps = int(line.split()[1])
+        command, steps = line.split()[0], int(line.split()[1])
+        if command == "profile":  # the ops of `steps` more steps (on the examples after the timed ones)
+            from torch.profiler import ProfilerActivity, profile
+
+            extra = torch.randn(steps * C, D, generator=g), torch.randint(0, K, (steps * C,), generator=g)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for s in range(0, steps * C, C):
+                    learner.predict(extra[0][s : s + C])
+                    learner.update(extra[0][s : s + C], extra[1][s : s + C])
+            top = [e for e in prof.events() if e.name.startswith("aten::") and (
+                e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows,
+                                              max_name_column_width=60)
+            print(json.dumps({"aten_calls_per_step": len(top) / steps, "table": table}), flush=True)
+            continue
         t0, c0 = time.perf_counter(), time.process_time()
         nll = run(at, at + steps * C)
         print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "nll": nll,
@@ -126,21 +142,33 @@ class Worker:
 
     def __init__(self, stage: Path, src: Path, D: int, C: int, args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", "--stage", str(stage), "--dim", str(D), "--chunk", str(C),
-               "--steps", str(args.steps), "--threads", str(args.threads), *[f"--option={o}" for o in args.option]]
+               "--steps", str(args.steps), "--threads", str(args.threads), "--profile-rows", str(args.profile_rows),
+               *[f"--option={o}" for o in args.option]]
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, shown if it fails
         self.proc = subprocess.Popen(cmd, cwd=str(src), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     stderr=self.log, text=True)
         self.totals = {"wall": 0.0, "cpu": 0.0, "nll": 0.0, "examples": 0}
         self.ratios: list[float] = []
 
+    def fail(self) -> None:
+        self.log.seek(0)
+        raise SystemExit(f"worker {self.proc.args} failed (exit code {self.proc.wait()}):\n{self.log.read()}")
+
     def wait_ready(self) -> None:
         if self.proc.stdout.readline().strip() != "ready":
-            raise SystemExit(f"worker {self.proc.args} failed (exit code {self.proc.wait()})")
+            self.fail()
+
+    def ask(self, command: str, steps: int) -> dict:
+        self.proc.stdin.write(f"{command} {steps}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.fail()
+        return json.loads(line)
 
     def run(self, steps: int) -> dict:
-        self.proc.stdin.write(f"run {steps}\n")
-        self.proc.stdin.flush()
-        rec = json.loads(self.proc.stdout.readline())
+        rec = self.ask("run", steps)
         for key in self.totals:
             self.totals[key] += rec[key]
         return rec
@@ -148,6 +176,7 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+        self.log.close()
 
 
 def compare(trees: dict[str, tuple[Path, Path]], D: int, C: int, args: argparse.Namespace) -> dict[str, Worker]:
@@ -162,6 +191,11 @@ def compare(trees: dict[str, tuple[Path, Path]], D: int, C: int, args: argparse.
             steps = min(args.block, args.steps - done)
             recs = {name: workers[name].run(steps) for name in (names if i % 2 == 0 else names[::-1])}
             workers["current"].ratios.append(recs["baseline"]["wall"] / recs["current"]["wall"])
+        if args.profile:
+            for name, w in workers.items():
+                rec = w.ask("profile", args.profile)
+                print(f"\n{name}, D={D} C={C}: torch.profiler over {args.profile} steps, "
+                      f"{rec['aten_calls_per_step']:.0f} top-level ATen calls per step\n{rec['table']}")
     finally:
         for w in workers.values():
             w.close()
@@ -177,6 +211,9 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=20, help="steps per turn of each implementation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--option", action="append", default=[], help="learner option KEY=VALUE (repeatable)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the timing, print each implementation's top ops (torch.profiler) over STEPS steps")
+    ap.add_argument("--profile-rows", type=int, default=15, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--dim", type=int, help=argparse.SUPPRESS)
