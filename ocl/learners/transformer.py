@@ -38,6 +38,14 @@ length works. Replay (:mod:`ocl.learners.replay`): stream 0 is the newest chunk;
 step per chunk cover all streams at once (the batch dimension is the stream). A chunk whose
 loss is not finite is skipped (counted in ``skipped_updates``) and kept out of the history.
 
+Cost of a step (one chunk): one training forward over the R streams, one backward, one
+AdamW step over all parameters kept in flat buffers (:mod:`ocl.learners.flat_adamw`: one
+norm for clipping, one fused kernel per group), and, when C > 1 or in context mode, a
+gradient-free forward of stream 0 for ``predict``. With C = 1 in kv mode ``predict`` runs
+the training forward itself and ``update`` reuses it: labels cannot change what it computes
+(see :meth:`TransformerLearner.shares_forward`). On a GPU, ``cuda_graph`` replays predict and
+the whole training step as captured CUDA graphs (:mod:`ocl.learners.cuda_graphs`).
+
 CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
 (on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
 """
