@@ -13,16 +13,10 @@ from ocl.errors import OCLError
 from ocl.learners.cuda_graphs import StepGraphs
 from ocl.learners.transformer import TransformerLearner
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SMALL = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1e-2, warmup=0)
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def stream(n: int, D: int = 8, K: int = 3, seed: int = 0):

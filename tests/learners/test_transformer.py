@@ -14,19 +14,11 @@ from ocl.errors import OCLError
 from ocl.learners.kv_cache import KVCache
 from ocl.learners.transformer import OnlineTransformer, Temperature, TransformerConfig, TransformerLearner, split_heads
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 MODES = ["kv", "context"]
 # Tiny, fast, and every mechanism on: replay, a window that wraps, calibration.
 TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add sync overhead, and on a busy 2-core box
-    they slow the per-example loop 10x or more. Restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def clusters(n: int, D: int = 8, K: int = 3, seed: int = 0, spread: float = 2.0):

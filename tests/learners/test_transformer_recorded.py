@@ -24,6 +24,8 @@ import torch
 
 from ocl.learners.transformer import TransformerLearner
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 RECORDED = Path(__file__).with_name("transformer_recorded.npz")
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, window=8, replay_streams=4, warmup=5)
 
@@ -60,14 +62,6 @@ def run(case: str) -> tuple[np.ndarray, np.ndarray]:
         logged.append(learner.predict(x[s : s + C]))
         learner.update(x[s : s + C], y[s : s + C])
     return torch.cat(logged).numpy(), learner.evaluate(x[n:]).numpy()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("case", list(CASES))
