@@ -66,6 +66,22 @@ def labels_only(source: Source) -> Source:
                   list(source.classes))
 
 
+#: Rough cost per example of the shipped learners, relative to ``linear`` (examples/s of the
+#: full CIFAR-10 comparison in scripts/results/compare/cifar50k_table.txt: one thread, D=3072).
+#: Only the order matters: the slowest runs start first, so that a slow run is not left to
+#: run alone at the end while the other workers sit idle. Other learners count as 1.
+RELATIVE_COST: dict[str, float] = {
+    "transformer": 13, "slda": 10, "knn": 8, "avalanche_gdumb": 6.6, "mlp": 4.5, "avalanche_er_ace": 2.6,
+    "avalanche_replay": 2.4, "avalanche_naive": 1.2, "er": 1.1, "linear": 1.0, "ncm": 0.4, "recent": 0.2,
+}
+
+
+def slowest_first(jobs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``(learner, seed)`` jobs in the order to start them: by :data:`RELATIVE_COST`, highest
+    first (longest-processing-time-first scheduling); ties keep their order."""
+    return sorted(jobs, key=lambda job: -RELATIVE_COST.get(job[0], 1.0))
+
+
 def check_workers(value: Any) -> int:
     """``workers=`` as an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -132,8 +148,8 @@ class _Pool:
 
 def run_parallel(cfg: DictConfig, feats: Any, jobs: Sequence[tuple[str, int]], out_dir: Path,
                  workers: int) -> Iterator[dict[str, Any]]:
-    """Run ``jobs`` (learner, seed) in ``workers`` spawned processes; yield each record as it
-    finishes (completion order).
+    """Run ``jobs`` (learner, seed) in ``workers`` spawned processes, the slowest learners first
+    (:func:`slowest_first`); yield each record as it finishes (completion order).
 
     A worker that dies (killed for memory, a segfault) breaks the whole pool, and with it
     every run in flight; we cannot tell from outside which run killed it. So the runs that
@@ -148,7 +164,7 @@ def run_parallel(cfg: DictConfig, feats: Any, jobs: Sequence[tuple[str, int]], o
         workers: processes at once (capped at ``len(jobs)``).
     """
     with shared_features(cfg, feats, out_dir) as ctx:
-        yield from _run(ctx, list(jobs), workers)
+        yield from _run(ctx, slowest_first(jobs), workers)
 
 
 @contextlib.contextmanager

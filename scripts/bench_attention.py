@@ -10,7 +10,9 @@ Two tables, every figure from one run on one machine (the device is printed firs
    cache positions change every step). Forward and forward+backward, in ms, and the ratios
    to the Triton kernel.
 2. ``learner``: examples/s of the predict+update loop with each backend on synthetic
-   features (the learner's defaults otherwise).
+   features (the learner's defaults otherwise); ``--cuda-graph`` adds each backend with
+   ``learner.cuda_graph=true`` (predict and the training step replayed as CUDA graphs),
+   ``--compile`` each with the compiled network (and compiled + captured).
 
 On CPU (no GPU lent): the Triton kernel only runs in triton's numpy interpreter, which is
 not a speed measure, so its columns are skipped ("-") and the ratios are to SDPA instead;
@@ -23,6 +25,9 @@ Examples::
     .venv/bin/python scripts/bench_attention.py                 # both tables, 1 thread
     .venv/bin/python scripts/bench_attention.py kernel --windows 64 1024 --chunks 16
     .venv/bin/python scripts/bench_attention.py learner --compile
+    # the GPU figures of issue 14: every backend, eager and captured, C = 1, 8, 32, W = 64..1024, D = 384
+    .venv/bin/python scripts/bench_attention.py learner --device cuda --cuda-graph --examples 2000 \
+        --learner-windows 64 256 1024 --learner-chunks 1 8 32
 """
 
 from __future__ import annotations
@@ -122,7 +127,9 @@ def kernel_table(args, device: torch.device) -> str:
 def learner_table(args, device: torch.device) -> str:
     cuda = device.type == "cuda"
     backends = ["torch"] + (["triton", "flex"] if cuda and triton_available() else ["flex"] if cuda else [])
-    variants = [(b, False) for b in backends] + ([(b, True) for b in backends] if args.compile else [])
+    variants = [(b, False, False) for b in backends] + ([(b, True, False) for b in backends] if args.compile else [])
+    if args.cuda_graph and cuda:  # captured steps, and captured + compiled (fused kernels, one launch)
+        variants += [(b, False, True) for b in backends] + ([(b, True, True) for b in backends] if args.compile else [])
     g = torch.Generator().manual_seed(0)
     rows = []
     for W in args.learner_windows:
@@ -130,25 +137,29 @@ def learner_table(args, device: torch.device) -> str:
             n = args.examples * max(1, C // 4)  # bigger chunks are cheaper per example: more of them
             x = torch.randn(n, args.features, generator=g)
             y = torch.randint(0, 10, (n,), generator=g)
-            for backend, compiled in variants:
-                learner = TransformerLearner(args.features, 10, seed=0, window=W, attn=backend, compile=compiled,
-                                             device=device.type)
-                warm = max(C, n // 4)  # fills the ring, starts replay, compiles if asked
+            for backend, compiled, graphed in variants:
+                name = backend + (" +compile" if compiled else "") + (" +graph" if graphed else "")
+                try:
+                    learner = TransformerLearner(args.features, 10, seed=0, window=W, attn=backend, compile=compiled,
+                                                 cuda_graph=graphed, device=device.type)
+                    warm = max(C, n // 4)  # fills the ring, starts replay, compiles and captures if asked
 
-                def run(a, b):
-                    for s in range(a, b, C):
-                        learner.predict(x[s : s + C])
-                        learner.update(x[s : s + C], y[s : s + C])
+                    def run(a, b):
+                        for s in range(a, b, C):
+                            learner.predict(x[s : s + C])
+                            learner.update(x[s : s + C], y[s : s + C])
 
-                t0 = time.perf_counter()
-                run(0, warm)
-                t1 = time.perf_counter()
-                run(warm, n)
-                if cuda:
-                    torch.cuda.synchronize()
-                t2 = time.perf_counter()
-                name = backend + (" +compile" if compiled else "")
-                rows.append([name, W, C, f"{(n - warm) / (t2 - t1):.1f}", f"{t1 - t0:.1f}"])
+                    t0 = time.perf_counter()
+                    run(0, warm)
+                    t1 = time.perf_counter()
+                    run(warm, n)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    rows.append([name, W, C, f"{(n - warm) / (t2 - t1):.1f}", f"{t1 - t0:.1f}"])
+                except Exception as e:  # one variant that cannot run must not cost the others' figures
+                    log.exception("learner %s W=%d C=%d failed", name, W, C)
+                    rows.append([name, W, C, f"failed: {type(e).__name__}", "-"])
                 log.info("learner %s W=%d C=%d done", name, W, C)
     return format_table(rows, ["backend", "W", "C", "examples/s", "warm-up s"])
 
@@ -170,6 +181,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=300, help="examples per learner run (x C/4 for C > 4)")
     p.add_argument("--features", type=int, default=384, help="feature dim D (DINO ViT-S width)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd network")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: also time learner.cuda_graph=true (captured steps)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -10,6 +10,10 @@ Two parts, both printing tables (and writing JSON + a PNG under ``--out``):
    switches (``switches_<protocol>.png``): how fast each learner recovers.
 2. ``cost``: examples/s of the transformer update+predict loop for W in ``--windows`` and R
    in ``--streams`` on synthetic features (D = 384, the DINO ViT-S width), 1 thread.
+3. ``chunks``: what the chunk size costs: the transformer (defaults) at every C in
+   ``--chunks`` on each protocol of ``--protocols``, online accuracy, mean log-loss and
+   examples/s (a prediction never sees a label of its own chunk, so larger chunks trade
+   accuracy for speed), with online softmax regression (C = 1) as the reference row.
 
 Examples::
 
@@ -20,6 +24,8 @@ Examples::
         stream.train_file=../shared/data/emnist-letters-sample/light-train.csv \\
         stream.test_file=../shared/data/emnist-letters-sample/light-test.csv
     .venv/bin/python scripts/bench_transformer.py cost --out runs/bench_cost
+    .venv/bin/python scripts/bench_transformer.py chunks --out runs/bench_chunks --per-task 2000 \
+        --max-examples 10000 stream=arrays stream.path=/work/research_feats/cifar_128.npz backbone=pixels
 """
 
 from __future__ import annotations
@@ -60,26 +66,38 @@ def switch_profile(correct: np.ndarray, switches: np.ndarray, before: int, after
     return np.mean(np.asarray(rows, dtype=np.float64), axis=0)
 
 
+def protocol_overrides(protocol: str, args: argparse.Namespace) -> list[str]:
+    """``ocl run`` overrides for one of ``--protocols``."""
+    proto = [f"protocol={protocol}", f"protocol.max_examples={args.max_examples}"]
+    if protocol == "split":
+        proto += [f"protocol.n_tasks={args.n_tasks}", f"protocol.examples_per_task={args.per_task}"]
+    if protocol == "permuted":
+        proto.append(f"protocol.segment_length={args.segment}")
+    return proto
+
+
+def run_variant(args: argparse.Namespace, overrides: list[str], chunk: int):
+    """One prequential run: ``(source, stream, RunResult)``; features come from the cache after the first."""
+    with initialize_config_module(config_module="ocl.configs", version_base=None):
+        cfg = compose("config", overrides=["progress=false", f"seed={args.seed}", "eval_test=false", *overrides,
+                                           *args.overrides])
+    seed_everything(args.seed)
+    source, stream, _, feats, _, _ = prepare(cfg)
+    learner = make_learner(cfg, feats.shape[1], stream.num_classes)
+    with learning_threads(args.threads):
+        res = run_stream(learner, feats, stream, chunk_size=chunk, progress=True)
+    return source, stream, feats, res
+
+
 def quality(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, profiles = [], {}
     names = args.variants or list(VARIANTS)
     for protocol in args.protocols:
-        proto = [f"protocol={protocol}", f"protocol.max_examples={args.max_examples}"]
-        if protocol == "split":
-            proto += [f"protocol.n_tasks={args.n_tasks}", f"protocol.examples_per_task={args.per_task}"]
-        if protocol == "permuted":
-            proto.append(f"protocol.segment_length={args.segment}")
         for name in names:
-            with initialize_config_module(config_module="ocl.configs", version_base=None):
-                cfg = compose("config", overrides=["progress=false", f"seed={args.seed}", "eval_test=false",
-                                                   *proto, *VARIANTS[name], *args.overrides])
-            seed_everything(args.seed)
-            source, stream, _, feats, _, _ = prepare(cfg)  # cached after the first call
-            learner = make_learner(cfg, feats.shape[1], stream.num_classes)
-            with learning_threads(args.threads):
-                res = run_stream(learner, feats, stream, chunk_size=args.chunk, progress=True)
+            source, stream, feats, res = run_variant(args, protocol_overrides(protocol, args) + VARIANTS[name],
+                                                     args.chunk)
             tr = res.tracker
             s = tr.summary()
             switches = stream.boundaries()
@@ -131,6 +149,27 @@ def plot_profiles(profiles: dict, before: int, smooth: int, out: Path, title: st
         plt.close(fig)
 
 
+def chunks(args: argparse.Namespace) -> None:
+    """Online accuracy, log-loss and examples/s of the transformer at each chunk size."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for protocol in args.protocols:
+        runs = [("linear", 1)] + [("transformer", C) for C in args.chunks]
+        for learner, C in runs:
+            source, stream, feats, res = run_variant(args, protocol_overrides(protocol, args) + [f"learner={learner}"],
+                                                     C)
+            s = res.tracker.summary()
+            records.append({"stream": source.name, "protocol": protocol, "learner": learner, "chunk_size": C,
+                            "n": len(stream), "D": int(feats.shape[1]), "avg_online_accuracy": s["avg_online_accuracy"],
+                            "mean_log_loss": s["mean_log_loss"], "examples_per_second": len(stream) / res.learn_seconds})
+            logging.info("%s", records[-1])
+            (out / "chunks.json").write_text(json.dumps(records, indent=1))  # partial results survive
+    print(format_table([(r["protocol"], r["learner"], r["chunk_size"], r["n"], r["avg_online_accuracy"],
+                         r["mean_log_loss"], f"{r['examples_per_second']:.0f}") for r in records],
+                       headers=("protocol", "learner", "C", "examples", "online acc", "log-loss/ex", "ex/s")))
+
+
 def cost(args: argparse.Namespace) -> None:
     """Examples/s of predict + update on synthetic features, for each (W, R)."""
     out = Path(args.out)
@@ -164,7 +203,7 @@ def cost(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["quality", "cost"])
+    ap.add_argument("part", choices=["quality", "cost", "chunks"])
     ap.add_argument("overrides", nargs="*", help="ocl run overrides for the stream and backbone")
     ap.add_argument("--out", default="runs/bench_transformer")
     ap.add_argument("--protocols", nargs="+", default=["split", "permuted"])
@@ -173,7 +212,8 @@ def main() -> None:
     ap.add_argument("--n-tasks", type=int, default=5)
     ap.add_argument("--per-task", default="null", help="split: examples kept per task (null: all)")
     ap.add_argument("--segment", type=int, default=1000, help="permuted: examples per label mapping")
-    ap.add_argument("--chunk", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=1, help="quality: the chunk size C")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="chunks: the chunk sizes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--before", type=int, default=50, help="switch plot: examples before each switch")
@@ -186,7 +226,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if args.max_examples is None:
         args.max_examples = "null"
-    quality(args) if args.part == "quality" else cost(args)
+    {"quality": quality, "cost": cost, "chunks": chunks}[args.part](args)
 
 
 if __name__ == "__main__":

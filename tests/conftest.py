@@ -28,3 +28,16 @@ def ray_cluster(tmp_path_factory):
         yield SimpleNamespace(modules=modules, address=ray.get_runtime_context().gcs_address)
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the caller's setting restored after. The learners' tiny
+    per-example steps only pay sync overhead for intra-op threads (10x slower or worse on a busy
+    2-core machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

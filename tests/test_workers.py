@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from ocl.compare import run_compare
+from ocl.compare import Features, run_compare
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet, Source
-from ocl.workers import LabelSet, check_workers, labels_only
+from ocl.workers import LabelSet, check_workers, labels_only, run_parallel, slowest_first
 
 TINY = ["protocol.n_tasks=2", "protocol.examples_per_task=40", "plots=false"]
 #: Everything in a record that may differ between two runs of the same learner and seed.
@@ -86,6 +86,30 @@ def test_a_worker_that_dies_fails_its_run_and_the_others_finish(tmp_path, monkey
     assert "one at a time, to find the one that killed it: slow seed 0, dying seed 0" in caplog.text
     assert all(by[n]["status"] == "ok" for n in ("slow", "ncm", "linear"))
     assert not [p for p in os.listdir(tmp_path / "r") if p.startswith(".")]
+
+
+def test_slowest_learners_start_first_and_records_keep_the_compare_order(tmp_path, monkeypatch):
+    jobs = [(n, s) for n in ("linear", "mine", "ncm", "transformer", "knn") for s in (0, 1)]
+    assert slowest_first(jobs) == [("transformer", 0), ("transformer", 1), ("knn", 0), ("knn", 1),
+                                   ("linear", 0), ("linear", 1), ("mine", 0), ("mine", 1), ("ncm", 0), ("ncm", 1)]
+    # what the pool is given, and in which order (the pool starts its jobs in that order)
+    submitted = []
+
+    def fake_pool(ctx, jobs, workers):
+        submitted.extend(jobs)
+        for name, seed in jobs:
+            yield {"learner": name, "seed": seed, "status": "ok"}
+        return [], []
+
+    monkeypatch.setattr("ocl.workers._pool", fake_pool)
+    src = Source("s", ArrayImageSet(np.zeros((4, 2), np.float32), np.arange(4) % 2), None, ["a", "b"])
+    feats = Features(src, None, np.zeros((4, 2), np.float32), None, 0.0)
+    cfg = config(tmp_path, "learners=[linear,ncm,transformer]", "seeds=2", "workers=2")
+    recs = list(run_parallel(cfg, feats, [(n, s) for n in ("linear", "ncm", "transformer") for s in (0, 1)],
+                             tmp_path, 2))
+    assert submitted == [("transformer", 0), ("transformer", 1), ("linear", 0), ("linear", 1), ("ncm", 0),
+                         ("ncm", 1)]
+    assert [(r["learner"], r["seed"]) for r in recs] == submitted
 
 
 def test_bad_workers_values_are_clear_errors(tmp_path):

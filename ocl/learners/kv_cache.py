@@ -41,17 +41,16 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.n_layers, self.n_streams, self.window = n_layers, n_streams, window
-        shape = (n_layers, n_streams, n_heads, window, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S, Dh)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H, S, Dh)
+        # Keys and values in one buffer, so that a chunk is written with one indexed copy.
+        self.kv = torch.zeros((2, n_layers, n_streams, n_heads, window, head_dim), device=device, dtype=dtype)
+        self.k, self.v = self.kv.unbind(0)  # views, each (L, B, H, S, Dh)
         self.pos = torch.full((n_streams, window), -1, device=device, dtype=torch.long)  # (B, S)
         self._heads = torch.arange(n_heads, device=device)  # (H,) index helper for writes
 
     def reset(self, b: int | None = None) -> None:
         """Empty stream ``b`` (all streams when ``None``)."""
         rows = slice(None) if b is None else b
-        self.k[:, rows] = 0
-        self.v[:, rows] = 0
+        self.kv[:, :, rows] = 0
         self.pos[rows] = -1
 
     def read(self, layer: int, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,18 +78,19 @@ class KVCache:
             tpos: ``(B', T)`` long, token positions of the chunk (consecutive per row).
             ks, vs: per layer ``(B', H, T, Dh)``; stored detached (no gradient into the past).
         """
+        self.write_stacked(rows, tpos, torch.stack([*ks, *vs]).unflatten(0, (2, self.n_layers)))
+
+    @torch.no_grad()
+    def write_stacked(self, rows: torch.Tensor, tpos: torch.Tensor, kv: torch.Tensor) -> None:
+        """:meth:`write` with keys and values stacked: ``kv (2, L, B', H, T, Dh)``."""
         S = self.window
         if S == 0:
             return
         T = tpos.shape[1]
         if T > S:  # only the last S tokens survive in the ring anyway
-            tpos = tpos[:, T - S :]
-            ks = [k[:, :, T - S :] for k in ks]
-            vs = [v[:, :, T - S :] for v in vs]
+            tpos, kv = tpos[:, T - S :], kv[..., T - S :, :]
         slots = tpos % S  # (B', T')
-        # Broadcast advanced index (B', H, T') selecting k[l][row, head, slot, :].
-        idx = (rows[:, None, None], self._heads[None, :, None], slots[:, None, :])
-        for layer, (k, v) in enumerate(zip(ks, vs)):
-            self.k[layer].index_put_(idx, k.detach())
-            self.v[layer].index_put_(idx, v.detach())
+        # Broadcast advanced index (B', H, T') selecting kv[:, :, row, head, slot, :] (adjacent
+        # advanced indices keep their place: the target is (2, L, B', H, T', Dh), like kv).
+        self.kv[:, :, rows[:, None, None], self._heads[None, :, None], slots[:, None, :]] = kv
         self.pos.index_put_((rows[:, None], slots), tpos)

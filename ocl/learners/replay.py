@@ -117,6 +117,7 @@ class ReplayPlan:
     active: np.ndarray
     starts: np.ndarray
     reset: np.ndarray
+    after: tuple[np.ndarray, dict[str, Any]] | None = None  # cursor positions and RNG state once taken
 
 
 class ReplayCursors:
@@ -153,10 +154,19 @@ class ReplayCursors:
 
     def step(self, n_revealed: int, length: int) -> ReplayPlan:
         """Advance every cursor by one chunk of ``length`` over ``n_revealed`` revealed examples."""
+        plan = self.plan(n_revealed, length)
+        self.commit(plan)
+        return plan
+
+    def plan(self, n_revealed: int, length: int) -> ReplayPlan:
+        """What :meth:`step` would do, without doing it: the cursors stay where they are until
+        :meth:`commit`. (The transformer plans in ``predict``, where it may run the training
+        forward, and commits in ``update``; a second ``plan`` before that gives the same plan.)"""
         n, c = n_revealed, length
         active = np.full(self.n_streams, n >= c)
         if n < c:
             return ReplayPlan(active, np.zeros(self.n_streams, dtype=np.int64), np.zeros(self.n_streams, bool))
+        state = self.rng.bit_generator.state
         u = self.rng.random(self.n_streams)
         jump = (self.pos < 0) | (u < c / n)  # not started yet, or the C/t coin
         jump |= self.pos + c > n  # reached the present
@@ -164,7 +174,13 @@ class ReplayCursors:
             targets = self.rng.integers(0, n - c + 1, size=self.n_streams)
         else:
             targets = np.zeros(self.n_streams, dtype=np.int64)
+        after = self.rng.bit_generator.state
+        self.rng.bit_generator.state = state  # planning draws nothing for good
         starts = np.where(jump, targets, self.pos)
         assert (starts >= 0).all() and (starts + c <= n).all(), "replay must only read revealed examples"
-        self.pos = starts + c
-        return ReplayPlan(active, starts, jump)
+        return ReplayPlan(active, starts, jump, (starts + c, after))
+
+    def commit(self, plan: ReplayPlan) -> None:
+        """Take a plan of :meth:`plan` (made from the current state): the cursors move on."""
+        if plan.after is not None:
+            self.pos, self.rng.bit_generator.state = plan.after

@@ -38,6 +38,14 @@ length works. Replay (:mod:`ocl.learners.replay`): stream 0 is the newest chunk;
 step per chunk cover all streams at once (the batch dimension is the stream). A chunk whose
 loss is not finite is skipped (counted in ``skipped_updates``) and kept out of the history.
 
+Cost of a step (one chunk): one training forward over the R streams, one backward, one
+AdamW step over all parameters kept in flat buffers (:mod:`ocl.learners.flat_adamw`: one
+norm for clipping, one fused kernel per group), and, when C > 1 or in context mode, a
+gradient-free forward of stream 0 for ``predict``. With C = 1 in kv mode ``predict`` runs
+the training forward itself and ``update`` reuses it: labels cannot change what it computes
+(see :meth:`TransformerLearner.shares_forward`). On a GPU, ``cuda_graph`` replays predict and
+the whole training step as captured CUDA graphs (:mod:`ocl.learners.cuda_graphs`).
+
 CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
 (on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
 """
@@ -57,9 +65,12 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.kernels import BACKENDS, check_backend, resolve_backend, windowed_attention
+from ocl.kernels.reference import attention_bias
 from ocl.learners.base import Learner
+from ocl.learners.cuda_graphs import StepGraphs
+from ocl.learners.flat_adamw import FlatAdamW
 from ocl.learners.kv_cache import KVCache
-from ocl.learners.replay import History, ReplayCursors
+from ocl.learners.replay import History, ReplayCursors, ReplayPlan
 
 
 @dataclass
@@ -83,6 +94,7 @@ class TransformerConfig:
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when available)
     attn: str = "torch"  # "torch" (concat + SDPA) | "triton" (fused kernels, CUDA) | "flex" | "auto": triton on CUDA, else torch
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
+    cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
 
     def __post_init__(self) -> None:
@@ -173,7 +185,7 @@ class Block(nn.Module):
     def forward(
         self,
         h: torch.Tensor,  # (B, T, d) residual stream
-        lab: torch.Tensor | None,  # (B, T, 2, d) label terms of keys/values, or None
+        lab: torch.Tensor | None,  # (B, T, 2d) label terms of keys | values, or None
         ctx_k: torch.Tensor,  # (B, H, S, Dh) cached keys
         ctx_v: torch.Tensor,  # (B, H, S, Dh) cached values
         bias: torch.Tensor | FusedMask,  # (B, H, T, 1+S+T) additive bias (torch backend), or positions
@@ -181,26 +193,21 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, d = h.shape
         H = self.n_heads
-        q, k, v = self.qkv(self.ln1(h)).split(d, dim=2)  # each (B, T, d)
-        fused = isinstance(bias, FusedMask)
-        lab_k = lab_v = None
-        if lab is not None and fused:  # the kernel adds the label terms while it loads K/V tiles
-            lab_k = lab[:, :, 0].view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-            lab_v = lab[:, :, 1].view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        elif lab is not None:  # label enters keys and values only; q and h never see it
-            k = k + lab[:, :, 0]
-            v = v + lab[:, :, 1]
+        q, kv = self.qkv(self.ln1(h)).split([d, 2 * d], dim=2)  # (B, T, d), (B, T, 2d)
         q = q.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        v = v.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
+        fused = isinstance(bias, FusedMask)
+        if lab is not None and not fused:  # label enters keys and values only; q and h never see it
+            kv = kv + lab
+        k, v = split_heads(kv, H)  # each (B, H, T, Dh)
         if fused:
+            lab_k, lab_v = split_heads(lab, H) if lab is not None else (None, None)  # the kernel adds them
             a = windowed_attention(q, k, v, lab_k, lab_v, ctx_k, ctx_v, bias.ctx_pos, bias.tpos,
                                    self.sink_kv[0, :, 0], self.sink_kv[1, :, 0], bias.slopes, bias.strict,
                                    isolated=bias.isolated, q_lo=bias.q_lo, backend=bias.backend)
             if lab_k is not None:  # the keys/values the cache stores (it detaches them anyway)
                 k, v = (k + lab_k).detach(), (v + lab_v).detach()
         else:
-            sink_k, sink_v = self.sink_kv[0].expand(B, H, 1, d // H), self.sink_kv[1].expand(B, H, 1, d // H)
+            sink_k, sink_v = self.sink_kv[:, None].expand(-1, B, -1, -1, -1).unbind(0)  # each (B, H, 1, Dh)
             keys = torch.cat([sink_k, ctx_k, k], dim=2)  # (B, H, 1+S+T, Dh)
             vals = torch.cat([sink_v, ctx_v, v], dim=2)  # (B, H, 1+S+T, Dh)
             a = attention(q, keys, vals, bias)  # (B, H, T, Dh)
@@ -210,6 +217,12 @@ class Block(nn.Module):
         h = h + self.drop(self.proj(a))
         h = h + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(h)))))
         return h, k, v
+
+
+def split_heads(kv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, 2d)`` keys | values (or their label terms) -> two ``(B, H, T, Dh)`` views."""
+    B, T, two_d = kv.shape
+    return kv.view(B, T, 2, n_heads, two_d // (2 * n_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 class OnlineTransformer(nn.Module):
@@ -252,6 +265,12 @@ class OnlineTransformer(nn.Module):
             if isinstance(m, Dropout):
                 m.gen = gen
 
+    def label_terms(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """kv mode: what labels ``y (B, C)`` add to keys | values, per layer ``(B, C, 2d)``."""
+        B, C = y.shape
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        return self.label_kv(self.label_emb(y)).view(B, C, L, 2 * d).unbind(2)
+
     def attn_bias(
         self,
         tpos: torch.Tensor,  # (B, T) token positions of the chunk
@@ -266,25 +285,12 @@ class OnlineTransformer(nn.Module):
         ``(B, T)`` optionally bounds each query's lowest attendable token position (used by
         the full-recomputation reference, which has no cache).
         """
-        B, T = tpos.shape
-        S = ctx_pos.shape[1]
-        kpos = torch.cat([ctx_pos, tpos], dim=1)  # (B, S+T)
-        dist = tpos[:, :, None] - kpos[:, None, :]  # (B, T, S+T)
-        ok = dist >= (1 if self.kv_mode else 0)
-        ok[:, :, :S] &= (ctx_pos >= 0)[:, None, :]
-        if isolated:
-            ok[:, :, S:] &= torch.eye(T, dtype=torch.bool, device=tpos.device)
-        if q_lo is not None:
-            ok &= kpos[:, None, :] >= q_lo[:, :, None]
-        bias = -self.slopes[:, None, None] * dist[:, None].to(self.slopes.dtype)  # (B, H, T, S+T)
-        bias = bias.masked_fill(~ok[:, None], float("-inf"))
-        sink = bias.new_zeros(B, bias.shape[1], T, 1)
-        return torch.cat([sink, bias], dim=3)  # (B, H, T, 1+S+T)
+        return attention_bias(ctx_pos, tpos, self.slopes, self.kv_mode, isolated, q_lo, dtype=self.slopes.dtype)
 
     def forward(
         self,
         x: torch.Tensor,  # (B, C, D) features
-        y: torch.Tensor | None,  # (B, C) labels, K = unknown; unused when isolated
+        y: torch.Tensor | None,  # (B, C) labels, K = unknown; unused when isolated; kv mode: None = no label terms
         pos: torch.Tensor,  # (B, C) example positions in each stream
         ctx: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer (B, H, S, Dh) x2
         ctx_pos: torch.Tensor | None = None,  # (B, S)
@@ -298,11 +304,11 @@ class OnlineTransformer(nn.Module):
         B, C, _ = x.shape
         d, L, H = self.cfg.d_model, self.cfg.n_layers, self.cfg.n_heads
         h = self.in_proj(self.in_ln(x))  # (B, C, d)
-        lab = None
+        labs = [None] * L
         if self.kv_mode:
             tpos = pos
-            if not isolated:  # isolated queries never see their own keys: no label needed
-                lab = self.label_kv(self.label_emb(y)).view(B, C, L, 2, d)  # (B, C, L, 2, d)
+            if y is not None and not isolated:  # isolated queries never see their own keys: no label needed
+                labs = self.label_terms(y)
         elif isolated:
             tpos = 2 * pos  # x-tokens only
         else:
@@ -318,8 +324,8 @@ class OnlineTransformer(nn.Module):
         else:  # fused kernels build mask and bias from positions, tile by tile
             bias = FusedMask(tpos, ctx_pos, self.slopes, self.kv_mode, isolated, q_lo, backend)
         ks, vs = [], []
-        for layer, block in enumerate(self.blocks):
-            h, k, v = block(h, None if lab is None else lab[:, :, layer], *ctx[layer], bias, trace)
+        for block, lab, (ctx_k, ctx_v) in zip(self.blocks, labs, ctx):
+            h, k, v = block(h, lab, ctx_k, ctx_v, bias, trace)
             ks.append(k)
             vs.append(v)
         if not self.kv_mode and not isolated:
@@ -328,8 +334,78 @@ class OnlineTransformer(nn.Module):
         return logits, ks, vs, tpos
 
 
+class Temperature:
+    """Output calibration ``logits * exp(s)``, s fitted online: one Adam step per scored chunk on
+    that chunk's log-loss (the chunk was scored before, so the fit never sees a label early).
+
+    One scalar needs no autograd and no optimizer object: the gradient has a closed form,
+    ``d/ds CE(z e^s, y) = e^s * mean_i(sum_k p_ik z_ik - z_i,y_i)`` with ``p = softmax(z e^s)``,
+    and the Adam update below is ``torch.optim.Adam``'s (default betas and eps), in floats.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.log_scale = 0.0
+        self.m = self.v = 0.0  # Adam's moments
+        self.steps = 0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    def step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One step on raw logits ``(C, K)`` and labels ``(C,)``; skipped if the gradient is not finite."""
+        s = self.scale
+        z = logits.detach().float()
+        p = torch.softmax(z * s, dim=1)
+        grad = s * float(((p * z).sum(1) - z.gather(1, y[:, None])[:, 0]).mean())
+        if not math.isfinite(grad):
+            return
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        denom = math.sqrt(self.v) / math.sqrt(1 - b2**self.steps) + self.eps
+        self.log_scale -= self.lr / (1 - b1**self.steps) * self.m / denom
+
+
+class _Batch(NamedTuple):
+    """The inputs of one training forward: stream 0 (the new chunk) and, once there is history,
+    the R-1 replay streams' chunks (B = 1 or R; stream b is cache row b)."""
+
+    plan: ReplayPlan  # the replay streams' chunks (committed when the step is taken)
+    xs: torch.Tensor  # (B, C, D)
+    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) until they are revealed
+    pos: torch.Tensor  # (B, C) example positions in each stream
+    ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
+
+
+class _Forward(NamedTuple):
+    """A training forward over a batch, by ``predict`` or ``update``."""
+
+    batch: _Batch
+    labelled: bool  # False: run without any label (see TransformerLearner.shares_forward)
+    logits: torch.Tensor  # (B, C, K), attached to the autograd graph
+    ks: list[torch.Tensor]  # per layer (B, H, T, Dh): the chunk's keys, for the cache
+    vs: list[torch.Tensor]  # per layer (B, H, T, Dh): its values
+    tpos: torch.Tensor  # (B, T) their token positions
+
+
+class _Pending(NamedTuple):
+    """What ``predict`` leaves for ``update`` of the same chunk."""
+
+    x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
+    logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
+    forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
+
+
 class TransformerLearner(Learner):
     """Online transformer learner (in-context + in-weights), see the module docstring.
+
+    One step (``predict`` then ``update`` of a chunk) is one training forward over all R
+    streams, one backward and one AdamW step. With C = 1 in kv mode the forward runs in
+    ``predict`` and ``update`` reuses it (:meth:`shares_forward`); otherwise ``predict`` runs
+    its own gradient-free forward of stream 0 with the chunk's labels "unknown".
 
     Args:
         feature_dim: D. num_classes: K. seed: seeds init, dropout and replay cursors.
@@ -357,6 +433,11 @@ class TransformerLearner(Learner):
             raise OCLError(f"learner.device={cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'.")
         self.device = torch.device(dev)
         check_backend(cfg.attn, self.device, training=True)  # e.g. attn=triton on CPU: fail now, not mid-run
+        if cfg.cuda_graph and cfg.dropout > 0:
+            raise OCLError("learner.cuda_graph=true needs learner.dropout=0 (the captured step draws no random numbers).")
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise OCLError(f"learner.cuda_graph=true needs a CUDA device (learner.device={cfg.device!r} gives "
+                           f"{self.device.type!r}); set learner.cuda_graph=false on CPU.")
         self.D, self.K, self.R = feature_dim, num_classes, cfg.replay_streams
 
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
@@ -371,13 +452,11 @@ class TransformerLearner(Learner):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "sink" not in name else no_decay).append(p)
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.99), fused=True,  # beta2 0.99: moments that track a drifting stream
-        )
+        self.opt = FlatAdamW([(decay, cfg.weight_decay), (no_decay, 0.0)],
+                             betas=(0.9, 0.99),  # beta2 0.99: moments that track a drifting stream
+                             grad_clip=cfg.grad_clip)
         # Forward calibration: logits * exp(log_scale), fitted only on already-scored chunks.
-        self.log_scale = torch.zeros((), device=self.device, requires_grad=True)
-        self.temp_opt = torch.optim.Adam([self.log_scale], lr=cfg.temp_lr, fused=True)
+        self.temperature = Temperature(cfg.temp_lr)
 
         tpe = self.model.tokens_per_example
         self.cache = KVCache(cfg.n_layers, self.R, cfg.n_heads, cfg.window * tpe, cfg.d_model // cfg.n_heads,
@@ -386,9 +465,9 @@ class TransformerLearner(Learner):
         self.cursors = ReplayCursors(self.R - 1, cfg.reset_rule, seed=seed)
         self.t = 0
         self.skipped_updates = 0
-        self._rows0 = torch.zeros(1, dtype=torch.long, device=self.device)  # stream 0 only
-        self._rows_all = torch.arange(self.R, device=self.device)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, raw logits) of the last predict
+        self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
+        self._pending: _Pending | None = None
+        self.graphs = StepGraphs(self) if cfg.cuda_graph else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -399,19 +478,23 @@ class TransformerLearner(Learner):
     def _check(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.dim() != 2 or x.shape[1] != self.D:
             raise OCLError(f"transformer learner expects features of shape (C, {self.D}); got {tuple(x.shape)}.")
-        x = x.to(self.device, torch.float32)
-        if y is not None:
+        if y is not None:  # checked where the caller keeps them: no device round trip
             if y.shape != (x.shape[0],):
                 raise OCLError(f"labels must have shape ({x.shape[0]},); got {tuple(y.shape)}.")
-            y = y.to(self.device, torch.long)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.K):
                 raise OCLError(f"labels must lie in [0, {self.K}); got range [{int(y.min())}, {int(y.max())}].")
-        return x, y
+            y = y.to(self.device, torch.long)
+        return x.to(self.device, torch.float32), y
 
-    def _stream_forward(self, x, y, pos, rows, **kw):
-        """Model forward over the cached context of the selected streams (``rows``: slice)."""
+    def _set_training(self, training: bool) -> None:
+        if self.model.training != training:  # Module.train() walks every submodule: only when it changes
+            self.model.train(training)
+
+    def _stream_forward(self, x, y, pos, rows, ctx_pos=None, **kw):
+        """Model forward over the cached context of the selected streams (``rows``: slice);
+        ``ctx_pos`` overrides the cache's slot positions (-1 masks a slot)."""
         ctx = [self.cache.read(layer, rows) for layer in range(self.cfg.n_layers)]
-        return self.model(x, y, pos, ctx, self.cache.positions(rows), **kw)
+        return self.model(x, y, pos, ctx, self.cache.positions(rows) if ctx_pos is None else ctx_pos, **kw)
 
     def _lr(self, t: int) -> float:
         """Learning rate when the chunk ending at example t is learned."""
@@ -420,79 +503,168 @@ class TransformerLearner(Learner):
             return cfg.lr * t / cfg.warmup
         return cfg.lr * math.sqrt(w / t) if cfg.lr_decay == "inv_sqrt" else cfg.lr
 
-    def _scale(self) -> torch.Tensor:
-        return self.log_scale.detach().exp() if self.cfg.temperature else self.log_scale.new_ones(())
+    def _scale(self) -> float:
+        return self.temperature.scale if self.cfg.temperature else 1.0
+
+    def shares_forward(self, C: int) -> bool:
+        """Whether ``predict`` of a chunk of C examples runs the training forward itself.
+
+        In kv mode with C = 1 every stream's chunk is a single token, and a token's label only
+        enters its own key and value, which no query of the same forward attends to (a query
+        never sees its own key). So labels change nothing the training forward computes but
+        the keys/values it hands to the cache: ``predict`` can run it, without any label, and
+        ``update`` adds the label terms before caching them (:meth:`_cache_entries`). The logits and
+        gradients are those of a forward with labels (whose label-term gradients are exactly
+        zero), and a forward per example is saved. Not with dropout (predict's forward would
+        then be a training one), nor with ``cuda_graph`` (predict and the training step are
+        captured separately: an autograd graph cannot span two CUDA graphs).
+        """
+        return self.model.kv_mode and C == 1 and self.cfg.dropout == 0 and self.graphs is None
 
     @torch.no_grad()
     def _raw_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Stream 0's logits ``(C, K)`` for a chunk ``x (C, D)`` whose labels are unknown."""
         C = x.shape[0]
-        self.model.eval()
         pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
-        y = torch.full((1, C), self.K, device=self.device)  # this chunk's labels: unknown
-        return self._stream_forward(x[None], y, pos, slice(0, 1))[0][0]  # (C, K)
+        if self.graphs is not None:
+            return self.graphs.predict(x[None], pos)
+        return self._predict_forward(x[None], pos)
+
+    def _predict_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` (no gradient)."""
+        self._set_training(False)
+        y = torch.full(pos.shape, self.K, device=self.device)  # this chunk's labels: unknown
+        with torch.no_grad():
+            return self._stream_forward(x, y, pos, slice(0, 1))[0][0]
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor | None) -> _Batch:
+        """Stream 0's chunk ``x (C, D)``, ``y (C,)`` (None: labels not revealed yet) and the replay
+        streams' next chunks. Changes no state: the replay plan is committed and the caches of
+        streams that jump are emptied when the step is taken (:meth:`_finish`); until then
+        their slots are masked."""
+        C = x.shape[0]
+        plan = self.cursors.plan(len(self.history), C)
+        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        y0 = (torch.full((C,), self.K, device=self.device) if y is None else y)[None]  # (1, C)
+        if not plan.active.any():  # no history yet: stream 0 alone
+            return _Batch(plan, x[None], y0, pos0, self.cache.positions(slice(0, 1)))
+        hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
+        hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
+        ctx_pos = self.cache.positions(slice(None))
+        if plan.reset.any():  # streams that jump start from an empty cache
+            jumped = torch.as_tensor(np.concatenate([[False], plan.reset]), device=self.device)
+            ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
+        return _Batch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), torch.cat([pos0, hpos]), ctx_pos)
+
+    def _forward(self, batch: _Batch, labelled: bool = True) -> _Forward:
+        """The training forward of a batch; ``labelled=False``: no label enters it (only where
+        :meth:`shares_forward`)."""
+        self._set_training(True)
+        rows = slice(0, batch.xs.shape[0])
+        logits, ks, vs, tpos = self._stream_forward(batch.xs, batch.ys if labelled else None, batch.pos, rows,
+                                                    batch.ctx_pos)
+        return _Forward(batch, labelled, logits, ks, vs, tpos)
 
     # ---------------------------------------------------------------- protocol
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         xd, _ = self._check(x)
-        logits = self._raw_predict(xd)
-        self._pending = (x, logits)
+        forward = None
+        if self.shares_forward(xd.shape[0]):
+            with torch.enable_grad():
+                forward = self._forward(self._batch(xd, None), labelled=False)
+            logits = forward.logits[0].detach()  # stream 0: this chunk
+        else:
+            logits = self._raw_predict(xd)
+        self._pending = _Pending(x, logits, forward)
         return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pending, self._pending = self._pending, None
-        x_in = x
-        x, y = self._check(x, y)
-        C, cfg = x.shape[0], self.cfg
-        if cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
-            same = pending is not None and (pending[0] is x_in or torch.equal(pending[0], x_in))
-            self._calibrate(pending[1] if same else self._raw_predict(x), y)
-
-        # Stream 0: the new chunk. Streams 1..R-1: replay chunks of the same length.
-        plan = self.cursors.step(len(self.history), C)
-        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
-        if plan.active.any():  # all cursors are active together (once a chunk of history exists)
-            for b in np.flatnonzero(plan.reset):
-                self.cache.reset(int(b) + 1)
-            hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
-            hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
-            xs, ys = torch.cat([x[None], hx]), torch.cat([y[None], hy])  # (R, C, D), (R, C)
-            pos, rows, rows_t = torch.cat([pos0, hpos]), slice(None), self._rows_all
+        xd, yd = self._check(x, y)
+        same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
+        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
+            self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
+        lr = self._lr(self.t + xd.shape[0])
+        if same and pending.forward is not None:  # predict ran the training forward (labels not in it)
+            fwd = pending.forward
+            ys = torch.cat([yd[None], fwd.batch.ys[1:]])  # (B, C): stream 0's labels are revealed now
+            kv = self._cache_entries(fwd, ys)  # before the step changes the label weights
+            finite = self._train(fwd.logits, ys, lr)
+            self._finish(fwd.batch, finite, kv, fwd.tpos, xd, yd)
+            return
+        batch = self._batch(xd, yd)
+        if self.graphs is not None:
+            finite, kv, tpos = self.graphs.train(batch, lr)
         else:
-            xs, ys, pos, rows, rows_t = x[None], y[None], pos0, slice(0, 1), self._rows0
+            finite, kv, tpos = self._train_step(batch.xs, batch.ys, batch.pos, batch.ctx_pos, lr)
+        self._finish(batch, finite, kv, tpos, xd, yd)
 
-        self.model.train()
-        logits, ks, vs, tpos = self._stream_forward(xs, ys, pos, rows)
+    def _train_step(self, xs: torch.Tensor, ys: torch.Tensor, pos: torch.Tensor, ctx_pos: torch.Tensor,
+                    lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward (with labels), loss, backward and AdamW step of a batch, all on the device (what
+        ``cuda_graph`` captures). Returns the finite flag, the cache entries and their positions."""
+        fwd = self._forward(_Batch(None, xs, ys, pos, ctx_pos))
+        kv = self._cache_entries(fwd, ys)
+        return self._train(fwd.logits, ys, lr), kv, fwd.tpos
+
+    def _train(self, logits: torch.Tensor, ys: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits (B, C, K)`` on ``ys (B, C)``, backward, one clipped AdamW step at ``lr``;
+        no step (decided on the device) when the loss is not finite. Returns that flag (0-dim)."""
         loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
-        self.t += C
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr(self.t)
-        self.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
-            self.opt.step()
-            self.cache.write(rows_t, tpos, ks, vs)
-            self.history.append(x, y)
-        else:  # skip the step, keep the chunk out of the history (replay would hit it again),
-            self.skipped_updates += 1  # and empty the caches that may now hold non-finite K/V
-            for b in rows_t.tolist():
-                self.cache.reset(b)
+        finite = torch.isfinite(loss)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step(lr, skip=~finite)
+        return finite
 
-    def _calibrate(self, raw_logits: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(raw_logits.detach() * self.log_scale.exp(), y)
-        self.temp_opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            self.temp_opt.step()
+    @torch.no_grad()
+    def _cache_entries(self, fwd: _Forward, ys: torch.Tensor) -> torch.Tensor:
+        """The forward's keys and values as the cache stores them, ``(2, L, B, H, T, Dh)``: with
+        the label terms of ``ys`` added if the forward ran without labels."""
+        kv = torch.stack([*fwd.ks, *fwd.vs]).unflatten(0, (2, self.cfg.n_layers))
+        return kv if fwd.labelled else kv + self._label_kv_terms(ys)
+
+    def _finish(self, batch: _Batch, finite: torch.Tensor, kv: torch.Tensor, tpos: torch.Tensor, x: torch.Tensor,
+                y: torch.Tensor) -> None:
+        """After the step: the replay streams move on, the chunk's keys/values enter the caches
+        and the chunk the history; after a non-finite loss (no step was taken) the chunk stays out
+        of the history (replay would hit it again) and the caches, which may now hold non-finite
+        K/V, are emptied."""
+        self.cursors.commit(batch.plan)
+        self.t += x.shape[0]
+        B = batch.xs.shape[0]
+        if not bool(finite):
+            self.skipped_updates += 1
+            for b in range(B):
+                self.cache.reset(b)
+            return
+        # Streams that jumped start afresh (the forward had their slots masked); only now, as the
+        # fused kernels' backward reads the cache in place.
+        for b in np.flatnonzero(batch.plan.reset):
+            self.cache.reset(int(b) + 1)
+        self.cache.write_stacked(self._rows_all[:B], tpos, kv)
+        self.history.append(x, y)
+
+    @torch.no_grad()
+    def _label_kv_terms(self, ys: torch.Tensor) -> torch.Tensor:
+        """What labels ``ys (B, C)`` add to keys and values in kv mode, ``(2, L, B, H, C, Dh)``.
+
+        A label-free forward (:meth:`shares_forward`) hands the cache keys/values without
+        them. (The label weights get no gradient from such a forward where they would get an
+        exactly zero one from a forward with labels; :class:`FlatAdamW` treats both the same.)
+        """
+        B, C = ys.shape
+        cfg = self.cfg
+        lab = self.model.label_kv(self.model.label_emb(ys))  # (B, C, L * 2 * d): per layer [key | value]
+        return lab.view(B, C, cfg.n_layers, 2, cfg.n_heads, -1).permute(3, 2, 0, 4, 1, 5)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Held-out log-probs ``(N, K)``: each example attends to stream 0's current cache as
         if it were the next example, independently of the others; no cache is modified."""
         xd, _ = self._check(x)
-        self.model.eval()
+        self._set_training(False)
         out = []
         for s in range(0, xd.shape[0], self.cfg.eval_batch):
             xb = xd[s : s + self.cfg.eval_batch][None]  # (1, N', D)

@@ -21,19 +21,13 @@ from ocl.kernels import reference_attention, windowed_attention  # noqa: E402
 from ocl.kernels.attention import _interpreting, check_backend  # noqa: E402
 from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner, attention  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(not CUDA and not _interpreting(), reason="triton interpreter not enabled")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ring_state(B: int, S: int, ends: list[int]) -> torch.Tensor:

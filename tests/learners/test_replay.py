@@ -117,3 +117,19 @@ def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
     (tmp_path / "copy" / "h.bin").write_bytes(b"")
     with relative_to(tmp_path / "copy"), pytest.raises(OCLError, match="missing or shorter"):
         pickle.loads(blob)
+
+
+@pytest.mark.parametrize("rule", ["prob", "start"])
+def test_plan_changes_nothing_until_committed_and_commit_equals_step(rule):
+    planner, stepper = ReplayCursors(4, rule, seed=3), ReplayCursors(4, rule, seed=3)
+    n = 0
+    for c in [1, 2, 1, 3, 1, 1, 2] * 10:
+        first, again = planner.plan(n, c), planner.plan(n, c)  # e.g. predict twice before update
+        for a, b in zip((first.active, first.starts, first.reset), (again.active, again.starts, again.reset)):
+            assert np.array_equal(a, b)
+        planner.commit(first)
+        taken = stepper.step(n, c)
+        assert np.array_equal(first.starts, taken.starts) and np.array_equal(first.reset, taken.reset)
+        assert np.array_equal(planner.pos, stepper.pos)
+        n += c
+    assert planner.rng.random() == stepper.rng.random()

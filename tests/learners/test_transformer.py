@@ -12,21 +12,13 @@ from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
 from ocl.learners.kv_cache import KVCache
-from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner
+from ocl.learners.transformer import OnlineTransformer, Temperature, TransformerConfig, TransformerLearner, split_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MODES = ["kv", "context"]
 # Tiny, fast, and every mechanism on: replay, a window that wraps, calibration.
 TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add sync overhead, and on a busy 2-core box
-    they slow the per-example loop 10x or more. Restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def clusters(n: int, D: int = 8, K: int = 3, seed: int = 0, spread: float = 2.0):
@@ -213,6 +205,108 @@ def test_kv_mode_labels_reach_keys_values_but_never_queries_or_residuals():
             y3 = y.clone()
             y3[:, 2] = (y[:, 2] + 1) % 3
             assert not torch.allclose(traced(y3)[1]["h"][:, 3:], a[1]["h"][:, 3:])
+
+
+# ------------------------------------ one forward per step at C = 1 (kv mode): why it is exact
+@torch.no_grad()
+def _labelled_and_label_free(model, B=3, S=4):
+    """Forwards of a C = 1 chunk per stream over a filled cache, with and without labels."""
+    L, H, Dh = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model // model.cfg.n_heads
+    g = torch.Generator().manual_seed(5)
+    ctx = [(torch.randn(B, H, S, Dh, generator=g), torch.randn(B, H, S, Dh, generator=g)) for _ in range(L)]
+    ctx_pos = torch.arange(S).repeat(B, 1)
+    x, y, pos = torch.randn(B, 1, 8, generator=g), torch.randint(0, 3, (B, 1), generator=g), torch.full((B, 1), S)
+    return (x, pos, ctx, ctx_pos), y
+
+
+def test_c1_kv_labels_only_reach_the_cache_so_predict_can_run_the_training_forward():
+    """TransformerLearner.shares_forward: at C = 1 in kv mode a forward with labels gives the same
+    logits as one without, gradients exactly zero for the label weights (and none that differ
+    elsewhere), and keys/values that differ by exactly the label terms added afterwards."""
+    model = _model("kv").train()
+    (x, pos, ctx, ctx_pos), y = _labelled_and_label_free(model)
+    out = {}
+    for name, labels in (("labelled", y), ("free", None)):
+        model.zero_grad(set_to_none=True)
+        logits, ks, vs, _ = model(x, labels, pos, ctx, ctx_pos)
+        logits.square().sum().backward()
+        out[name] = logits, ks, vs, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    (la, ka, va, ga), (lf, kf, vf, gf) = out["labelled"], out["free"]
+    assert torch.equal(la, lf)
+    for name in ga:
+        if name.startswith("label_"):
+            assert gf[name] is None and not ga[name].any(), name  # exactly zero with labels
+        else:
+            assert torch.equal(ga[name], gf[name]), name
+    lab = model.label_terms(y)
+    for layer, (k, v) in enumerate(zip(kf, vf)):
+        lk, lv = split_heads(lab[layer], model.cfg.n_heads)
+        torch.testing.assert_close(k + lk, ka[layer], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v + lv, va[layer], rtol=0, atol=1e-6)
+    # with C = 2 the first example's label reaches the second one's logits: no sharing then
+    ctx2 = [(k[:, :, :2], v[:, :, :2]) for k, v in ctx]
+    x2, y2, pos2 = torch.randn(3, 2, 8), torch.randint(0, 3, (3, 2)), torch.tensor([[2, 3]] * 3)
+    with torch.no_grad():
+        assert not torch.allclose(model(x2, y2, pos2, ctx2, ctx_pos[:, :2])[0][:, 1],
+                                  model(x2, (y2 + 1) % 3, pos2, ctx2, ctx_pos[:, :2])[0][:, 1])
+
+
+def test_shared_forward_learns_exactly_like_a_forward_per_call(monkeypatch):
+    """The C = 1 kv path (predict runs the training forward) against the general one (predict's
+    own forward, update's forward with labels): same predictions along a stream with replay,
+    a wrapped ring, temperature and a mismatched update (predict x, update another x)."""
+    x, y = clusters(40)
+    cfg = {**TINY, "replay_streams": 3, "temperature": True}
+    shared = TransformerLearner(8, 3, seed=0, **cfg)
+    assert shared.shares_forward(1) and not shared.shares_forward(2)
+    assert not TransformerLearner(8, 3, label_mode="context", **TINY).shares_forward(1)
+    assert not TransformerLearner(8, 3, dropout=0.1, **TINY).shares_forward(1)
+    a = prequential(shared, x[:30], y[:30], 1)
+    shared.predict(x[30:31])
+    shared.update(x[31:32], y[31:32])  # not the chunk it predicted: update runs its own forward
+    a2 = prequential(shared, x[32:], y[32:], 1)
+    monkeypatch.setattr(TransformerLearner, "shares_forward", lambda self, C: False)
+    general = TransformerLearner(8, 3, seed=0, **cfg)
+    b = prequential(general, x[:30], y[:30], 1)
+    general.update(x[31:32], y[31:32])
+    b2 = prequential(general, x[32:], y[32:], 1)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a2, b2, rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:1], a[-1:])  # it learned something
+
+
+def test_predict_changes_no_state():
+    x, y = clusters(20)
+    learner = TransformerLearner(8, 3, seed=0, **{**TINY, "replay_streams": 3})
+    prequential(learner, x[:12], y[:12], 1)
+    state = (learner.cache.kv.clone(), learner.cache.pos.clone(), learner.cursors.pos.copy(),
+             learner.cursors.rng.bit_generator.state, [p.clone() for p in learner.model.parameters()])
+    first = learner.predict(x[12:13])
+    for C in (1, 3, 1):
+        learner.predict(x[12 : 12 + C])
+    assert torch.equal(learner.cache.kv, state[0]) and torch.equal(learner.cache.pos, state[1])
+    assert (learner.cursors.pos == state[2]).all() and learner.cursors.rng.bit_generator.state == state[3]
+    assert all(torch.equal(p, q) for p, q in zip(learner.model.parameters(), state[4]))
+    assert torch.equal(learner.predict(x[12:13]), first)
+
+
+def test_temperature_step_is_adam_on_the_log_scale():
+    """The closed-form gradient + float Adam against autograd + torch.optim.Adam."""
+    g = torch.Generator().manual_seed(0)
+    temp = Temperature(lr=0.05)
+    log_scale = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([log_scale], lr=0.05)
+    for step in range(20):
+        z, yy = torch.randn(4, 5, generator=g) * 3, torch.randint(0, 5, (4,), generator=g)
+        temp.step(z, yy)
+        opt.zero_grad()
+        F.cross_entropy(z * log_scale.exp(), yy).backward()
+        opt.step()
+        assert abs(temp.log_scale - log_scale.item()) < 1e-5
+    assert abs(temp.log_scale) > 0.05  # it moved
+    before = temp.log_scale
+    temp.step(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))  # a non-finite chunk: skipped
+    assert temp.log_scale == before
 
 
 # ----------------------------------------------------------------- property 5: determinism
