@@ -67,8 +67,7 @@ from torch.utils.data import TensorDataset
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.linear import RunningStandardizer
-from ocl.learners.mlp import make_head, make_optimizer
+from ocl.learners.common import RunningStandardizer, make_head, make_optimizer
 
 if TYPE_CHECKING:
     from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.replay_er import ExampleBuffer
+from ocl.learners.memory import ExampleBuffer
 
 
 class KNNLearner(Learner):

@@ -1,59 +1,12 @@
-"""Online one-hidden-layer MLP head trained with one optimizer step per chunk.
-
-Also home of the small pieces the other gradient baselines share: :func:`make_head` (a
-linear or one-hidden-layer head, seeded, output layer zero-initialised) and
-:func:`make_optimizer`.
-"""
+"""Online one-hidden-layer MLP head trained with one optimizer step per chunk."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.linear import RunningStandardizer, guarded_step
-
-
-def make_head(feature_dim: int, num_classes: int, hidden: int, seed: int) -> nn.Module:
-    """A classifier head over features: linear (``hidden == 0``) or Linear-ReLU-Linear.
-
-    The hidden layer gets PyTorch's default (Kaiming-uniform) init drawn from a private
-    generator seeded with ``seed``, so building a head never touches the global RNG.
-    The output layer is zero-initialised: the first prediction is uniform (log-loss
-    ``log K``), the honest prior, as in :class:`~ocl.learners.linear.LinearLearner`.
-
-    Returns:
-        a module mapping ``(C, D) -> (C, K)`` logits.
-    """
-    if hidden < 0:
-        raise OCLError(f"hidden must be >= 0 (0 = linear head); got {hidden}.")
-    out = nn.Linear(hidden or feature_dim, num_classes)
-    nn.init.zeros_(out.weight)
-    nn.init.zeros_(out.bias)
-    if hidden == 0:
-        return out
-    gen = torch.Generator().manual_seed(seed)
-    first = nn.Linear(feature_dim, hidden)
-    # Same distributions as nn.Linear.reset_parameters, but from our generator.
-    nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)
-    bound = 1.0 / math.sqrt(feature_dim)
-    nn.init.uniform_(first.bias, -bound, bound, generator=gen)
-    return nn.Sequential(first, nn.ReLU(), out)
-
-
-def make_optimizer(
-    name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """``"sgd"`` (with optional momentum) or ``"adam"``."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise OCLError(f"optimizer must be 'sgd' or 'adam'; got {name!r}.")
+from ocl.learners.common import RunningStandardizer, guarded_step, make_head, make_optimizer
 
 
 class MLPLearner(Learner):

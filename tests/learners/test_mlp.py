@@ -6,7 +6,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
-from ocl.learners.mlp import MLPLearner, make_head
+from ocl.learners.common import make_head
+from ocl.learners.mlp import MLPLearner
 
 D, K = 8, 4
 CONFIGS = Path(__file__).parents[2] / "configs" / "learner"

@@ -6,7 +6,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
-from ocl.learners.replay_er import ERLearner, ExampleBuffer
+from ocl.learners.er import ERLearner
+from ocl.learners.memory import ExampleBuffer
 
 D, K = 8, 4
 CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
