@@ -1,5 +1,6 @@
 """Parts the gradient baselines share: input standardisation with running statistics, an
-optimizer step that skips non-finite losses and gradients, a classifier head and its optimizer."""
+optimizer step that skips non-finite losses and gradients, a classifier head and its
+optimizer, and :class:`HeadLearner`, the base of the linear, MLP and ER learners."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ocl.errors import OCLError
+from ocl.learners.base import Learner
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +121,59 @@ def make_optimizer(
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise OCLError(f"optimizer must be 'sgd' or 'adam'; got {name!r}.")
+
+
+class HeadLearner(Learner):
+    """Base of the gradient baselines: a classifier head over (optionally standardised)
+    features, trained by one optimizer.
+
+    ``predict`` is ``log_softmax(head(standardise(x)))``. Subclasses decide what a step
+    learns from (:meth:`step`) and call :meth:`observe` on every revealed chunk, so that the
+    standardiser only ever holds statistics of inputs already learned from.
+
+    Args:
+        feature_dim: D.
+        num_classes: K.
+        seed: seeds the hidden layer's initialisation (:func:`make_head`).
+        hidden: hidden width (``0`` = linear head).
+        lr, optimizer, momentum, weight_decay: see :func:`make_optimizer`.
+        standardize: standardise inputs with running statistics of past inputs; makes one
+            learning rate work for pixels and for ViT features of very different scales.
+
+    Attributes:
+        skipped_updates: steps skipped because the loss or a gradient was NaN/inf.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, seed: int, hidden: int, lr: float,
+                 optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0,
+                 standardize: bool = True) -> None:
+        self.head = make_head(feature_dim, num_classes, hidden, seed)
+        self.opt = make_optimizer(optimizer, self.head.parameters(), lr, momentum, weight_decay)
+        self.norm = RunningStandardizer(feature_dim) if standardize else None
+        self.skipped_updates = 0
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(C, D) -> (C, K)`` logits of the current head."""
+        return self.head(self.norm(x) if self.norm is not None else x)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.logits(x), dim=1)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on the mean loss of ``x (B, D)``, ``y (B,)``, skipped (and
+        counted) when the loss or a gradient is not finite: one bad chunk must not poison the
+        weights."""
+        loss = F.cross_entropy(self.logits(x), y)
+        if not guarded_step(loss, self.opt, self.name, self.skipped_updates):
+            self.skipped_updates += 1
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Add a revealed chunk ``(C, D)`` to the input statistics (never a non-finite one:
+        one bad input must not poison them)."""
+        if self.norm is not None and torch.isfinite(x).all():
+            self.norm.update(x)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.step(x, y)
+        self.observe(x)

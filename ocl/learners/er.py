@@ -9,15 +9,13 @@ at any time it is a uniform sample of everything seen so far.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ocl.errors import OCLError
-from ocl.learners.base import Learner
-from ocl.learners.common import RunningStandardizer, make_head, make_optimizer
+from ocl.learners.common import HeadLearner
 from ocl.learners.memory import ExampleBuffer
 
 
-class ERLearner(Learner):
+class ERLearner(HeadLearner):
     """Experience replay over a linear or MLP head.
 
     Each :meth:`update` takes ``steps`` optimizer steps, each on the new chunk plus a
@@ -39,6 +37,9 @@ class ERLearner(Learner):
         standardize: standardise inputs with running statistics of past inputs; memory
             stores raw features and is standardised with the current statistics.
         buffer_policy: ``"reservoir"`` (uniform over the past) or ``"fifo"`` (most recent).
+
+    Attributes:
+        skipped_updates: steps skipped because the loss or a gradient was NaN/inf.
     """
 
     name = "er"
@@ -61,28 +62,14 @@ class ERLearner(Learner):
     ) -> None:
         if steps < 1 or replay_batch_size < 0:
             raise OCLError(f"er: need steps >= 1 and replay_batch_size >= 0; got {steps}, {replay_batch_size}.")
-        self.head = make_head(feature_dim, num_classes, hidden, seed)
-        self.opt = make_optimizer(optimizer, self.head.parameters(), lr, momentum, weight_decay)
-        self.norm = RunningStandardizer(feature_dim) if standardize else None
+        super().__init__(feature_dim, num_classes, seed, hidden, lr, optimizer, momentum, weight_decay, standardize)
         self.buffer = ExampleBuffer(buffer_size, feature_dim, buffer_policy, seed)
         self.replay_batch_size = replay_batch_size
         self.steps = steps
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x) if self.norm is not None else x)  # (C, K)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self._logits(x), dim=1)
-
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         for _ in range(self.steps):
             bx, by = self.buffer.sample(self.replay_batch_size)  # past chunks only
-            loss = F.cross_entropy(self._logits(torch.cat([x, bx])), torch.cat([y, by]))
-            self.opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                self.opt.step()
+            self.step(torch.cat([x, bx]), torch.cat([y, by]))
         self.buffer.add(x, y)
-        if self.norm is not None:
-            self.norm.update(x)
+        self.observe(x)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from ocl.learners.base import Learner
-from ocl.learners.common import RunningStandardizer, guarded_step, make_head, make_optimizer
+from ocl.learners.common import HeadLearner
 
 
-class MLPLearner(Learner):
+class MLPLearner(HeadLearner):
     """One-hidden-layer MLP, one optimizer step per chunk on the chunk's mean loss.
 
     Args:
@@ -41,21 +37,4 @@ class MLPLearner(Learner):
         weight_decay: float = 0.0,
         standardize: bool = True,
     ) -> None:
-        self.head = make_head(feature_dim, num_classes, hidden, seed)
-        self.opt = make_optimizer(optimizer, self.head.parameters(), lr, momentum, weight_decay)
-        self.norm = RunningStandardizer(feature_dim) if standardize else None
-        self.skipped_updates = 0
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x) if self.norm is not None else x)  # (C, K)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self._logits(x), dim=1)
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(self._logits(x), y)
-        if not guarded_step(loss, self.opt, self.name, self.skipped_updates):  # one bad chunk must not poison the weights
-            self.skipped_updates += 1
-        if self.norm is not None and torch.isfinite(x).all():
-            self.norm.update(x)
+        super().__init__(feature_dim, num_classes, seed, hidden, lr, optimizer, momentum, weight_decay, standardize)
