@@ -106,7 +106,7 @@ def windowed_attention(
         k_label, v_label: ``(B, H, T, Dh)`` label terms added to the chunk's keys/values
             (label-as-KV mode), or None.
         k_cache, v_cache: ``(B, H, S, Dh)`` the ring buffer, S >= 0, e.g. a view of
-            :class:`ocl.learners.kv_cache.KVCache` storage; treated as constants (no grad).
+            :class:`ocl.learners.transformer.kv_cache.KVCache` storage; treated as constants (no grad).
         cache_pos: ``(B, S)`` long, token position held by each slot, -1 = empty.
         q_pos: ``(B, T)`` long, token positions of the chunk.
         sink_k, sink_v: ``(H, Dh)`` the attention sink (gradients flow to it).

@@ -172,6 +172,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left behind
 
 
+def test_a_checkpoint_of_an_older_format_is_refused_with_a_message_saying_so(tmp_path):
+    """Learner classes move between versions (a checkpoint pickles them by module path): an
+    older checkpoint is refused by its header's format, before anything is unpickled."""
+    path = tmp_path / ckpt.CHECKPOINT
+    data = ckpt.dumps({"format": ckpt.FORMAT - 1}, tmp_path).replace(
+        f'"format": {ckpt.FORMAT}'.encode(), f'"format": {ckpt.FORMAT - 1}'.encode(), 1)
+    path.write_bytes(data)
+    with pytest.raises(OCLError, match=f"older version of ocl .checkpoint format {ckpt.FORMAT - 1}"):
+        ckpt.load(path)
+
+
 def test_crash_while_checkpointing_a_run_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     over = ["checkpoint_every=100", "protocol.max_examples=300"]
     run_experiment(config(tmp_path, *over), tmp_path / "ref")

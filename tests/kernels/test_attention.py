@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 from ocl.errors import OCLError  # noqa: E402
 from ocl.kernels import reference_attention, windowed_attention  # noqa: E402
 from ocl.kernels.attention import _interpreting, check_backend  # noqa: E402
-from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner, attention  # noqa: E402
+from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner  # noqa: E402
+from ocl.learners.transformer.model import attention  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ocl.errors import OCLError
-from ocl.learners.cuda_graphs import StepGraphs
+from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer import TransformerLearner
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

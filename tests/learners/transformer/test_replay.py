@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ocl.learners.replay import History, ReplayCursors
+from ocl.learners.transformer.replay import History, ReplayCursors
 
 
 def test_history_grows_and_gathers_chunks():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
-from ocl.learners.kv_cache import KVCache
+from ocl.learners.transformer.kv_cache import KVCache
 from ocl.learners.transformer import OnlineTransformer, Temperature, TransformerConfig, TransformerLearner, split_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -364,7 +364,7 @@ def test_bad_inputs_and_config_raise_ocl_errors():
 
 
 def test_hydra_config_lists_every_option_with_its_default():
-    path = Path(__file__).parents[2] / "configs" / "learner" / "transformer.yaml"
+    path = Path(__file__).parents[3] / "configs" / "learner" / "transformer.yaml"
     conf = OmegaConf.to_container(OmegaConf.load(path))
     assert conf.pop("_target_") == "ocl.learners.transformer.TransformerLearner"
     assert conf.pop("_partial_") is True
