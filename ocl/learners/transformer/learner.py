@@ -120,7 +120,10 @@ class TransformerLearner(Learner):
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise OCLError(f"learner.device={cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'.")
         self.device = torch.device(dev)
-        check_backend(cfg.attn, self.device, training=True)  # e.g. attn=triton on CPU: fail now, not mid-run
+        try:  # e.g. attn=triton on CPU: fail now, not mid-run
+            check_backend(cfg.attn, self.device, training=True)
+        except ValueError as e:  # the kernels are a library: the learner makes it the user's error
+            raise OCLError(str(e)) from None
         if cfg.cuda_graph and cfg.dropout > 0:
             raise OCLError("learner.cuda_graph=true needs learner.dropout=0 (the captured step draws no random numbers).")
         if cfg.cuda_graph and self.device.type != "cuda":

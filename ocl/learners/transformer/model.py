@@ -69,21 +69,11 @@ class TransformerConfig:
             raise bad("dropout", "must be in [0, 1).")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention with an additive bias (the one place to swap backends).
-
-    Args:
-        q: ``(B, H, T, Dh)``; k, v: ``(B, H, Tk, Dh)``.
-        bias: ``(B, H, T, Tk)`` float, ``-inf`` where masked; every row has a finite entry.
-    Returns:
-        ``(B, H, T, Dh)``.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
-class FusedMask(NamedTuple):
-    """What the fused backends (:func:`ocl.kernels.windowed_attention`) need instead of a bias
-    tensor: positions and flags, from which they build the mask and ALiBi bias tile by tile."""
+class AttentionMask(NamedTuple):
+    """Which keys the queries of one forward may attend to, shared by all its layers: the
+    positions and flags every backend of :func:`ocl.kernels.windowed_attention` builds its
+    mask and ALiBi bias from, and for the ``torch`` backend that bias itself, built once per
+    forward instead of once per layer."""
 
     tpos: torch.Tensor  # (B, T) token positions of the chunk
     ctx_pos: torch.Tensor  # (B, S) token positions of the cache slots, -1 = empty
@@ -91,7 +81,8 @@ class FusedMask(NamedTuple):
     strict: bool  # kv mode: a query never sees its own key (nor its own label)
     isolated: bool
     q_lo: torch.Tensor | None  # (B, T) or None
-    backend: str  # "triton" | "flex"
+    backend: str  # "torch" | "triton" | "flex"
+    bias: torch.Tensor | None  # (B, H, T, 1+S+T) for the torch backend, else None
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -128,7 +119,7 @@ class Block(nn.Module):
         self.fc_out = nn.Linear(cfg.mlp_ratio * d, d)
         self.drop = Dropout(cfg.dropout)
         # The attention sink: a learned key/value every query can always attend to.
-        self.sink_kv = nn.Parameter(torch.randn(2, cfg.n_heads, 1, d // cfg.n_heads) * 0.02)  # (2, H, 1, Dh)
+        self.sink_kv = nn.Parameter(torch.randn(2, cfg.n_heads, d // cfg.n_heads) * 0.02)  # (2, H, Dh)
 
     def forward(
         self,
@@ -136,29 +127,22 @@ class Block(nn.Module):
         lab: torch.Tensor | None,  # (B, T, 2d) label terms of keys | values, or None
         ctx_k: torch.Tensor,  # (B, H, S, Dh) cached keys
         ctx_v: torch.Tensor,  # (B, H, S, Dh) cached values
-        bias: torch.Tensor | FusedMask,  # (B, H, T, 1+S+T) additive bias (torch backend), or positions
+        mask: AttentionMask,  # which keys each query sees (shared by the layers of a forward)
         trace: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, d = h.shape
         H = self.n_heads
         q, kv = self.qkv(self.ln1(h)).split([d, 2 * d], dim=2)  # (B, T, d), (B, T, 2d)
         q = q.view(B, T, H, d // H).transpose(1, 2)  # (B, H, T, Dh)
-        fused = isinstance(bias, FusedMask)
-        if lab is not None and not fused:  # label enters keys and values only; q and h never see it
-            kv = kv + lab
-        k, v = split_heads(kv, H)  # each (B, H, T, Dh)
-        if fused:
-            lab_k, lab_v = split_heads(lab, H) if lab is not None else (None, None)  # the kernel adds them
-            a = windowed_attention(q, k, v, lab_k, lab_v, ctx_k, ctx_v, bias.ctx_pos, bias.tpos,
-                                   self.sink_kv[0, :, 0], self.sink_kv[1, :, 0], bias.slopes, bias.strict,
-                                   isolated=bias.isolated, q_lo=bias.q_lo, backend=bias.backend)
-            if lab_k is not None:  # the keys/values the cache stores (it detaches them anyway)
-                k, v = (k + lab_k).detach(), (v + lab_v).detach()
-        else:
-            sink_k, sink_v = self.sink_kv[:, None].expand(-1, B, -1, -1, -1).unbind(0)  # each (B, H, 1, Dh)
-            keys = torch.cat([sink_k, ctx_k, k], dim=2)  # (B, H, 1+S+T, Dh)
-            vals = torch.cat([sink_v, ctx_v, v], dim=2)  # (B, H, 1+S+T, Dh)
-            a = attention(q, keys, vals, bias)  # (B, H, T, Dh)
+        k, v = split_heads(kv, H)  # each (B, H, T, Dh), without the label
+        lab_k, lab_v = split_heads(lab, H) if lab is not None else (None, None)  # kv mode: the label terms
+        # the label enters keys and values only (the op adds it); q and h never see it
+        sink_k, sink_v = self.sink_kv.unbind(0)  # each (H, Dh)
+        a = windowed_attention(q, k, v, lab_k, lab_v, ctx_k, ctx_v, mask.ctx_pos, mask.tpos, sink_k, sink_v,
+                               mask.slopes, mask.strict, isolated=mask.isolated, q_lo=mask.q_lo, backend=mask.backend,
+                               bias=mask.bias)  # (B, H, T, Dh)
+        if lab_k is not None:  # the keys/values the cache stores (it detaches them anyway)
+            k, v = (k + lab_k).detach(), (v + lab_v).detach()
         if trace is not None:
             trace.append({"h": h, "q": q, "k": k, "v": v})
         a = a.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
@@ -219,21 +203,26 @@ class OnlineTransformer(nn.Module):
         L, d = self.cfg.n_layers, self.cfg.d_model
         return self.label_kv(self.label_emb(y)).view(B, C, L, 2 * d).unbind(2)
 
-    def attn_bias(
+    def attention_mask(
         self,
         tpos: torch.Tensor,  # (B, T) token positions of the chunk
         ctx_pos: torch.Tensor,  # (B, S) token positions of cached slots, -1 = empty
         isolated: bool = False,
         q_lo: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Additive attention bias ``(B, H, T, 1+S+T)`` over [sink, cache, chunk] keys.
+    ) -> AttentionMask:
+        """The :class:`AttentionMask` of a forward over [sink, cache, chunk] keys.
 
         A key is attendable when it is valid, causal (strictly in kv mode) and, if
         ``isolated``, only the query itself within the chunk (held-out evaluation). ``q_lo``
         ``(B, T)`` optionally bounds each query's lowest attendable token position (used by
         the full-recomputation reference, which has no cache).
         """
-        return attention_bias(ctx_pos, tpos, self.slopes, self.kv_mode, isolated, q_lo, dtype=self.slopes.dtype)
+        backend = resolve_backend(self.cfg.attn, tpos.device)
+        bias = None
+        if backend == "torch":  # one (B, H, T, 1+S+T) bias tensor for every layer; the fused kernels build
+            # theirs from the positions, tile by tile
+            bias = attention_bias(ctx_pos, tpos, self.slopes, self.kv_mode, isolated, q_lo, dtype=self.slopes.dtype)
+        return AttentionMask(tpos, ctx_pos, self.slopes, self.kv_mode, isolated, q_lo, backend, bias)
 
     def forward(
         self,
@@ -266,14 +255,10 @@ class OnlineTransformer(nn.Module):
         if ctx is None:
             empty = h.new_zeros(B, H, 0, d // H)
             ctx, ctx_pos = [(empty, empty)] * L, tpos.new_zeros(B, 0)
-        backend = resolve_backend(self.cfg.attn, x.device)
-        if backend == "torch":  # one bias tensor, shared by all layers
-            bias = self.attn_bias(tpos, ctx_pos, isolated, q_lo)  # (B, H, T, 1+S+T)
-        else:  # fused kernels build mask and bias from positions, tile by tile
-            bias = FusedMask(tpos, ctx_pos, self.slopes, self.kv_mode, isolated, q_lo, backend)
+        mask = self.attention_mask(tpos, ctx_pos, isolated, q_lo)
         ks, vs = [], []
         for block, lab, (ctx_k, ctx_v) in zip(self.blocks, labs, ctx):
-            h, k, v = block(h, lab, ctx_k, ctx_v, bias, trace)
+            h, k, v = block(h, lab, ctx_k, ctx_v, mask, trace)
             ks.append(k)
             vs.append(v)
         if not self.kv_mode and not isolated:
