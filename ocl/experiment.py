@@ -412,12 +412,12 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
                                 on_chunk=checkpointer, state=state)
             checkpointer.save(result.state)  # the end: resume=true on a finished run just rewrites the results
         res = summarize(result, stream, int(cfg.curve_window))
-        skipped = getattr(learner, "skipped_updates", None)
+        skipped = learner.skipped_updates
         if skipped:
             log.warning("%d updates were skipped because their loss (or gradient) was not finite", skipped)
-        info = getattr(extractor, "info", {"model": "pixels", "weights": "none"})
+        info = extractor.info
         res.update({
-            "learner": getattr(learner, "name", type(learner).__name__),
+            "learner": learner.name,
             "stream": source.name,
             "protocol": stream.name,
             "n_tasks": stream.n_tasks,

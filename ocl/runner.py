@@ -211,7 +211,7 @@ def run_stream(
                          near_future=near_future)
     acc, nf = state.acc, state.near_future
     rows = _RowReader(feats)
-    bar = tqdm(total=n, initial=state.steps, desc=f"{getattr(learner, 'name', 'learner')}", unit="ex",
+    bar = tqdm(total=n, initial=state.steps, desc=learner.name, unit="ex",
                disable=not progress, mininterval=0.5, leave=False)
     try:
         for start, end in _iter_chunks(n, chunk_size, stream.boundaries(), state.steps):

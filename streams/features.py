@@ -67,6 +67,12 @@ class Extractor(abc.ABC):
     def key(self) -> str:
         """A string that changes whenever the features would (model, weights, preprocessing)."""
 
+    @property
+    def info(self) -> dict[str, Any]:
+        """What results and tables say about the backbone: at least ``model`` and ``weights``
+        (``"none"``, ``"random"``, or where pretrained weights came from)."""
+        return {"model": type(self).__name__, "weights": "none"}
+
     @abc.abstractmethod
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         """``(n, H, W, C)`` uint8 -> ``(n, D)`` float32 on the CPU."""
@@ -90,6 +96,10 @@ class PixelExtractor(Extractor):
 
     def key(self) -> str:
         return "pixels/v1"
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"model": "pixels", "weights": "none"}
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         batch = np.asarray(batch)

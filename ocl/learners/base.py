@@ -29,11 +29,16 @@ class Learner(abc.ABC):
         seed: seed for any randomness inside the learner.
     """
 
+    #: The learner's name in tables, logs and result files.
     name: str = "learner"
     #: For a constructor that takes ``**options``: the dataclass whose fields they are, so that
     #: the runner can check option names and value types before building (see
-    #: :func:`ocl.experiment.check_options`). ``None``: the constructor's signature says it all.
+    #: :func:`ocl.build.check_options`). ``None``: the constructor's signature says it all.
     options: type | None = None
+    #: Updates skipped because their loss (or a gradient) was not finite, counted by learners
+    #: that take gradient steps (and reported with the results); ``None``: the learner takes
+    #: none (or does not count them).
+    skipped_updates: int | None = None
 
     @abc.abstractmethod
     def predict(self, x: torch.Tensor) -> torch.Tensor:
