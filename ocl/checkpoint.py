@@ -51,7 +51,7 @@ import torch
 from ocl import sidefile
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.rundir import write_atomic
+from ocl.files import write_atomic
 from ocl.runner import RunState
 
 log = logging.getLogger(__name__)

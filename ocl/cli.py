@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError, describe_os_error, storage_error
-from ocl.report import check_writable_dir, format_table, weights_label
+from ocl.files import check_writable_dir
+from ocl.report import format_table, weights_label
 
 log = logging.getLogger("ocl")
 
@@ -137,7 +138,7 @@ class _LogFile(logging.FileHandler):
 def _write_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
     """What hydra writes to ``<run dir>/.hydra`` (config, hydra config, overrides), written by
     us at commit (configs/config.yaml sets ``hydra.output_subdir: null``)."""
-    from ocl.rundir import write_atomic
+    from ocl.files import write_atomic
 
     hc = HydraConfig.instance().cfg
     folder = out_dir / ".hydra"

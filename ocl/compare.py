@@ -39,7 +39,8 @@ from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_o
                             learning_threads, make_learner, make_near_future, seed_everything, summarize)
 from ocl.ray_engine import check_engine, check_ray_config, run_ray
 from ocl.report import format_table, weights_label, write_json_atomic
-from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
+from ocl.files import atomic_file
+from ocl.rundir import RunDir, claim, scratch_dir
 from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source

@@ -31,7 +31,8 @@ from ocl import rundir
 from ocl.errors import OCLError, StorageError, describe_os_error
 from ocl.learners.base import Learner
 from ocl.metrics import NearFutureTracker, Tracker, boundary_summary, near_future_summary
-from ocl.report import check_writable_dir, write_json_atomic, write_near_future_csv, write_steps_csv
+from ocl.files import check_writable_dir
+from ocl.report import write_json_atomic, write_near_future_csv, write_steps_csv
 from ocl.runner import RunResult, RunState, run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source

@@ -32,22 +32,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ocl.errors import OCLError, storage_error
+from ocl.files import preallocate
 
 _BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ocl_sidefile_base", default=None)
 _BLOCK = 1 << 22  # bytes hashed at a time when verifying
-
-
-def preallocate(fd: int, nbytes: int, where: str, what: str) -> None:
-    """Allocate the first ``nbytes`` of the open file ``fd`` on disk now, so that a full disk
-    shows up here, with the size needed, and not later: in the middle of a run, or as a
-    SIGBUS when the file is written through a memory mapping. A no-op where the file system
-    cannot preallocate."""
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return
-        raise storage_error(e, where, f"allocating {what}", need=nbytes) from e
 
 
 @contextlib.contextmanager

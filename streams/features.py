@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ocl.errors import OCLError, storage_error
-from ocl.rundir import fsync_dir
-from ocl.sidefile import preallocate
+from ocl.files import fsync_dir, preallocate
 from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
 from ocl.threads import torch_threads
 

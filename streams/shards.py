@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 from ocl.errors import OCLError, storage_error
-from ocl.rundir import fsync_dir
-from ocl.sidefile import preallocate
+from ocl.files import fsync_dir, preallocate
 from ocl.streams.base import ImageSet
 from ocl.streams.features import (
     CACHE_FORMAT,
