@@ -40,12 +40,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", what: str | None = None,
-                need: int | None = None) -> Iterator[IO]:
-    """Open a temp file next to ``path`` for writing; on a clean exit fsync it and rename it
-    onto ``path``. On any error the temp file is removed and ``path`` is untouched; an
-    :class:`OSError` becomes a :class:`StorageError` naming ``path`` (``what``: a phrase for
-    the message, e.g. "writing the checkpoint"; ``need``: bytes the write needs, if known)."""
+def atomic_path(path: str | os.PathLike, what: str | None = None, need: int | None = None) -> Iterator[Path]:
+    """A temp file next to ``path`` (``.<name>.<random>.tmp``, created empty) for a writer that
+    needs a file name (``np.save``, a memory map); on a clean exit it is fsynced and renamed
+    onto ``path``, and the directory fsynced. On any error the temp file is removed and
+    ``path`` is untouched; an :class:`OSError` becomes a :class:`StorageError` naming
+    ``path`` (``what``: a phrase for the message, e.g. "writing the checkpoint"; ``need``:
+    bytes the write needs, if known)."""
     path = Path(path)
     doing = what or f"writing {path.name}"
     try:
@@ -55,10 +56,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", what: str | None = No
     try:
         with contextlib.suppress(OSError):  # the permissions open() would give, not mkstemp's 0600
             os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -69,6 +73,15 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", what: str | None = No
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", what: str | None = None,
+                need: int | None = None) -> Iterator[IO]:
+    """:func:`atomic_path`, opened for writing in ``mode`` (text modes without newline
+    translation)."""
+    with atomic_path(path, what, need) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        yield f
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, what: str | None = None) -> None:

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ocl.errors import OCLError, storage_error
-from ocl.files import fsync_dir, preallocate
+from ocl.files import atomic_path, preallocate, write_atomic
 from ocl.streams.backbones import DEFAULT_BACKBONE, build_backbone
 from ocl.threads import torch_threads
 
@@ -317,25 +316,19 @@ def extract_features(
     try:
         entry.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
-        fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=entry)
-        os.close(fd)
     except OSError as e:
         raise storage_error(e, entry, "creating a feature cache entry (cache_dir=null runs without the cache)") from e
     try:
-        written, sha1, shape = _compute(images, extractor, Path(tmp), batch_size, progress, dtype)
-        del written  # close the writable memmap; the caller gets a read-only one
-        os.replace(tmp, feat_path)
+        with atomic_path(feat_path, "writing the feature cache; nothing was cached (cache_dir=null runs without "
+                                    "the cache)") as tmp:
+            written, sha1, shape = _compute(images, extractor, tmp, batch_size, progress, dtype)
+            del written  # close the writable memmap; the caller gets a read-only one
         write_meta(entry, shape, dtype, sha1, fp, ekey)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException:
         if not meta_path.exists():  # features without their meta are never trusted: remove them
             with contextlib.suppress(OSError):
                 feat_path.unlink()
         _rmdir_if_empty(entry)  # a failed first build leaves nothing behind
-        if isinstance(e, OSError):
-            raise storage_error(e, entry, "writing the feature cache; nothing was cached (cache_dir=null runs "
-                                "without the cache)") from e
         raise
     log.info("feature cache written: %s", entry)
     return np.load(feat_path, mmap_mode="r")
@@ -350,8 +343,7 @@ def write_meta(entry: Path, shape: tuple[int, int], dtype: str, sha1: str, finge
         "n_bytes": (entry / "features.npy").stat().st_size, "fingerprint": fingerprint,
         "extractor": extractor_key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
     }
-    _atomic_write_text(entry / "meta.json", json.dumps(meta, indent=1))
-    fsync_dir(entry)
+    write_atomic(entry / "meta.json", json.dumps(meta, indent=1).encode(), "writing the feature cache's meta.json")
 
 
 def _compute(
@@ -416,8 +408,6 @@ def _compute(
             out.flush()
         else:  # n == 0: no batch opened the memmap; still write a valid file
             np.save(out_path, out)
-        with open(out_path, "rb+") as fh:
-            os.fsync(fh.fileno())
     return out, h.hexdigest(), (n, int(out.shape[1]))
 
 
@@ -475,15 +465,3 @@ def _rmdir_if_empty(path: Path) -> None:
     except OSError:
         pass
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + "-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
