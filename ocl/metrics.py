@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ocl.sidefile import SideFile
+from ocl.sidefile import RecordFile
 
 
 # ---------------------------------------------------------------- online (prequential)
@@ -122,7 +122,7 @@ class Tracker:
     - in memory (``path=None``): one preallocated ``(n,)`` structured array of
       :data:`STEP_DTYPE` (36 bytes per step; fine for tests and short streams);
     - on disk (``path`` given): an ``.npy`` file of ``(n,)`` :data:`STEP_DTYPE` records,
-      appended chunk by chunk to a :class:`~ocl.sidefile.SideFile` (``pwrite``, never
+      appended chunk by chunk to a :class:`~ocl.sidefile.RecordFile` (``pwrite``, never
       mapped; checkpoints refer to it by relative path and checksum), so the process's memory does
       not grow with the stream. Everything that reads the records (:meth:`summary`,
       :meth:`blocks`, the CSV writer) streams them in blocks. The file is a plain
@@ -144,8 +144,7 @@ class Tracker:
         self._tasks = np.zeros(n, dtype=np.int64) if tasks is None else np.asarray(tasks, dtype=np.int64)
         self.path = None if path is None else os.path.abspath(path)
         self._mem: np.ndarray | None = None
-        self._file: SideFile | None = None
-        self._offset = 0
+        self._file: RecordFile | None = None
         if self.path is None:
             self._mem = np.zeros(n, dtype=STEP_DTYPE)
             self._mem["task"] = self._tasks
@@ -154,10 +153,8 @@ class Tracker:
             # A valid .npy header for (n,) records; records are appended as they come. The whole
             # file is allocated now: a disk too small for the run is refused at its start.
             header = _npy_header(n)
-            self._file = SideFile(self.path, "the per-step records")
+            self._file = RecordFile(self.path, STEP_DTYPE, "the per-step records", header)
             self._file.reserve(len(header) + n * STEP_DTYPE.itemsize)
-            self._file.append(header)
-            self._offset = len(header)
         # resume: the records file comes, verified, with the checkpoint (load_state_dict)
 
     def close(self) -> None:
@@ -181,8 +178,8 @@ class Tracker:
         if self._mem is not None:
             self._mem[self.t : self.t + C] = rec
         else:
-            assert self._file.size == self._offset + self.t * STEP_DTYPE.itemsize, "records are appended in order"
-            self._file.append(rec.tobytes())
+            assert len(self._file) == self.t, "records are appended in order"
+            self._file.append_records(rec)
         self.t += C
 
     # ------------------------------------------------------------ reading
@@ -193,9 +190,7 @@ class Tracker:
             if self._mem is not None:
                 yield self._mem[s : s + m]
             else:
-                with open(self.path, "rb") as f:
-                    f.seek(self._offset + s * STEP_DTYPE.itemsize)
-                    yield np.fromfile(f, dtype=STEP_DTYPE, count=m)
+                yield self._file.read([s], m)[0]
 
     def _column(self, name: str) -> np.ndarray:
         if self._mem is not None:
@@ -249,13 +244,13 @@ class Tracker:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs. On disk the records stay in their file, which the state refers
-        to as a :class:`~ocl.sidefile.SideFile` (pickled: relative path, count and checksum);
+        to as a :class:`~ocl.sidefile.RecordFile` (pickled: relative path, size and checksum);
         in memory they are copied."""
         state: dict[str, Any] = {"n": self.n, "t": self.t, "nonfinite": self.nonfinite}
         if self._mem is not None:
             state["records"] = self._mem[: self.t].copy()
         else:
-            state["records"], state["offset"] = self._file, self._offset
+            state["records"] = self._file
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -269,16 +264,15 @@ class Tracker:
             self._mem[:t] = state["records"]
         else:
             records = state["records"]
-            if not isinstance(records, SideFile) or records.path is None:
+            if not isinstance(records, RecordFile) or records.path is None:
                 raise ValueError("the checkpointed tracker kept its records in memory; this one is on disk")
             if os.path.realpath(records.path) != os.path.realpath(self.path):
                 raise ValueError(f"the checkpoint's records are in {records.path}, not {self.path}")
-            offset = int(state["offset"])
-            if records.size != offset + t * STEP_DTYPE.itemsize:
+            if records.dtype != STEP_DTYPE or records.size != records.offset + t * STEP_DTYPE.itemsize:
                 raise ValueError(f"{self.path}: the checkpoint counts {t} records but {records.size} bytes")
-            _check_npy_header(records.pread(offset, 0), self.n, self.path)
+            _check_npy_header(records.pread(records.offset, 0), self.n, self.path)
             self.close()
-            self._file, self._offset = records, offset
+            self._file = records
         self.t, self.nonfinite = t, int(state["nonfinite"])
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
 from ocl.metrics import NearFutureTracker, Tracker
+from ocl.sidefile import pread_records
 from ocl.streams.protocols import Stream
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,10 @@ def _chunks(n: int, chunk_size: int, boundaries: np.ndarray) -> list[tuple[int, 
 class _RowReader:
     """Reads feature rows ``feats[idx]`` as ``(len(idx), D)`` float32.
 
-    A memory-mapped ``.npy`` (the feature cache) is read with ``pread``, never through the
-    mapping: pages touched through a mapping stay resident and count towards the process's
-    RSS, and the kernel maps ~16 neighbouring pages per fault, so a random-order pass would
-    make the whole file (256 MB per million 64-d rows) look like leaked memory. With
-    ``pread`` the file stays in the OS page cache only. Anything else is simply indexed.
+    A memory-mapped ``.npy`` (the feature cache) is read with ``pread``
+    (:func:`~ocl.sidefile.pread_records`), never through the mapping, so that a random-order
+    pass does not make the whole file (256 MB per million 64-d rows) resident in the process.
+    Anything else is simply indexed.
     """
 
     def __init__(self, feats: np.ndarray) -> None:
@@ -141,14 +141,13 @@ class _RowReader:
         if (isinstance(feats, np.memmap) and feats.filename is not None and feats.ndim == 2
                 and feats.flags.c_contiguous):
             self.fd = os.open(feats.filename, os.O_RDONLY)
-            self.row = feats.shape[1] * feats.dtype.itemsize  # bytes per row
+            self.row = np.dtype((feats.dtype, (feats.shape[1],)))  # one row, (D,)
             self.offset = int(feats.offset)
 
     def __call__(self, idx: np.ndarray) -> np.ndarray:
         if self.fd is None:
             return np.asarray(self.feats[idx], dtype=np.float32)
-        buf = b"".join(os.pread(self.fd, self.row, self.offset + int(i) * self.row) for i in idx)
-        return np.frombuffer(buf, dtype=self.feats.dtype).reshape(len(idx), -1).astype(np.float32)  # a copy
+        return pread_records(self.fd, self.row, self.offset, idx, 1)[:, 0].astype(np.float32)  # (C, D), a copy
 
     def close(self) -> None:
         if self.fd is not None:
