@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from ocl import checkpoint as ckpt
 from ocl import rundir
 from ocl.errors import OCLError, StorageError, describe_os_error
-from ocl.learners.base import Learner
-from ocl.metrics import NearFutureTracker, Tracker, boundary_summary, near_future_summary
 from ocl.files import check_writable_dir
+from ocl.learners.base import Learner
+from ocl.metrics import boundary_summary
 from ocl.report import write_json_atomic, write_near_future_csv, write_steps_csv
 from ocl.runner import RunResult, RunState, run_stream
 from ocl.streams.base import Source
@@ -39,6 +39,7 @@ from ocl.streams.custom import to_source
 from ocl.streams.features import STORAGE_DTYPES, Extractor, extract_features
 from ocl.streams.protocols import Stream
 from ocl.threads import torch_threads
+from ocl.tracker import NearFutureTracker, Tracker, near_future_summary
 
 log = logging.getLogger(__name__)
 

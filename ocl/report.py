@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ocl.files import atomic_file, write_atomic
-from ocl.metrics import NearFutureTracker, Tracker
+from ocl.tracker import NearFutureTracker, Tracker
 
 
 def weights_label(backbone: dict[str, Any]) -> str:

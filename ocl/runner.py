@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.metrics import NearFutureTracker, Tracker
 from ocl.sidefile import pread_records
 from ocl.streams.protocols import Stream
+from ocl.tracker import NearFutureTracker, Tracker
 
 log = logging.getLogger(__name__)
 

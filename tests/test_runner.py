@@ -6,7 +6,7 @@ from ocl.compare import available_learners, learner_config
 from ocl.errors import OCLError
 from ocl.experiment import make_learner, seed_everything
 from ocl.learners.base import Learner
-from ocl.metrics import NearFutureTracker
+from ocl.tracker import NearFutureTracker
 from ocl.runner import _chunks, _iter_chunks, run_stream
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.protocols import bursty, split
