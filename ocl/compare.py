@@ -44,7 +44,8 @@ from ocl.rundir import RunDir, claim, scratch_dir
 from ocl.runner import run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
-from ocl.streams.features import Extractor, extract_features
+from ocl.streams.cache import extract_features
+from ocl.streams.features import Extractor
 from ocl.workers import check_workers
 
 log = logging.getLogger(__name__)

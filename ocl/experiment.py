@@ -36,7 +36,8 @@ from ocl.report import write_json_atomic, write_near_future_csv, write_steps_csv
 from ocl.runner import RunResult, RunState, run_stream
 from ocl.streams.base import Source
 from ocl.streams.custom import to_source
-from ocl.streams.features import STORAGE_DTYPES, Extractor, extract_features
+from ocl.streams.cache import STORAGE_DTYPES, extract_features
+from ocl.streams.features import Extractor
 from ocl.streams.protocols import Stream
 from ocl.threads import torch_threads
 from ocl.tracker import NearFutureTracker, Tracker, near_future_summary

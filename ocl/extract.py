@@ -4,7 +4,7 @@ Extract once (on GPUs, on a cluster), learn anywhere: ``ocl run`` and ``ocl comp
 the same ``stream``/``backbone``/``cache_dir``/``cache_dtype`` overrides then find the
 features in the cache. Two engines:
 
-- ``engine=local``: :func:`ocl.streams.features.extract_features`, in this process (what
+- ``engine=local``: :func:`ocl.streams.cache.extract_features`, in this process (what
   ``ocl run`` does on a cache miss);
 - ``engine=ray``: the images are cut into shards (:mod:`ocl.streams.shards`) and a Ray Data
   ``map_batches`` over the shards not yet written runs on a pool of actors, one model per
@@ -37,7 +37,8 @@ from ocl.experiment import build, check_run_config
 from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_ray
 from ocl.streams.base import ImageSet
 from ocl.streams.custom import to_source
-from ocl.streams.features import Extractor, extract_features
+from ocl.streams.cache import extract_features
+from ocl.streams.features import Extractor
 from ocl.streams.shards import Shard, ShardedEntry
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 ``ocl extract engine=ray`` splits an :class:`ImageSet` into contiguous shards of
 ``shard_size`` images; each worker writes the features of the shards it gets, and the
 entry is assembled only when every shard is there. The finished entry is exactly what
-:func:`ocl.streams.features.extract_features` writes (``features.npy`` + ``meta.json``,
+:func:`ocl.streams.cache.extract_features` writes (``features.npy`` + ``meta.json``,
 read by the same checks), so the learners never know how it was made. While it is being
 built the entry holds::
 
@@ -34,15 +34,8 @@ import numpy as np
 from ocl.errors import OCLError
 from ocl.files import atomic_path, fsync_dir, preallocate, write_atomic
 from ocl.streams.base import ImageSet
-from ocl.streams.features import (
-    CACHE_FORMAT,
-    Extractor,
-    _cache_problem,
-    _compute,
-    cache_key,
-    check_dtype,
-    write_meta,
-)
+from ocl.streams.cache import CACHE_FORMAT, cache_key, cache_problem, check_dtype, compute, write_meta
+from ocl.streams.features import Extractor
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +105,7 @@ class ShardedEntry:
         """Whether the assembled entry is there and passes every check of the cache."""
         if not (self.path / "meta.json").exists():
             return False
-        why = _cache_problem(self.path, self.fingerprint, self.extractor_key, self.n, self.dtype)
+        why = cache_problem(self.path, self.fingerprint, self.extractor_key, self.n, self.dtype)
         if why is not None:
             log.warning("feature cache %s is invalid (%s); rebuilding it.", self.path, why)
         return why is None
@@ -225,7 +218,7 @@ class ShardedEntry:
         Returns its info (what the ``.json`` holds)."""
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.shards_dir / f"{sh.name}.npy", f"writing shard {sh.index} of the feature cache") as tmp:
-            _, sha1, shape = _compute(SliceImageSet(images, sh.start, sh.stop), extractor, tmp, batch_size,
+            _, sha1, shape = compute(SliceImageSet(images, sh.start, sh.stop), extractor, tmp, batch_size,
                                       progress=False, dtype=self.dtype, offset=sh.start)
         info = {**asdict(sh), "shape": list(shape), "dtype": self.dtype, "sha1": sha1,
                 "n_bytes": (self.shards_dir / f"{sh.name}.npy").stat().st_size}

@@ -141,7 +141,7 @@ def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, ca
     a = run_experiment(cfg(), tmp_path / "a")
     (feats,) = (tmp_path / "cache").rglob("features.npy")
     feats.write_bytes(feats.read_bytes()[:-100])  # truncated
-    with caplog.at_level(logging.WARNING, logger="ocl.streams.features"):
+    with caplog.at_level(logging.WARNING, logger="ocl.streams.cache"):
         b = run_experiment(cfg(), tmp_path / "b")
     assert any("truncated" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
     assert a["cumulative_log_loss"] == b["cumulative_log_loss"]
