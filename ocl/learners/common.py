@@ -147,6 +147,7 @@ class HeadLearner(Learner):
     def __init__(self, feature_dim: int, num_classes: int, seed: int, hidden: int, lr: float,
                  optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0,
                  standardize: bool = True) -> None:
+        super().__init__(feature_dim, num_classes, seed)
         self.head = make_head(feature_dim, num_classes, hidden, seed)
         self.opt = make_optimizer(optimizer, self.head.parameters(), lr, momentum, weight_decay)
         self.norm = RunningStandardizer(feature_dim) if standardize else None
@@ -158,6 +159,7 @@ class HeadLearner(Learner):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         return F.log_softmax(self.logits(x), dim=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -175,5 +177,6 @@ class HeadLearner(Learner):
             self.norm.update(x)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         self.step(x, y)
         self.observe(x)

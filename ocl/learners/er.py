@@ -68,6 +68,7 @@ class ERLearner(HeadLearner):
         self.steps = steps
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         for _ in range(self.steps):
             bx, by = self.buffer.sample(self.replay_batch_size)  # past chunks only
             self.step(torch.cat([x, bx]), torch.cat([y, by]))

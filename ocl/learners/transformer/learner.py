@@ -129,6 +129,7 @@ class TransformerLearner(Learner):
         if cfg.cuda_graph and self.device.type != "cuda":
             raise OCLError(f"learner.cuda_graph=true needs a CUDA device (learner.device={cfg.device!r} gives "
                            f"{self.device.type!r}); set learner.cuda_graph=false on CPU.")
+        super().__init__(feature_dim, num_classes, seed)
         self.D, self.K, self.R = feature_dim, num_classes, cfg.replay_streams
 
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
@@ -167,15 +168,10 @@ class TransformerLearner(Learner):
 
     # ---------------------------------------------------------------- helpers
     def _check(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if x.dim() != 2 or x.shape[1] != self.D:
-            raise OCLError(f"transformer learner expects features of shape (C, {self.D}); got {tuple(x.shape)}.")
-        if y is not None:  # checked where the caller keeps them: no device round trip
-            if y.shape != (x.shape[0],):
-                raise OCLError(f"labels must have shape ({x.shape[0]},); got {tuple(y.shape)}.")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.K):
-                raise OCLError(f"labels must lie in [0, {self.K}); got range [{int(y.min())}, {int(y.max())}].")
-            y = y.to(self.device, torch.long)
-        return x.to(self.device, torch.float32), y
+        """:meth:`check` the chunk where the caller keeps it (no device round trip), then move it
+        to the learner's device."""
+        self.check(x, y)
+        return x.to(self.device, torch.float32), None if y is None else y.to(self.device)
 
     def _set_training(self, training: bool) -> None:
         if self.model.training != training:  # Module.train() walks every submodule: only when it changes
