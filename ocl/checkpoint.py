@@ -175,10 +175,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``"key: saved -> now"`` for every config value that differs in a way that matters."""
-    a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
-    b = {k: v for k, v in _flatten(now).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+def config_differences(saved: dict[str, Any], now: dict[str, Any],
+                       free: frozenset[str] = RESUME_FREE_KEYS) -> list[str]:
+    """``"key: saved -> now"`` for every config value that differs in a way that matters
+    (top-level keys in ``free`` may differ)."""
+    a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in free}
+    b = {k: v for k, v in _flatten(now).items() if k.split(".")[0] not in free}
     missing = object()
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]

@@ -234,7 +234,8 @@ def _compare(cfg: DictConfig) -> None:
         _fail(e)
     except KeyboardInterrupt:  # Ctrl-C: the records written so far stay; no traceback for a deliberate stop
         msg = (f"interrupted: the runs that had finished are kept in {out_dir}/compare.json and compare.csv; "
-               "the others did not run to the end")
+               "the others did not run to the end. Run only those with: ocl compare <the same overrides> "
+               f"resume=true hydra.run.dir={out_dir}")
         log.warning("%s", msg)
         print(msg, file=sys.stderr)
         sys.exit(130)
