@@ -193,7 +193,7 @@ def _own_run_dir(cfg: DictConfig, out_dir: str) -> Iterator[None]:
         root.removeHandler(held)
 
 
-@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="config")
+@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="run")
 def _run(cfg: DictConfig) -> None:
     from ocl.checkpoint import RunInterrupted
     from ocl.experiment import run_experiment  # heavy imports after hydra parsed the args
