@@ -338,7 +338,8 @@ def aggregate(records: Sequence[dict[str, Any]], learners: Sequence[str], rank_b
     return out
 
 
-def _cell(mean: float, std: float, metric: str) -> str:
+def format_cell(mean: float, std: float, metric: str) -> str:
+    """``0.8123 ± 0.0040`` (``1,234 ± 56`` for ex/s; ``-`` when undefined; no ± with one seed)."""
     if math.isnan(mean):
         return "-"
     if metric == "examples_per_second":
@@ -350,7 +351,7 @@ def ranked_table(payload: dict[str, Any]) -> str:
     """The table ``ocl compare`` prints: one row per learner, mean ± std over seeds, ranked."""
     rows = []
     for row in payload["summary"]:
-        cells = [_cell(row["mean"][m], row["std"][m], m) for m, _ in TABLE_COLUMNS]
+        cells = [format_cell(row["mean"][m], row["std"][m], m) for m, _ in TABLE_COLUMNS]
         seeds = f"{row['ok']}/{row['runs']}" + ("" if row["ok"] == row["runs"] else " FAILED")
         rows.append([row["rank"], row["learner"], *cells, seeds])
     headers = ("#", "learner", *(h for _, h in TABLE_COLUMNS), "seeds ok")
