@@ -51,6 +51,8 @@ examples:
   ocl compare learners=[linear,knn,er] seeds=3       # the same overrides as ocl run, plus these
   ocl compare seeds=2                                # every baseline, Avalanche strategy and the transformer
   ocl compare learners=[linear,knn] seeds=3 engine=ray   # the runs as Ray tasks (pip install -e ".[ray]")
+  ocl compare <the same overrides> resume=true hydra.run.dir=DIR   # run only what an interrupted one left
+  ocl compare experiment=bench_cifar_split           # a preset (configs/experiment/): a benchmark stream
   ocl extract stream=cifar10 stream.root=DIR backbone=dino_vits16 cache_dtype=float16
   ocl extract <the same overrides> engine=ray ray.address=HOST:6379   # sharded over a Ray cluster
 """
