@@ -418,6 +418,7 @@ def _setup(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[in
         "feature_dim": int(feats.train.shape[1]),
         "backbone": info,
         "data_fingerprint": data_fingerprint,
+        "feature_key": feats.extractor.key() if feats.extractor is not None else None,  # what the cache keys on
         "feature_seconds": feats.seconds,
         "learners": learners,
         "seeds": seeds,

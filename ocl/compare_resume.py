@@ -11,8 +11,8 @@ the same records, in table order (learners x seeds).
 What must match (else the resume is refused, saying what differs, and nothing is changed):
 
 - the resolved config, except :data:`FREE_KEYS`: how the runs are executed or shown
-  (``workers``, ``engine``, ``threads``, ``plots``, ...) and which runs exist (``learners``,
-  ``seeds``; checked run by run instead, below);
+  (``workers``, ``engine``, ``threads``, ``plots``, ``backbone.threads``, ...) and which runs
+  exist (``learners``, ``seeds``; checked run by run instead, below);
 - the data and the backbone weights the features came from (fingerprints in ``setup``).
 
 Run by run: a record is kept only if its learner's config (its shipped defaults merged with
@@ -40,6 +40,8 @@ FREE_KEYS = RESUME_FREE_KEYS | frozenset({
     "workers", "engine", "ray",  # where and how many runs go at once: a record does not depend on it
     "plots", "rank_by",  # outputs rebuilt from the records at the end
     "learners", "seeds", "seed", "learner_options",  # which runs, with which options: checked run by run
+    # how features are computed, not which: none of these is in the feature cache's key
+    "backbone.threads", "backbone.batch_size", "backbone.device", "backbone.channels_last",
 })
 
 Job = tuple[str, int]
@@ -132,6 +134,8 @@ def check_same_inputs(previous: Mapping[str, Any], setup: Mapping[str, Any], out
         what.append("the data (its files changed, or another copy is read)")
     if (before.get("backbone") or {}).get("weights_sha1") != (now.get("backbone") or {}).get("weights_sha1"):
         what.append("the backbone weights")
+    elif before.get("feature_key") != now.get("feature_key"):  # e.g. precision=auto on another device
+        what.append("the features (the backbone's settings as the feature cache keys them)")
     if before.get("feature_dim") != now.get("feature_dim"):
         what.append(f"the feature size (D={before.get('feature_dim')} -> {now.get('feature_dim')})")
     if what:

@@ -189,3 +189,12 @@ def test_unreadable_compare_json_is_a_clear_error(tmp_path):
 def test_resume_true_in_a_new_directory_runs_everything(tmp_path, runs):
     run_compare(config(tmp_path, "learners=[ncm]", "seeds=2", "plots=false", "resume=true"), tmp_path / "new")
     assert runs == [("ncm", 0), ("ncm", 1)] and saved(tmp_path / "new")["complete"] is True
+
+
+def test_free_keys_include_how_features_are_computed_not_which():
+    from ocl.checkpoint import config_differences
+    from ocl.compare_resume import FREE_KEYS
+
+    before = {"workers": 1, "backbone": {"threads": 1, "batch_size": 64, "image_size": 128}, "protocol": {"stay": 0.9}}
+    after = {"workers": 2, "backbone": {"threads": 2, "batch_size": 32, "image_size": 224}, "protocol": {"stay": 0.9}}
+    assert config_differences(before, after, FREE_KEYS) == ["backbone.image_size: 128 -> 224"]
