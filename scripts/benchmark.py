@@ -152,8 +152,8 @@ def run_streams(args: argparse.Namespace) -> int:
         try:
             code = proc.wait()
         except KeyboardInterrupt:  # Ctrl-C reached ocl compare too: let it keep what finished, then stop
-            code = proc.wait()
-            code = 130 if code == 0 else code
+            proc.wait()
+            code = 130
         if code == 130:
             print(f"[benchmark] interrupted during {experiment}; run the same command again to continue.",
                   file=sys.stderr)
