@@ -199,7 +199,7 @@ def _own_run_dir(cfg: DictConfig, out_dir: str) -> Iterator[None]:
 @hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="run")
 def _run(cfg: DictConfig) -> None:
     from ocl.checkpoint import RunInterrupted
-    from ocl.experiment import run_experiment  # heavy imports after hydra parsed the args
+    from ocl.run import run_experiment  # heavy imports after hydra parsed the args
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:

@@ -33,7 +33,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError
-from ocl.experiment import build, check_run_config
+from ocl.build import build
+from ocl.options import check_run_config
 from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_ray
 from ocl.streams.base import ImageSet
 from ocl.streams.custom import to_source

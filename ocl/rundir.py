@@ -6,7 +6,7 @@ that pass their checks.
   claim ends). A second process is refused at once with :class:`OCLError` naming the holder.
   The kernel releases the lock on any exit, SIGKILL included, so a crashed run never leaves
   the directory locked (only a stale file, taken over by the next run). Claims nest within
-  a process (the CLI claims, then :func:`ocl.experiment.run_experiment` claims again).
+  a process (the CLI claims, then :func:`ocl.run.run_experiment` claims again).
 - **Commit.** Nothing of the run is written before :meth:`RunDir.commit`, which a run calls
   once all its checks passed (config, resume, data, learner). Until then a refused run
   leaves the directory as it found it: the lock file is removed (or its previous content

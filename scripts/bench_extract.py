@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ocl.experiment import build
+from ocl.build import build
 from ocl.extract import extract_sharded
 from ocl.report import format_table
 from ocl.streams.cifar10 import load_cifar10

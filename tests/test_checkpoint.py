@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 
 from ocl import checkpoint as ckpt
 from ocl.errors import OCLError, StorageError
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 
 # Keys that legitimately differ between an uninterrupted and a resumed run.
 VOLATILE = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "near_future_seconds", "host",
@@ -54,7 +54,7 @@ def checkpoint_step(run_dir: Path) -> int:
 def procs():
     ctx = mp.get_context("forkserver")
     # Children fork from a server that imported these once: they start in ~0.3 s, not ~3 s.
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ocl.experiment", "ocl.learners.linear",
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ocl.run", "ocl.learners.linear",
                                 "ocl.learners.transformer", "ocl.streams.digits", "sklearn.datasets",
                                 "sklearn.model_selection"])
     return ctx

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ocl.cli import extract_table
 from ocl.errors import OCLError
-from ocl.experiment import build
+from ocl.build import build
 from ocl.extract import extract_sharded, run_extract
 from ocl.streams.cache import extract_features
 from ocl.streams.shards import ShardedEntry

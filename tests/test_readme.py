@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from ocl.compare import run_compare
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

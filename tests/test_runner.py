@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ocl.compare import available_learners, learner_config
+from ocl.build import available_learners, learner_config, make_learner, seed_everything
 from ocl.errors import OCLError
-from ocl.experiment import make_learner, seed_everything
 from ocl.learners.base import Learner
 from ocl.tracker import NearFutureTracker
 from ocl.runner import _chunks, _iter_chunks, run_stream
@@ -210,7 +209,6 @@ LEARNER_OPTIONS = {  # tiny and fast; every shipped learner config, with its own
 def test_near_future_evaluation_never_changes_what_a_learner_predicts(name, chunk_size):
     """With near-future evaluation after every chunk, every per-step prediction and loss and the
     accuracy matrix are bit-identical to a run without it: ``evaluate`` changes no state."""
-    from omegaconf import OmegaConf
 
     src = blobs_source(K=4, n_per_class=30, dim=6)
     src = Source("blobs", src.train, ArrayImageSet(src.train.data[::7], src.train.labels[::7]), src.classes)
@@ -218,8 +216,7 @@ def test_near_future_evaluation_never_changes_what_a_learner_predicts(name, chun
 
     def run(near_future):
         seed_everything(0)  # the learners' construction and the global RNGs, as a run sets them
-        cfg = OmegaConf.create({"learner": learner_config(name, LEARNER_OPTIONS.get(name)), "seed": 0})
-        learner = make_learner(cfg, 6, 4)
+        learner = make_learner(learner_config(name, LEARNER_OPTIONS.get(name)), 6, 4, seed=0)
         return run_stream(learner, src.train.data, stream, chunk_size=chunk_size, test_feats=src.test.data,
                           progress=False, near_future=near_future)
 

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from ocl.compare import available_learners
+from ocl.build import available_learners
 from ocl.learners.checks import CHECKS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
