@@ -12,6 +12,7 @@ Values are checked before anything is built (:mod:`ocl.options`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError, describe_os_error
 from ocl.learners.base import Learner
-from ocl.options import HYDRA_KEYS, check_options
+from ocl.options import HYDRA_KEYS, LEARNER_ARGS, check_options, option_defaults
 from ocl.streams.base import Source
 from ocl.streams.cache import extract_features
 from ocl.streams.custom import to_source
@@ -169,6 +170,31 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(feats.source, feats.extractor, feats.train, feats.test, feats.seconds, stream)
 
 
+def with_defaults(node: DictConfig) -> DictConfig:
+    """A learner node with every option its target takes: the node's values over the
+    constructor's defaults (:func:`ocl.options.option_defaults`), in signature order.
+
+    The learner configs state only what differs from the Python defaults; a run records (in
+    ``results.json``'s config, a compare record's ``learner_config``) and ``resume=true``
+    compares the complete set of options the learner ran with, so a changed default is seen.
+    """
+    defaults = option_defaults(node, LEARNER_ARGS)
+    if not defaults:
+        return node
+    head = {k: node[k] for k in node if k in HYDRA_KEYS}
+    return OmegaConf.merge(OmegaConf.create({**head, **defaults}), node)  # type: ignore[return-value]
+
+
+def with_learner_defaults(cfg: DictConfig) -> DictConfig:
+    """A copy of a run config whose ``learner`` node (if any) is :func:`with_defaults`'s: what a
+    run records in its results and checkpoint. The caller's config is left as it was."""
+    if cfg.get("learner") is None or "_target_" not in cfg.learner:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.learner = with_defaults(cfg.learner)
+    return cfg
+
+
 def make_learner(node: DictConfig, feature_dim: int, num_classes: int, seed: int) -> Learner:
     """Instantiate a learner config node (a ``_partial_`` factory, e.g. ``cfg.learner`` or
     :func:`learner_config`) for a stream of ``num_classes`` classes over ``feature_dim``-d features."""
@@ -200,7 +226,8 @@ ALL_LEARNERS: tuple[str, ...] = tuple(sorted(available_learners(), key=_table_or
 def learner_config(name: str, options: dict[str, Any] | None = None) -> DictConfig:
     """The ``learner`` node for ``name``: ``configs/learner/<name>.yaml`` with ``options`` merged
     in, or, for a name that is not shipped, ``options`` itself when it names a ``_target_``
-    (your own learner: ``+learner_options.mine._target_=pkg.MyLearner``; ``_partial_`` defaults to true).
+    (your own learner: ``+learner_options.mine._target_=pkg.MyLearner``; ``_partial_`` defaults to true);
+    every option the config leaves out filled in with its default (:func:`with_defaults`).
 
     Raises:
         OCLError: ``name`` is neither a shipped learner config nor given a ``_target_``
@@ -212,9 +239,9 @@ def learner_config(name: str, options: dict[str, Any] | None = None) -> DictConf
         if "_target_" not in options:
             raise OCLError(f"unknown learner {name!r} in learners=[...]; valid learners: {', '.join(valid)} "
                            f"(or your own: +learner_options.{name}._target_=pkg.module.Class).")
-        return OmegaConf.create({"_partial_": True, **options})
+        return with_defaults(OmegaConf.create({"_partial_": True, **options}))
     text = resources.files("ocl.configs").joinpath("learner", f"{name}.yaml").read_text()
     node = OmegaConf.create(text)
     if options:
         node = OmegaConf.merge(node, OmegaConf.create(options))
-    return node  # type: ignore[return-value]
+    return with_defaults(node)  # type: ignore[arg-type]

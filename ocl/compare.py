@@ -31,7 +31,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl import compare_resume
-from ocl.build import ALL_LEARNERS, Features, available_learners, extract, learner_config, load_source
+from ocl.build import (ALL_LEARNERS, Features, available_learners, extract, learner_config, load_source,
+                       with_learner_defaults)
 from ocl.errors import OCLError
 from ocl.files import atomic_file
 from ocl.jobs import METRICS, run_guarded, tensorboard_writer_class
@@ -279,6 +280,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     nodes = {name: learner_config(name, options.get(name)) for name in learners}  # each learner's config, once
     for name, node in nodes.items():  # every learner config parses and its options check out before the slow extraction
         check_options(node, f"learner_options.{name}", LEARNER_ARGS)
+    cfg = with_learner_defaults(cfg)  # unused here, but recorded in the config (as `ocl run` records it)
     with claim(out_dir) as rd:
         return _compare_owned(cfg, rd, nodes, seeds, workers, engine, writer_class)
 

@@ -81,6 +81,46 @@ def _check_value(what: str, key: str, value: Any, hint: Any) -> None:
         raise OCLError(f"{what}.{key}={value!r}: must be {' or '.join(kinds)}. Set it as {what}.{key}=VALUE.")
 
 
+def _options_of(target: Any) -> tuple[Any, list[str], dict[str, Any]] | None:
+    """``(signature parameters, option names, type hints)`` of a config target: names from the
+    signature, or, for a constructor taking ``**options``, from the dataclass it names as
+    ``options``; ``None`` when they cannot be known."""
+    if target is None:
+        return None
+    try:
+        params = inspect.signature(target).parameters
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except (TypeError, ValueError, NameError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        spec = getattr(target, "options", None)
+        if not dataclasses.is_dataclass(spec):
+            return None
+        return params, [f.name for f in dataclasses.fields(spec)], {**hints, **typing.get_type_hints(spec)}
+    return params, [k for k in params if k != "self"], hints
+
+
+def option_defaults(node: Any, runner_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The default of every option of ``node``'s ``_target_`` that has a plain one (a number,
+    a string, a bool or None), in signature order, without ``runner_args``: what the target
+    runs with when the config does not say. The constructor (or its options dataclass) is the
+    one place a default is written; a config states only what differs."""
+    target = _target_of(node)
+    found = _options_of(target)
+    if found is None:
+        return {}
+    params, names, _ = found
+    spec = getattr(target, "options", None)
+    if dataclasses.is_dataclass(spec) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        values = {f.name: f.default for f in dataclasses.fields(spec)}
+    else:
+        values = {k: params[k].default for k in names}
+    plain = (bool, int, float, str, type(None))
+    return {k: v for k, v in values.items()
+            if k not in runner_args and v is not inspect.Parameter.empty and v is not dataclasses.MISSING
+            and isinstance(v, plain)}
+
+
 def check_options(node: Any, what: str, runner_args: Sequence[str] = (), n_args: int = 0) -> None:
     """Check a config node's options against the signature of its ``_target_`` before anything
     is built: a mistyped name (``+learner.lrr=0.1``) and a value of the wrong kind
@@ -99,22 +139,11 @@ def check_options(node: Any, what: str, runner_args: Sequence[str] = (), n_args:
         n_args: positional arguments the runner passes first (a protocol's ``source``).
     """
     target = _target_of(node)
-    if target is None:
-        return
-    try:
-        params = inspect.signature(target).parameters
-        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
-    except (TypeError, ValueError, NameError):
-        return
+    found = _options_of(target)
+    if found is None:
+        return  # not introspectable, or a target that validates its own **options
+    params, names, hints = found
     given = [k for k in node if k not in HYDRA_KEYS]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        spec = getattr(target, "options", None)
-        if not dataclasses.is_dataclass(spec):
-            return  # the target validates its own **options
-        names = [f.name for f in dataclasses.fields(spec)]
-        hints = {**hints, **typing.get_type_hints(spec)}
-    else:
-        names = [k for k in params if k != "self"]
     unknown = sorted(set(given) - set(names))
     if unknown:
         positional = [k for k in params if k != "self"][:n_args]

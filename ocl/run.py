@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ocl import checkpoint as ckpt
 from ocl import rundir
-from ocl.build import learning_threads, make_learner, prepare, seed_everything
+from ocl.build import learning_threads, make_learner, prepare, seed_everything, with_learner_defaults
 from ocl.errors import OCLError, StorageError
 from ocl.metrics import boundary_summary
 from ocl.options import check_groups, check_run_config, make_near_future
@@ -75,6 +75,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """
     check_run_config(cfg)
     check_groups(cfg)
+    cfg = with_learner_defaults(cfg)  # the results and the checkpoint record every option of the learner
     with rundir.claim(out_dir) as rd:
         return _run_owned(cfg, rd)
 
