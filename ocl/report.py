@@ -56,6 +56,18 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = 
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], align: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table of already formatted cells (``|`` in a cell is escaped);
+    ``align`` as in :func:`format_table` (default: first column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "| " + " | ".join("---:" if a == "r" else ":---" for a in align) + " |"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "the run directory",
                        fix: str = "choose another directory with hydra.run.dir=DIR (or fix its permissions)") -> None:
     """Raise :class:`OCLError` unless ``path`` is, or can be created as, a writable directory.
