@@ -195,7 +195,7 @@ def extract_sharded(images: ImageSet, extractor: Extractor, backbone: dict[str, 
                 n += int(batch["n"].sum())
                 began, ended = min(began, float(batch["began"].min())), max(ended, float(batch["ended"].max()))
         except Exception as e:
-            raise _stopped(e, entry, shards) from e
+            raise stopped_error(e, entry, shards) from e
         finally:
             bar.close()
         # The rate once the first worker is up (decode, extract, write; not starting the pool),
@@ -206,7 +206,7 @@ def extract_sharded(images: ImageSet, extractor: Extractor, backbone: dict[str, 
     return entry.assemble(shards, engine="ray")
 
 
-def _stopped(e: Exception, entry: ShardedEntry, shards: list[Shard]) -> OCLError:
+def stopped_error(e: Exception, entry: ShardedEntry, shards: list[Shard]) -> OCLError:
     """The error of an extraction that stopped: the user's own problem (an OCLError raised in a
     worker, e.g. NaN features) as it is, else what happened and how to resume."""
     cause: BaseException | None = e

@@ -107,7 +107,7 @@ class RunResult:
     near_future_seconds: float = 0.0
 
 
-def _iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0) -> Iterator[tuple[int, int]]:
+def iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0) -> Iterator[tuple[int, int]]:
     """Chunks ``(start, end)`` of at most ``chunk_size`` steps that never straddle a task
     boundary (so every task starts a fresh chunk), from step ``start`` (a chunk start) on.
     A generator: a million-step stream must not become a million tuples."""
@@ -120,11 +120,6 @@ def _iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0
             raise ValueError(f"step {start} is not the start of a chunk of {chunk_size}")
         for s in range(first, b, chunk_size):
             yield s, min(s + chunk_size, b)
-
-
-def _chunks(n: int, chunk_size: int, boundaries: np.ndarray) -> list[tuple[int, int]]:
-    """All chunks of :func:`_iter_chunks` as a list (short streams, tests)."""
-    return list(_iter_chunks(n, chunk_size, boundaries))
 
 
 class _RowReader:
@@ -213,7 +208,7 @@ def run_stream(
     bar = tqdm(total=n, initial=state.steps, desc=learner.name, unit="ex",
                disable=not progress, mininterval=0.5, leave=False)
     try:
-        for start, end in _iter_chunks(n, chunk_size, stream.boundaries(), state.steps):
+        for start, end in iter_chunks(n, chunk_size, stream.boundaries(), state.steps):
             new_task = int(stream.tasks[start])
             if new_task != state.task:
                 if acc is not None:

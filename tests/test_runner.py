@@ -6,7 +6,7 @@ from ocl.build import available_learners, learner_config, make_learner, seed_eve
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
 from ocl.tracker import NearFutureTracker
-from ocl.runner import _chunks, _iter_chunks, run_stream
+from ocl.runner import iter_chunks, run_stream
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.protocols import bursty, split
 
@@ -90,19 +90,19 @@ def test_runner_replayed_stream_is_remembered():
 
 
 def test_chunks_never_straddle_task_boundaries():
-    ch = _chunks(10, 4, np.array([3, 7]))
+    ch = list(iter_chunks(10, 4, np.array([3, 7])))
     assert ch == [(0, 3), (3, 7), (7, 10)]
-    assert _chunks(5, 2, np.array([], dtype=int)) == [(0, 2), (2, 4), (4, 5)]
+    assert list(iter_chunks(5, 2, np.array([], dtype=int))) == [(0, 2), (2, 4), (4, 5)]
     with pytest.raises(OCLError):
         run_stream(Memorizer(4), unique_source().train.data, split(unique_source(), n_tasks=1, classes_per_task=4), 0)
 
 
 def test_chunks_resume_from_any_chunk_start():
-    full = _chunks(23, 4, np.array([5, 13]))
+    full = list(iter_chunks(23, 4, np.array([5, 13])))
     for i, (s, _) in enumerate(full):
-        assert list(_iter_chunks(23, 4, np.array([5, 13]), s)) == full[i:]
+        assert list(iter_chunks(23, 4, np.array([5, 13]), s)) == full[i:]
     with pytest.raises(ValueError):
-        list(_iter_chunks(23, 4, np.array([5, 13]), 7))  # 7 is mid-chunk
+        list(iter_chunks(23, 4, np.array([5, 13]), 7))  # 7 is mid-chunk
 
 
 # ---------------------------------------------------------------- near-future accuracy
