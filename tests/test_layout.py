@@ -96,3 +96,14 @@ def test_no_module_is_longer_than_about_400_lines():
     long = {str(path.relative_to(ROOT)): n for path in modules().values()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them): {long}"
+
+
+def test_the_readme_layout_names_every_module():
+    """README's Layout section lists every module of ocl/, streams/ and kernels/ (and nothing gone)."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    stems = {p.stem for folder in ("ocl", "ocl/learners", "ocl/learners/transformer", "streams", "kernels")
+             for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}
+    missing = sorted(s for s in stems if s not in layout)
+    assert not missing, f"README's Layout section does not mention: {missing}"
