@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ocl.errors import OCLError, describe_os_error
 from ocl.learners.base import Learner
 from ocl.options import HYDRA_KEYS, LEARNER_ARGS, check_options, option_defaults
-from ocl.streams.base import Source
+from ocl.streams.base import ImageSet, Source
 from ocl.streams.cache import extract_features
 from ocl.streams.custom import to_source
 from ocl.streams.features import Extractor
@@ -151,14 +151,21 @@ def extract(cfg: DictConfig, source: Source) -> Features:
     cache = os.path.expanduser(str(cache)) if cache else None
     progress = bool(cfg.get("progress", True))
     dtype = str(cfg.get("cache_dtype", "float32"))
-    train = extract_features(source.train, extractor, cache, progress=progress, dtype=dtype)
-    test = None
-    if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
-        test = extract_features(source.test, extractor, cache, progress=progress, dtype=dtype)
-    elif cfg.get("eval_test", True) and source.test is None:
+    feats = {split: extract_features(images, extractor, cache, progress=progress, dtype=dtype)
+             for split, images in feature_splits(cfg, source)}
+    if cfg.get("eval_test", True) and source.test is None:
         log.info("%s has no test split: skipping task-boundary evaluation (no accuracy matrix, forgetting or "
                  "final accuracy).", source.name)
-    return Features(source, extractor, train, test, time.perf_counter() - t0)
+    return Features(source, extractor, feats["train"], feats.get("test"), time.perf_counter() - t0)
+
+
+def feature_splits(cfg: DictConfig, source: Source) -> list[tuple[str, ImageSet]]:
+    """The splits whose features a run uses: ``train``, and ``test`` when there is one and
+    ``eval_test`` is on (``ocl extract`` fills the cache with the same ones)."""
+    splits: list[tuple[str, ImageSet]] = [("train", source.train)]
+    if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
+        splits.append(("test", source.test))
+    return splits
 
 
 def prepare(cfg: DictConfig) -> Prepared:

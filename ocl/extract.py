@@ -33,11 +33,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError
-from ocl.build import build
+from ocl.build import build, feature_splits, load_source
 from ocl.options import check_run_config
 from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_ray
 from ocl.streams.base import ImageSet
-from ocl.streams.custom import to_source
 from ocl.streams.cache import extract_features
 from ocl.streams.features import Extractor
 from ocl.streams.shards import Shard, ShardedEntry
@@ -68,15 +67,13 @@ def run_extract(cfg: DictConfig) -> list[dict[str, Any]]:
                        "(the directory ocl run / ocl compare will read the features from).")
     cache = os.path.expanduser(str(cache))
     dtype = str(cfg.get("cache_dtype", "float32"))
-    source = to_source(build(cfg, "stream"), name=str(cfg.stream.get("name") or "custom"))
+    source = load_source(cfg)
     extractor: Extractor = build(cfg, "backbone")
     if not extractor.cacheable:
         raise OCLError(f"backbone {extractor.key()} is computed on the fly and never cached (reading the images "
                        "costs as much as computing it): there is nothing to extract. Choose a model backbone, "
                        "e.g. backbone=dino_vits16.")
-    splits: list[tuple[str, ImageSet]] = [("train", source.train)]
-    if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
-        splits.append(("test", source.test))
+    splits = feature_splits(cfg, source)
     progress = bool(cfg.get("progress", True))
     rows = []
     if engine == "local":
