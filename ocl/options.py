@@ -81,10 +81,11 @@ def _check_value(what: str, key: str, value: Any, hint: Any) -> None:
         raise OCLError(f"{what}.{key}={value!r}: must be {' or '.join(kinds)}. Set it as {what}.{key}=VALUE.")
 
 
-def _options_of(target: Any) -> tuple[Any, list[str], dict[str, Any]] | None:
-    """``(signature parameters, option names, type hints)`` of a config target: names from the
-    signature, or, for a constructor taking ``**options``, from the dataclass it names as
-    ``options``; ``None`` when they cannot be known."""
+def _options_of(target: Any) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """``(signature parameters, {option name: default}, type hints)`` of a config target: the
+    options of its signature, or, for a constructor taking ``**options``, the fields of the
+    dataclass it names as ``options``; ``None`` when they cannot be known. A default is
+    ``inspect.Parameter.empty`` or ``dataclasses.MISSING`` where there is none."""
     if target is None:
         return None
     try:
@@ -96,8 +97,8 @@ def _options_of(target: Any) -> tuple[Any, list[str], dict[str, Any]] | None:
         spec = getattr(target, "options", None)
         if not dataclasses.is_dataclass(spec):
             return None
-        return params, [f.name for f in dataclasses.fields(spec)], {**hints, **typing.get_type_hints(spec)}
-    return params, [k for k in params if k != "self"], hints
+        return params, {f.name: f.default for f in dataclasses.fields(spec)}, {**hints, **typing.get_type_hints(spec)}
+    return params, {k: p.default for k, p in params.items() if k != "self"}, hints
 
 
 def option_defaults(node: Any, runner_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -105,20 +106,11 @@ def option_defaults(node: Any, runner_args: Sequence[str] = ()) -> dict[str, Any
     a string, a bool or None), in signature order, without ``runner_args``: what the target
     runs with when the config does not say. The constructor (or its options dataclass) is the
     one place a default is written; a config states only what differs."""
-    target = _target_of(node)
-    found = _options_of(target)
+    found = _options_of(_target_of(node))
     if found is None:
         return {}
-    params, names, _ = found
-    spec = getattr(target, "options", None)
-    if dataclasses.is_dataclass(spec) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        values = {f.name: f.default for f in dataclasses.fields(spec)}
-    else:
-        values = {k: params[k].default for k in names}
     plain = (bool, int, float, str, type(None))
-    return {k: v for k, v in values.items()
-            if k not in runner_args and v is not inspect.Parameter.empty and v is not dataclasses.MISSING
-            and isinstance(v, plain)}
+    return {k: v for k, v in found[1].items() if k not in runner_args and isinstance(v, plain)}
 
 
 def check_options(node: Any, what: str, runner_args: Sequence[str] = (), n_args: int = 0) -> None:
@@ -142,7 +134,8 @@ def check_options(node: Any, what: str, runner_args: Sequence[str] = (), n_args:
     found = _options_of(target)
     if found is None:
         return  # not introspectable, or a target that validates its own **options
-    params, names, hints = found
+    params, defaults, hints = found
+    names = list(defaults)
     given = [k for k in node if k not in HYDRA_KEYS]
     unknown = sorted(set(given) - set(names))
     if unknown:
