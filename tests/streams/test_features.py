@@ -359,6 +359,7 @@ def test_entries_of_cache_format_1_stay_valid(tmp_path, caplog) -> None:
     meta = json.loads(meta_path.read_text())
     meta["format"] = 1  # what the earlier version wrote: the same layout, float32 only
     meta_path.write_text(json.dumps(meta))
+    caplog.clear()  # the first extraction's INFO lines, captured when an earlier test left the loggers at INFO
     with caplog.at_level(logging.WARNING, logger="ocl.streams.cache"):
         extract_features(ims, ex, tmp_path, progress=False)
     assert ex.calls == 1 and not caplog.records
