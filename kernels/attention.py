@@ -19,8 +19,6 @@ import os
 
 import torch
 
-from ocl.errors import OCLError
-
 from .reference import sdpa_attention
 
 BACKENDS = ("auto", "torch", "triton", "flex")
@@ -44,14 +42,15 @@ def _interpreting() -> bool:
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend for ``backend`` on ``device`` (``"auto"`` -> triton on CUDA, else torch)."""
     if backend not in BACKENDS:
-        raise OCLError(f"attention backend {backend!r} is not one of {BACKENDS}.")
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}.")
     if backend == "auto":
         return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
     return backend
 
 
 def check_backend(backend: str, device: torch.device | str, training: bool = True) -> str:
-    """Resolve ``backend`` and raise :class:`OCLError` early if it cannot run on ``device``.
+    """Resolve ``backend`` and raise :class:`ValueError` early if it cannot run on ``device``
+    (the learner turns it into its user error, naming ``learner.attn``).
 
     Args:
         training: whether gradients will be needed (FlexAttention has no CPU backward).
@@ -62,12 +61,12 @@ def check_backend(backend: str, device: torch.device | str, training: bool = Tru
     dev = torch.device(device).type
     if name == "triton":
         if not triton_available():
-            raise OCLError("attn='triton' needs the triton package (pip install triton); or use attn='torch'.")
+            raise ValueError("attn='triton' needs the triton package (pip install triton); or use attn='torch'.")
         if dev != "cuda" and not _interpreting():
-            raise OCLError(f"attn='triton' needs a CUDA device (got {dev!r}); use attn='auto' or 'torch' on CPU "
+            raise ValueError(f"attn='triton' needs a CUDA device (got {dev!r}); use attn='auto' or 'torch' on CPU "
                            "(TRITON_INTERPRET=1 runs the kernels on CPU, for testing only: very slow).")
     if name == "flex" and dev == "cpu" and training:
-        raise OCLError("attn='flex' has no CPU backward in PyTorch (FlexAttention supports CPU inference only); "
+        raise ValueError("attn='flex' has no CPU backward in PyTorch (FlexAttention supports CPU inference only); "
                        "use attn='torch' on CPU or run on a CUDA device.")
     return name
 
@@ -90,6 +89,7 @@ def windowed_attention(
     isolated: bool = False,
     q_lo: torch.Tensor | None = None,
     backend: str = "auto",
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a chunk over [sink, ring-buffer cache, causal chunk] with ALiBi.
 
@@ -106,7 +106,7 @@ def windowed_attention(
         k_label, v_label: ``(B, H, T, Dh)`` label terms added to the chunk's keys/values
             (label-as-KV mode), or None.
         k_cache, v_cache: ``(B, H, S, Dh)`` the ring buffer, S >= 0, e.g. a view of
-            :class:`ocl.learners.kv_cache.KVCache` storage; treated as constants (no grad).
+            :class:`ocl.learners.transformer.kv_cache.KVCache` storage; treated as constants (no grad).
         cache_pos: ``(B, S)`` long, token position held by each slot, -1 = empty.
         q_pos: ``(B, T)`` long, token positions of the chunk.
         sink_k, sink_v: ``(H, Dh)`` the attention sink (gradients flow to it).
@@ -115,6 +115,9 @@ def windowed_attention(
         isolated: within the chunk each query sees only its own key (held-out evaluation).
         q_lo: ``(B, T)`` long, lowest attendable key position per query, or None.
         backend: ``"auto" | "triton" | "torch" | "flex"`` (see the module docstring).
+        bias: ``torch`` backend: the :func:`~ocl.kernels.reference.attention_bias` of these
+            positions, when the caller has built it already (a model's layers share one per
+            forward); the fused backends build theirs tile by tile and never read it.
     Returns:
         ``(B, H, T, Dh)`` in q's dtype. Differentiable in q, k, v, the label terms and the sink.
     """
@@ -123,7 +126,7 @@ def windowed_attention(
     name = check_backend(backend, q.device, training=needs_grad)
     args = (q, k, v, k_label, v_label, k_cache, v_cache, cache_pos, q_pos, sink_k, sink_v, slopes, strict)
     if name == "torch":
-        return sdpa_attention(*args, isolated, q_lo)
+        return sdpa_attention(*args, isolated, q_lo, bias)
     if name == "flex":
         from .flex import flex_windowed_attention
 

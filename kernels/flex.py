@@ -9,7 +9,7 @@ Where it runs (torch 2.15):
 - CUDA: forward and backward, compiled (``torch.compile(flex_attention)``, one compile
   per shape: the learner's shapes are static, so that happens once per chunk size).
 - CPU: **forward only**. PyTorch raises on CPU backward, so a call that needs gradients
-  raises :class:`~ocl.errors.OCLError` here; the learner refuses ``attn=flex`` on CPU. The
+  raises :class:`ValueError` here; the learner refuses ``attn=flex`` on CPU. The
   CPU forward runs eagerly (unfused: it materialises the scores, slower than SDPA); a
   compiled CPU forward works too but costs ~20 s of compile per shape.
 """
@@ -21,7 +21,6 @@ import warnings
 
 import torch
 
-from ocl.errors import OCLError
 
 from .reference import _keys_values
 
@@ -58,7 +57,7 @@ def flex_windowed_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, k_label, v_label, sink_k, sink_v))
     if q.device.type == "cpu" and needs_grad:
-        raise OCLError("attn='flex' has no CPU backward in PyTorch (FlexAttention supports CPU inference only); "
+        raise ValueError("attn='flex' has no CPU backward in PyTorch (FlexAttention supports CPU inference only); "
                        "use attn='torch' on CPU or run on a CUDA device.")
     keys, vals = _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v)  # (B, H, 1+S+T, Dh)
     if not needs_grad:  # flex checks requires_grad, not grad mode: inference under no_grad must pass

@@ -75,6 +75,13 @@ def attention_bias(
     return torch.cat([sink, bias], dim=3)
 
 
+def _constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` detached, in ``dtype`` (no op where it already is: the learner's step is bound by
+    per-op overhead on a CPU)."""
+    t = t.detach() if t.requires_grad else t
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v):
     """``[sink, cache, chunk]`` keys and values, each ``(B, H, 1+S+T, Dh)``."""
     B, H, _, Dh = q.shape
@@ -82,8 +89,10 @@ def _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v):
         k = k + k_label
     if v_label is not None:
         v = v + v_label
-    keys = torch.cat([sink_k.to(k.dtype)[None, :, None].expand(B, H, 1, Dh), k_cache.detach().to(k.dtype), k], dim=2)
-    vals = torch.cat([sink_v.to(v.dtype)[None, :, None].expand(B, H, 1, Dh), v_cache.detach().to(v.dtype), v], dim=2)
+    sink_k = sink_k if sink_k.dtype == k.dtype else sink_k.to(k.dtype)
+    sink_v = sink_v if sink_v.dtype == v.dtype else sink_v.to(v.dtype)
+    keys = torch.cat([sink_k.unsqueeze(1).expand(B, H, 1, Dh), _constant(k_cache, k.dtype), k], dim=2)
+    vals = torch.cat([sink_v.unsqueeze(1).expand(B, H, 1, Dh), _constant(v_cache, v.dtype), v], dim=2)
     return keys, vals
 
 
@@ -139,9 +148,14 @@ def sdpa_attention(
     strict: bool,
     isolated: bool = False,
     q_lo: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`reference_attention`, through concatenation and
-    ``F.scaled_dot_product_attention`` with an explicit additive mask (in q's dtype)."""
+    ``F.scaled_dot_product_attention`` with an explicit additive mask (in q's dtype).
+
+    ``bias``: :func:`attention_bias` of these positions and flags, when the caller already
+    has it (a model's layers share one per forward); ``None`` builds it here."""
     keys, vals = _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v)
-    bias = attention_bias(cache_pos, q_pos, slopes, strict, isolated, q_lo, dtype=q.dtype)
+    if bias is None:
+        bias = attention_bias(cache_pos, q_pos, slopes, strict, isolated, q_lo, dtype=q.dtype)
     return F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias)

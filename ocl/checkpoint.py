@@ -51,14 +51,15 @@ import torch
 from ocl import sidefile
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.rundir import write_atomic
+from ocl.files import write_atomic
 from ocl.runner import RunState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 3  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
-#            side files)
+FORMAT = 4  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
+#            side files; 4: learner classes moved, e.g. ocl.learners.transformer became a package: a checkpoint
+#            pickles the learner by its classes' module paths, so older ones are refused, not half-loaded)
 MAGIC = b"OCL-CHECKPOINT "
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say
@@ -119,7 +120,12 @@ def load(path: Path) -> dict[str, Any]:
             raise ValueError
         header = json.loads(head[len(MAGIC):])
         size, sha = int(header["bytes"]), str(header["sha256"])
-        if header.get("format") != FORMAT:
+        written = header.get("format")
+        if written != FORMAT:
+            if isinstance(written, int) and written < FORMAT:
+                raise OCLError(f"{path}: the checkpoint was written by an older version of ocl (checkpoint format "
+                               f"{written}; this version reads format {FORMAT}: learner classes have moved since). "
+                               f"{fresh}")
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise OCLError(f"{path}: cannot read the checkpoint: it is not an ocl checkpoint of format {FORMAT} "

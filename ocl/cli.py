@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError, describe_os_error, storage_error
-from ocl.report import check_writable_dir, format_table, weights_label
+from ocl.files import check_writable_dir
+from ocl.report import format_table, weights_label
 
 log = logging.getLogger("ocl")
 
@@ -139,7 +140,7 @@ class _LogFile(logging.FileHandler):
 def _write_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
     """What hydra writes to ``<run dir>/.hydra`` (config, hydra config, overrides), written by
     us at commit (configs/config.yaml sets ``hydra.output_subdir: null``)."""
-    from ocl.rundir import write_atomic
+    from ocl.files import write_atomic
 
     hc = HydraConfig.instance().cfg
     folder = out_dir / ".hydra"
@@ -198,7 +199,7 @@ def _own_run_dir(cfg: DictConfig, out_dir: str) -> Iterator[None]:
 @hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="run")
 def _run(cfg: DictConfig) -> None:
     from ocl.checkpoint import RunInterrupted
-    from ocl.experiment import run_experiment  # heavy imports after hydra parsed the args
+    from ocl.run import run_experiment  # heavy imports after hydra parsed the args
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:

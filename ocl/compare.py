@@ -5,9 +5,10 @@ learner and seed then runs prequentially over the same cached features. The prot
 (stream order, class order, task split) is rebuilt per seed, so the seeds vary the
 stream as well as the learners' own randomness, exactly as ``ocl run seed=s`` would.
 
-With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), with
-``engine=ray`` to Ray tasks (:mod:`ocl.ray_engine`); both run the same :func:`run_guarded`
-on the same features, so records are identical whichever runs them.
+Each learner x seed run is a job (:mod:`ocl.jobs`). With ``workers=N`` the jobs go to N
+spawned processes (:mod:`ocl.workers`), with ``engine=ray`` to Ray tasks
+(:mod:`ocl.ray_engine`); every engine runs the same :func:`ocl.jobs.run_guarded` on the same
+features, so records are identical whichever runs them.
 
 Outputs in the run directory (rewritten after every run, so a crash or Ctrl-C keeps
 what finished; ``resume=true`` in the same directory then runs only what is missing,
@@ -22,12 +23,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import shutil
-import time
-import traceback
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -36,36 +31,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl import compare_resume
+from ocl.build import (ALL_LEARNERS, Features, available_learners, extract, learner_config, load_source,
+                       with_learner_defaults)
 from ocl.errors import OCLError
-from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_options, check_run_config,
-                            learning_threads, make_learner, make_near_future, seed_everything, summarize)
+from ocl.files import atomic_file
+from ocl.jobs import METRICS, run_guarded, tensorboard_writer_class
+from ocl.options import LEARNER_ARGS, MAX_SEED, check_groups, check_options, check_run_config, make_near_future
 from ocl.ray_engine import check_engine, check_ray_config, run_ray
 from ocl.report import format_table, weights_label, write_json_atomic
-from ocl.rundir import RunDir, atomic_file, claim, scratch_dir
-from ocl.runner import run_stream
-from ocl.streams.base import Source
-from ocl.streams.custom import to_source
-from ocl.streams.features import Extractor, extract_features
-from ocl.workers import check_workers
+from ocl.rundir import RunDir, claim
+from ocl.workers import check_workers, run_parallel
 
 log = logging.getLogger(__name__)
-
-#: What ``learners=null`` runs, in table order before ranking: every baseline, the Avalanche
-#: strategies (the peer implementation) and the transformer.
-ALL_LEARNERS: tuple[str, ...] = (
-    "linear", "mlp", "er", "knn", "ncm", "slda", "recent",
-    "avalanche_naive", "avalanche_replay", "avalanche_er_ace", "avalanche_gdumb",
-    "transformer",
-)
-
-#: Scalar metrics of every record (``None`` when a run failed or the metric is undefined,
-#: e.g. forgetting without test data).
-METRICS: tuple[str, ...] = (
-    "avg_online_accuracy", "near_future_accuracy", "near_future_mean_log_loss", "near_future_evaluations",
-    "cumulative_log_loss", "mean_log_loss", "final_avg_accuracy",
-    "avg_anytime_accuracy", "forgetting", "backward_transfer", "examples_per_second", "n_examples",
-    "learn_seconds", "eval_seconds",
-)
 
 #: Metrics where smaller is better (the table ranks them ascending).
 LOWER_IS_BETTER = frozenset({"cumulative_log_loss", "mean_log_loss", "near_future_mean_log_loss", "forgetting",
@@ -82,44 +59,12 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-# ---------------------------------------------------------------- learner configs
-
-
-def available_learners() -> list[str]:
-    """Names of the shipped learner configs (``configs/learner/<name>.yaml``)."""
-    folder = resources.files("ocl.configs").joinpath("learner")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def learner_config(name: str, options: dict[str, Any] | None = None) -> DictConfig:
-    """The ``learner`` node for ``name``: ``configs/learner/<name>.yaml`` with ``options`` merged
-    in, or, for a name that is not shipped, ``options`` itself when it names a ``_target_``
-    (your own learner: ``+learner_options.mine._target_=pkg.MyLearner``; ``_partial_`` defaults to true).
-
-    Raises:
-        OCLError: ``name`` is neither a shipped learner config nor given a ``_target_``
-            (the message lists the valid names).
-    """
-    options = dict(options or {})
-    valid = available_learners()
-    if name not in valid:
-        if "_target_" not in options:
-            raise OCLError(f"unknown learner {name!r} in learners=[...]; valid learners: {', '.join(valid)} "
-                           f"(or your own: +learner_options.{name}._target_=pkg.module.Class).")
-        return OmegaConf.create({"_partial_": True, **options})
-    text = resources.files("ocl.configs").joinpath("learner", f"{name}.yaml").read_text()
-    node = OmegaConf.create(text)
-    if options:
-        node = OmegaConf.merge(node, OmegaConf.create(options))
-    return node  # type: ignore[return-value]
-
-
 def resolve_learners(value: Any, options: Any = None) -> list[str]:
-    """``learners=`` as a list of names: ``None`` means :data:`ALL_LEARNERS` (those shipped);
+    """``learners=`` as a list of names: ``None`` means :data:`ocl.build.ALL_LEARNERS` (every shipped config);
     a string may name one learner or several separated by commas. A name that is not
     shipped is valid when ``options[name]`` gives its ``_target_``."""
     if value is None:
-        names = [n for n in ALL_LEARNERS if n in set(available_learners())]
+        names = list(ALL_LEARNERS)
     elif isinstance(value, str):
         names = [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(value, (list, tuple, ListConfig)):
@@ -172,137 +117,6 @@ def _check_compare_config(cfg: DictConfig, learners: Sequence[str]) -> None:
     extra = sorted(set(options) - set(learners))
     if extra:
         raise OCLError(f"learner_options names {extra}, which are not in learners={list(learners)}.")
-
-
-def _tensorboard_writer_class() -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # torch ships the writer, but it needs the `tensorboard` package
-        raise OCLError("tensorboard=true needs the `tensorboard` package: pip install tensorboard "
-                       "(or pip install 'ocl[tensorboard]'), or run with tensorboard=false.") from e
-    return SummaryWriter
-
-
-# ---------------------------------------------------------------- features, once
-
-
-@dataclass
-class Features:
-    """A source and its features, extracted once and shared by every run of a comparison.
-
-    Attributes:
-        source: the loaded source.
-        extractor: the backbone that made the features.
-        train: ``(n_train, D)`` features of ``source.train``.
-        test: ``(n_test, D)`` features of ``source.test``, or ``None`` (no test split or
-            ``eval_test=false``).
-        seconds: wall time of loading + extraction (cache hits are fast).
-    """
-
-    source: Source
-    extractor: Extractor
-    train: np.ndarray
-    test: np.ndarray | None
-    seconds: float
-
-
-def extract_once(cfg: DictConfig) -> Features:
-    """Load ``cfg.stream`` and extract (or load cached) features of both splits with ``cfg.backbone``."""
-    t0 = time.perf_counter()
-    source = to_source(build(cfg, "stream"), name=str(cfg.stream.get("name") or "custom"))
-    extractor: Extractor = build(cfg, "backbone")
-    cache = cfg.get("cache_dir")
-    cache = os.path.expanduser(str(cache)) if cache else None
-    progress = bool(cfg.get("progress", True))
-    dtype = str(cfg.get("cache_dtype", "float32"))
-    train = extract_features(source.train, extractor, cache, progress=progress, dtype=dtype)
-    test = None
-    if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
-        test = extract_features(source.test, extractor, cache, progress=progress, dtype=dtype)
-    elif cfg.get("eval_test", True):
-        log.info("%s has no test split: no accuracy matrix, forgetting or final accuracy.", source.name)
-    return Features(source, extractor, train, test, time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------- one run
-
-
-def _finite(v: Any) -> float | int | None:
-    if v is None:
-        return None
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return int(v)
-    f = float(v)
-    return f if math.isfinite(f) else None
-
-
-def run_one(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Path,
-            writer_class: Any = None) -> dict[str, Any]:
-    """One learner, one seed, over the shared features. Returns the record for ``compare.json``.
-
-    Raises whatever the learner raises; :func:`run_compare` turns that into a failed record.
-    """
-    seed_everything(seed)
-    stream = build(cfg, "protocol", feats.source, seed=seed)
-    if len(stream) == 0:
-        raise OCLError(f"the stream built from {feats.source.name} is empty; nothing to learn from.")
-    node = learner_config(name, (cfg.get("learner_options") or {}).get(name))
-    run_cfg = OmegaConf.create({"learner": node, "seed": seed})
-    learner = make_learner(run_cfg, int(feats.train.shape[1]), stream.num_classes)
-    test = feats.test if feats.test is not None and len(stream.tests) > 0 else None
-    # A learner may keep scratch state on disk (the transformer's replay history): give it a
-    # private directory that is removed after the run.
-    work = scratch_dir(out_dir, f"work-{name}-seed{seed}")
-    try:
-        learner.set_workdir(work)
-        with learning_threads(cfg.get("threads")):
-            result = run_stream(learner, feats.train, stream, int(cfg.chunk_size), test,
-                                progress=bool(cfg.get("progress", True)), near_future=make_near_future(cfg))
-        res = summarize(result, stream, int(cfg.curve_window))
-        res["skipped_updates"] = getattr(learner, "skipped_updates", None)
-        result.tracker.close()
-    finally:
-        del learner
-        shutil.rmtree(work, ignore_errors=True)
-    record: dict[str, Any] = {"learner": name, "seed": seed, "status": "ok", "error": None}
-    record.update({m: _finite(res.get(m)) for m in METRICS})
-    record.update({
-        "skipped_updates": res.get("skipped_updates"),
-        "nonfinite_predictions": res.get("nonfinite_predictions"),
-        "near_future_offset": res["near_future_offset"],
-        "near_future_every": res["near_future_every"],
-        "n_tasks": stream.n_tasks,
-        "num_classes": stream.num_classes,
-        "task_boundaries": np.asarray(res["task_boundaries"]).tolist(),
-        "online_accuracy_curve": {k: np.asarray(v).tolist() if k != "window" else v
-                                  for k, v in res["online_accuracy_curve"].items()},
-        "accuracy_matrix": None if res.get("accuracy_matrix") is None else np.asarray(res["accuracy_matrix"]).tolist(),
-        "learner_config": OmegaConf.to_container(node, resolve=True),
-    })
-    if writer_class is not None:
-        _write_tensorboard(writer_class, out_dir / "tensorboard" / name / f"seed{seed}", record)
-    return record
-
-
-def _write_tensorboard(writer_class: Any, log_dir: Path, record: dict[str, Any]) -> None:
-    """Online accuracy curve, accuracy-matrix rows and the summary metrics of one run."""
-    w = writer_class(log_dir=str(log_dir))
-    try:
-        curve = record["online_accuracy_curve"]
-        for step, acc in zip(curve["step"], curve["accuracy"]):
-            w.add_scalar("online_accuracy", acc, int(step) + 1)
-        acc = record.get("accuracy_matrix")
-        if acc is not None:
-            for i, row in enumerate(acc):
-                w.add_scalars("accuracy_after_task", {f"task{j}": v for j, v in enumerate(row[: i + 1])}, i)
-        for m in METRICS:
-            if record.get(m) is not None:
-                w.add_scalar(f"summary/{m}", record[m], int(record["n_examples"] or 0))
-    finally:
-        w.close()
-
-
-# ---------------------------------------------------------------- aggregate, table
 
 
 def _mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
@@ -407,7 +221,7 @@ def _setup(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[in
            data_fingerprint: dict[str, str | None] | None) -> dict[str, Any]:
     """What was compared: stream, backbone (with its weights), the data's fingerprints, learners, seeds."""
     first = next((r for r in records if r["status"] == "ok"), None)
-    info = getattr(feats.extractor, "info", {"model": "pixels", "weights": "none"})
+    info = feats.extractor.info if feats.extractor is not None else {"model": "pixels", "weights": "none"}
     nf = make_near_future(cfg)
     return {
         "stream": feats.source.name,
@@ -442,7 +256,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     Returns:
         The ``compare.json`` payload: ``records`` (one per learner x seed, each with
         ``learner``, ``seed``, ``status`` ("ok"/"failed"), ``error`` and the metrics of
-        :data:`METRICS`), ``summary`` (ranked mean/std per learner), ``setup``, ``config``.
+        :data:`ocl.jobs.METRICS`), ``summary`` (ranked mean/std per learner), ``setup``, ``config``.
 
     Raises:
         OCLError: a bad setting or a stream/backbone problem, or a resume that does not
@@ -454,7 +268,7 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     learners = resolve_learners(cfg.get("learners"), cfg.get("learner_options"))
     seeds = resolve_seeds(cfg.get("seeds", 1), int(cfg.seed))
     _check_compare_config(cfg, learners)
-    writer_class = _tensorboard_writer_class() if cfg.get("tensorboard", False) else None
+    writer_class = tensorboard_writer_class() if cfg.get("tensorboard", False) else None
     workers = check_workers(cfg.get("workers", 1))
     engine = check_engine(cfg.get("engine", "local"))
     if engine == "ray":
@@ -462,27 +276,28 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if workers != 1:
             raise OCLError(f"workers={workers} is for engine=local; with engine=ray the cluster's CPUs set how many "
                            "runs go at once (ray.num_cpus / ray.task_cpus).")
-    for name in learners:  # every learner config parses and its options check out before the slow extraction
-        check_options(learner_config(name, (cfg.get("learner_options") or {}).get(name)), f"learner_options.{name}",
-                      LEARNER_ARGS)
+    options = cfg.get("learner_options") or {}
+    nodes = {name: learner_config(name, options.get(name)) for name in learners}  # each learner's config, once
+    for name, node in nodes.items():  # every learner config parses and its options check out before the slow extraction
+        check_options(node, f"learner_options.{name}", LEARNER_ARGS)
+    cfg = with_learner_defaults(cfg)  # unused here, but recorded in the config (as `ocl run` records it)
     with claim(out_dir) as rd:
-        return _compare_owned(cfg, rd, learners, seeds, workers, engine, writer_class)
+        return _compare_owned(cfg, rd, nodes, seeds, workers, engine, writer_class)
 
 
-def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list[int], workers: int, engine: str,
-                   writer_class: Any) -> dict[str, Any]:
+def _compare_owned(cfg: DictConfig, rd: RunDir, nodes: dict[str, DictConfig], seeds: list[int], workers: int,
+                   engine: str, writer_class: Any) -> dict[str, Any]:
     out_dir = rd.path
+    learners = list(nodes)
     jobs = [(name, seed) for name in learners for seed in seeds]
     # resume=true: the runs an earlier comparison here finished (checked before the slow extraction)
     previous = compare_resume.previous_comparison(out_dir, bool(cfg.get("resume", False)))
     kept: dict[tuple[str, int], dict[str, Any]] = {}
     if previous is not None:
         compare_resume.check_same_config(previous, OmegaConf.to_container(cfg, resolve=True), out_dir)
-        options = cfg.get("learner_options") or {}
         kept = compare_resume.kept_records(previous, jobs, {
-            name: OmegaConf.to_container(learner_config(name, options.get(name)), resolve=True) for name in learners},
-            out_dir)
-    feats = extract_once(cfg)
+            name: OmegaConf.to_container(node, resolve=True) for name, node in nodes.items()}, out_dir)
+    feats = extract(cfg, load_source(cfg))
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
     source = feats.source
@@ -495,14 +310,12 @@ def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list
     if not todo:  # a resume of a finished comparison: rewrite its outputs, start no engine
         results = iter(())
     elif engine == "ray":
-        results = run_ray(cfg, feats, todo, out_dir)
+        results = run_ray(cfg, feats, nodes, todo, out_dir)
     elif workers > 1 and len(todo) > 1:
-        from ocl.workers import run_parallel
-
         log.info("%d runs in %d worker processes", len(todo), min(workers, len(todo)))
-        results = run_parallel(cfg, feats, todo, out_dir, workers)
+        results = run_parallel(cfg, feats, nodes, todo, out_dir, workers)
     else:
-        results = (run_guarded(cfg, feats, name, seed, out_dir, writer_class) for name, seed in todo)
+        results = (run_guarded(cfg, feats, name, seed, nodes[name], out_dir, writer_class) for name, seed in todo)
     order = {job: i for i, job in enumerate(jobs)}
     records: list[dict[str, Any]] = [kept[job] for job in jobs if job in kept]  # table order, as run
     bar = tqdm(total=len(jobs), initial=len(records), desc="compare", unit="run",
@@ -532,31 +345,6 @@ def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list
                                  title=f"{feats.source.name}: online accuracy (mean over seeds)")
         plots.plot_accuracy_matrices(records, out_dir / "acc_matrix.png")
     return payload
-
-
-def run_guarded(cfg: DictConfig, feats: Features, name: str, seed: int, out_dir: Path,
-                writer_class: Any = None) -> dict[str, Any]:
-    """:func:`run_one`, with a failure turned into a ``failed`` record (a learner bug must not
-    cost the other learners' results) and ``wall_seconds`` added. Serial and parallel
-    (:mod:`ocl.workers`) comparisons both run this."""
-    t0 = time.perf_counter()
-    try:
-        rec = run_one(cfg, feats, name, seed, out_dir, writer_class)
-    except OCLError as e:
-        log.error("%s (seed %d) failed: %s", name, seed, e)
-        rec = failed_record(name, seed, str(e))
-    except Exception as e:
-        log.error("%s (seed %d) crashed:\n%s", name, seed, traceback.format_exc())
-        rec = failed_record(name, seed, f"{type(e).__name__}: {e}")
-    rec["wall_seconds"] = time.perf_counter() - t0
-    return rec
-
-
-def failed_record(name: str, seed: int, error: str) -> dict[str, Any]:
-    """The record of a run that did not finish: every metric ``None``."""
-    rec: dict[str, Any] = {"learner": name, "seed": seed, "status": "failed", "error": error}
-    rec.update({m: None for m in METRICS})
-    return rec
 
 
 def _write(out_dir: Path, payload: dict[str, Any]) -> None:

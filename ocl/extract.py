@@ -4,7 +4,7 @@ Extract once (on GPUs, on a cluster), learn anywhere: ``ocl run`` and ``ocl comp
 the same ``stream``/``backbone``/``cache_dir``/``cache_dtype`` overrides then find the
 features in the cache. Two engines:
 
-- ``engine=local``: :func:`ocl.streams.features.extract_features`, in this process (what
+- ``engine=local``: :func:`ocl.streams.cache.extract_features`, in this process (what
   ``ocl run`` does on a cache miss);
 - ``engine=ray``: the images are cut into shards (:mod:`ocl.streams.shards`) and a Ray Data
   ``map_batches`` over the shards not yet written runs on a pool of actors, one model per
@@ -33,11 +33,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError
-from ocl.experiment import build, check_run_config
+from ocl.build import build, feature_splits, load_source
+from ocl.options import check_run_config
 from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_ray
 from ocl.streams.base import ImageSet
-from ocl.streams.custom import to_source
-from ocl.streams.features import Extractor, extract_features
+from ocl.streams.cache import extract_features
+from ocl.streams.features import Extractor
 from ocl.streams.shards import Shard, ShardedEntry
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,13 @@ def run_extract(cfg: DictConfig) -> list[dict[str, Any]]:
                        "(the directory ocl run / ocl compare will read the features from).")
     cache = os.path.expanduser(str(cache))
     dtype = str(cfg.get("cache_dtype", "float32"))
-    source = to_source(build(cfg, "stream"), name=str(cfg.stream.get("name") or "custom"))
+    source = load_source(cfg)
     extractor: Extractor = build(cfg, "backbone")
     if not extractor.cacheable:
         raise OCLError(f"backbone {extractor.key()} is computed on the fly and never cached (reading the images "
                        "costs as much as computing it): there is nothing to extract. Choose a model backbone, "
                        "e.g. backbone=dino_vits16.")
-    splits: list[tuple[str, ImageSet]] = [("train", source.train)]
-    if cfg.get("eval_test", True) and source.test is not None and len(source.test) > 0:
-        splits.append(("test", source.test))
+    splits = feature_splits(cfg, source)
     progress = bool(cfg.get("progress", True))
     rows = []
     if engine == "local":
@@ -193,7 +192,7 @@ def extract_sharded(images: ImageSet, extractor: Extractor, backbone: dict[str, 
                 n += int(batch["n"].sum())
                 began, ended = min(began, float(batch["began"].min())), max(ended, float(batch["ended"].max()))
         except Exception as e:
-            raise _stopped(e, entry, shards) from e
+            raise stopped_error(e, entry, shards) from e
         finally:
             bar.close()
         # The rate once the first worker is up (decode, extract, write; not starting the pool),
@@ -204,7 +203,7 @@ def extract_sharded(images: ImageSet, extractor: Extractor, backbone: dict[str, 
     return entry.assemble(shards, engine="ray")
 
 
-def _stopped(e: Exception, entry: ShardedEntry, shards: list[Shard]) -> OCLError:
+def stopped_error(e: Exception, entry: ShardedEntry, shards: list[Shard]) -> OCLError:
     """The error of an extraction that stopped: the user's own problem (an OCLError raised in a
     worker, e.g. NaN features) as it is, else what happened and how to resume."""
     cause: BaseException | None = e

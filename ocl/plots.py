@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ocl.files import atomic_file
+
 log = logging.getLogger(__name__)
 
 
@@ -29,10 +31,8 @@ def _by_learner(records: Sequence[dict[str, Any]]) -> "OrderedDict[str, list[dic
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
 
 
 def mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,10 +6,10 @@ it. :func:`ray_session` connects to the cluster named by ``ray.address`` or star
 one with ``ray.num_cpus`` CPUs, and shuts down only what it started.
 
 :func:`run_ray` is the ``engine=ray`` counterpart of :func:`ocl.workers.run_parallel`: the
-same prepared inputs (:func:`ocl.workers.shared_features`: the resolved config, a
+same prepared inputs (:func:`ocl.jobs.shared_features`: the resolved config, a
 labels-only source and the paths of the feature files, so every node must see the feature
 cache, or the run directory, on shared storage), the same job function
-(:func:`ocl.workers._job`, i.e. :func:`ocl.compare.run_guarded`), so the records are those
+(:func:`ocl.jobs.run_shipped`, i.e. :func:`ocl.jobs.run_guarded`), so the records are those
 of a serial run. Ray knows which task a dead worker was running, so a lost run is marked
 failed on the spot (after ``ray.max_retries`` retries); Ctrl-C cancels every task.
 """
@@ -117,21 +117,22 @@ def lost_reason(e: BaseException) -> str:
             "rerun it with engine=local to see more")
 
 
-def run_ray(cfg: DictConfig, feats: Any, jobs: Sequence[tuple[str, int]], out_dir: Path) -> Iterator[dict[str, Any]]:
+def run_ray(cfg: DictConfig, feats: Any, learners: dict[str, DictConfig], jobs: Sequence[tuple[str, int]],
+            out_dir: Path) -> Iterator[dict[str, Any]]:
     """Run ``jobs`` (learner, seed) as Ray tasks of ``ray.task_cpus`` CPUs and ``ray.task_gpus``
     GPUs each; yield each record as it finishes (completion order). A task whose worker dies
     (killed for memory, a lost node) gets a ``failed`` record, the others go on; leaving early
     (Ctrl-C, an error) cancels every task not yet finished."""
-    from ocl.compare import failed_record
-    from ocl.workers import _job, remove_work_dirs, shared_features
+    from ocl.jobs import failed_record, remove_work_dirs, run_shipped, shared_features
 
     rcfg = cfg.ray
-    with ray_session(rcfg) as ray, shared_features(cfg, feats, out_dir) as ctx:
-        task = ray.remote(_job).options(num_cpus=rcfg.task_cpus, num_gpus=rcfg.task_gpus,
+    with ray_session(rcfg) as ray, shared_features(cfg, feats, learners, out_dir) as ship:
+        task = ray.remote(run_shipped).options(num_cpus=rcfg.task_cpus, num_gpus=rcfg.task_gpus,
                                         max_retries=int(rcfg.max_retries), retry_exceptions=False)
-        source = ray.put(ctx.source)  # once, not once per task: the labels of a big stream are big
-        refs = {task.remote(ctx.plain, source, ctx.train, ctx.test, name, seed, str(ctx.out_dir), ctx.tensorboard,
-                            str(ctx.scratch / f"started-{uuid.uuid4().hex}")): (name, seed) for name, seed in jobs}
+        source = ray.put(ship.source)  # once, not once per task: the labels of a big stream are big
+        refs = {task.remote(ship.plain, source, ship.train, ship.test, name, seed, ship.learners[name],
+                            str(ship.out_dir), ship.tensorboard, str(ship.scratch / f"started-{uuid.uuid4().hex}")):
+                (name, seed) for name, seed in jobs}
         log.info("%d runs as Ray tasks (%s CPU, %s GPU each)", len(refs), rcfg.task_cpus, rcfg.task_gpus)
         pending = list(refs)
         try:
@@ -143,7 +144,7 @@ def run_ray(cfg: DictConfig, feats: Any, jobs: Sequence[tuple[str, int]], out_di
                         rec = ray.get(ref)
                     except ray.exceptions.RayError as e:  # run_guarded catches the learner's own errors
                         log.error("%s (seed %d): %s", name, seed, lost_reason(e))
-                        remove_work_dirs(ctx.out_dir, name, seed)
+                        remove_work_dirs(ship.out_dir, name, seed)
                         rec = failed_record(name, seed, lost_reason(e))
                     yield rec
         except BaseException:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ocl.errors import OCLError
-from ocl.metrics import NearFutureTracker, Tracker
-from ocl.rundir import atomic_file, write_atomic
+from ocl.files import atomic_file, write_atomic
+from ocl.tracker import NearFutureTracker, Tracker
 
 
 def weights_label(backbone: dict[str, Any]) -> str:
@@ -68,28 +65,6 @@ def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], align:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def check_writable_dir(path: str | os.PathLike, what: str = "the run directory",
-                       fix: str = "choose another directory with hydra.run.dir=DIR (or fix its permissions)") -> None:
-    """Raise :class:`OCLError` unless ``path`` is, or can be created as, a writable directory.
-
-    Creates nothing: it probes the nearest existing ancestor with an anonymous temp file
-    (``os.access`` is not enough: it says yes to root on a read-only file system).
-    ``what`` names the directory in the message (``the run directory``);
-    ``fix`` says what to do.
-    """
-    path = Path(os.path.abspath(os.path.expanduser(str(path))))
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OCLError(f"cannot create {what} {path}: {probe} is a file, not a directory; {fix}.")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise OCLError(f"cannot write to {what} {path} ({probe}: {e.strerror or e}); {fix}.") from e
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _jsonable(x) for k, x in v.items()}
@@ -113,7 +88,7 @@ def write_steps_csv(path: Path, tracker: Tracker) -> None:
     """One row per step: step, task, label, pred, correct, loss (nats), p_true.
 
     Streamed block by block from the tracker (constant memory on long streams), written
-    atomically (:func:`ocl.rundir.atomic_file`).
+    atomically (:func:`ocl.files.atomic_file`).
     """
     with atomic_file(path, "w", what=f"writing {Path(path).name}") as f:
         f.write("step,task,label,pred,correct,loss,p_true\n")

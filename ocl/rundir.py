@@ -6,17 +6,17 @@ that pass their checks.
   claim ends). A second process is refused at once with :class:`OCLError` naming the holder.
   The kernel releases the lock on any exit, SIGKILL included, so a crashed run never leaves
   the directory locked (only a stale file, taken over by the next run). Claims nest within
-  a process (the CLI claims, then :func:`ocl.experiment.run_experiment` claims again).
+  a process (the CLI claims, then :func:`ocl.run.run_experiment` claims again).
 - **Commit.** Nothing of the run is written before :meth:`RunDir.commit`, which a run calls
   once all its checks passed (config, resume, data, learner). Until then a refused run
   leaves the directory as it found it: the lock file is removed (or its previous content
   restored) and a directory the claim created is removed again. Committing runs the
   registered callbacks (the CLI writes ``.hydra/`` and opens the log file there) and removes
   scratch left by an interrupted process.
-- **Atomic files.** :func:`atomic_file` / :func:`write_atomic` write a temp file in the same
-  directory, fsync it and rename it over the target: a crash leaves the old file or the new
-  one. Every temp file and scratch folder in a run directory is named ``.<name>.<random>.tmp``
-  (:func:`scratch_dir` for folders), so a later commit can recognise and remove it.
+- **Scratch.** Files are written atomically (:mod:`ocl.files`: a temp file in the same
+  directory, fsynced and renamed over the target). Every temp file and scratch folder in a
+  run directory is named ``.<name>.<random>.tmp`` (:func:`scratch_dir` for folders), so a
+  later commit can recognise and remove it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator
 
 from ocl.errors import OCLError, storage_error
 
@@ -40,67 +40,13 @@ log = logging.getLogger(__name__)
 
 LOCK = ".ocl.lock"
 _FIX = "choose another directory with hydra.run.dir=DIR (or fix its permissions)"
-_UMASK = os.umask(0o022)  # read once (umask can only be read by setting it) ...
-os.umask(_UMASK)  # ... and put back at once
 
 
-# ---------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename in ``path`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------- scratch
 
 
 def _is_scratch(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", what: str | None = None,
-                need: int | None = None) -> Iterator[IO]:
-    """Open a temp file next to ``path`` for writing; on a clean exit fsync it and rename it
-    onto ``path``. On any error the temp file is removed and ``path`` is untouched; an
-    :class:`OSError` becomes a :class:`StorageError` naming ``path`` (``what``: a phrase for
-    the message, e.g. "writing the checkpoint"; ``need``: bytes the write needs, if known)."""
-    path = Path(path)
-    doing = what or f"writing {path.name}"
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise storage_error(e, path, doing, need) from e
-    try:
-        with contextlib.suppress(OSError):  # the permissions open() would give, not mkstemp's 0600
-            os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise storage_error(e, path, doing, need) from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes, what: str | None = None) -> None:
-    """Replace ``path`` by ``data`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path, "wb", what, need=len(data)) as f:
-        f.write(data)
 
 
 def scratch_dir(run_dir: str | os.PathLike, label: str) -> Path:

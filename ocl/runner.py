@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.metrics import NearFutureTracker, Tracker
+from ocl.sidefile import pread_records
 from ocl.streams.protocols import Stream
+from ocl.tracker import NearFutureTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class RunResult:
     near_future_seconds: float = 0.0
 
 
-def _iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0) -> Iterator[tuple[int, int]]:
+def iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0) -> Iterator[tuple[int, int]]:
     """Chunks ``(start, end)`` of at most ``chunk_size`` steps that never straddle a task
     boundary (so every task starts a fresh chunk), from step ``start`` (a chunk start) on.
     A generator: a million-step stream must not become a million tuples."""
@@ -121,19 +122,13 @@ def _iter_chunks(n: int, chunk_size: int, boundaries: np.ndarray, start: int = 0
             yield s, min(s + chunk_size, b)
 
 
-def _chunks(n: int, chunk_size: int, boundaries: np.ndarray) -> list[tuple[int, int]]:
-    """All chunks of :func:`_iter_chunks` as a list (short streams, tests)."""
-    return list(_iter_chunks(n, chunk_size, boundaries))
-
-
 class _RowReader:
     """Reads feature rows ``feats[idx]`` as ``(len(idx), D)`` float32.
 
-    A memory-mapped ``.npy`` (the feature cache) is read with ``pread``, never through the
-    mapping: pages touched through a mapping stay resident and count towards the process's
-    RSS, and the kernel maps ~16 neighbouring pages per fault, so a random-order pass would
-    make the whole file (256 MB per million 64-d rows) look like leaked memory. With
-    ``pread`` the file stays in the OS page cache only. Anything else is simply indexed.
+    A memory-mapped ``.npy`` (the feature cache) is read with ``pread``
+    (:func:`~ocl.sidefile.pread_records`), never through the mapping, so that a random-order
+    pass does not make the whole file (256 MB per million 64-d rows) resident in the process.
+    Anything else is simply indexed.
     """
 
     def __init__(self, feats: np.ndarray) -> None:
@@ -141,14 +136,13 @@ class _RowReader:
         if (isinstance(feats, np.memmap) and feats.filename is not None and feats.ndim == 2
                 and feats.flags.c_contiguous):
             self.fd = os.open(feats.filename, os.O_RDONLY)
-            self.row = feats.shape[1] * feats.dtype.itemsize  # bytes per row
+            self.row = np.dtype((feats.dtype, (feats.shape[1],)))  # one row, (D,)
             self.offset = int(feats.offset)
 
     def __call__(self, idx: np.ndarray) -> np.ndarray:
         if self.fd is None:
             return np.asarray(self.feats[idx], dtype=np.float32)
-        buf = b"".join(os.pread(self.fd, self.row, self.offset + int(i) * self.row) for i in idx)
-        return np.frombuffer(buf, dtype=self.feats.dtype).reshape(len(idx), -1).astype(np.float32)  # a copy
+        return pread_records(self.fd, self.row, self.offset, idx, 1)[:, 0].astype(np.float32)  # (C, D), a copy
 
     def close(self) -> None:
         if self.fd is not None:
@@ -211,10 +205,10 @@ def run_stream(
                          near_future=near_future)
     acc, nf = state.acc, state.near_future
     rows = _RowReader(feats)
-    bar = tqdm(total=n, initial=state.steps, desc=f"{getattr(learner, 'name', 'learner')}", unit="ex",
+    bar = tqdm(total=n, initial=state.steps, desc=learner.name, unit="ex",
                disable=not progress, mininterval=0.5, leave=False)
     try:
-        for start, end in _iter_chunks(n, chunk_size, stream.boundaries(), state.steps):
+        for start, end in iter_chunks(n, chunk_size, stream.boundaries(), state.steps):
             new_task = int(stream.tasks[start])
             if new_task != state.task:
                 if acc is not None:

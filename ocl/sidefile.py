@@ -29,25 +29,15 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from ocl.errors import OCLError, storage_error
+from ocl.files import preallocate
 
 _BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ocl_sidefile_base", default=None)
 _BLOCK = 1 << 22  # bytes hashed at a time when verifying
-
-
-def preallocate(fd: int, nbytes: int, where: str, what: str) -> None:
-    """Allocate the first ``nbytes`` of the open file ``fd`` on disk now, so that a full disk
-    shows up here, with the size needed, and not later: in the middle of a run, or as a
-    SIGBUS when the file is written through a memory mapping. A no-op where the file system
-    cannot preallocate."""
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return
-        raise storage_error(e, where, f"allocating {what}", need=nbytes) from e
 
 
 @contextlib.contextmanager
@@ -199,3 +189,76 @@ class SideFile:
                 f"which the checkpoint relies on, have sha256 {self.sha256[:16]}..., the checkpoint recorded "
                 f"{sha256[:16]}.... {fix}"
             )
+
+
+def pread_records(fd: int, dtype: np.dtype, offset: int, starts: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+    """``count`` consecutive fixed-size records from each of ``starts`` (record indices), read
+    with ``os.pread`` from byte ``offset`` on of the open file ``fd``.
+
+    Never through a memory mapping: pages touched through a mapping stay resident and count
+    towards the process's RSS (the kernel maps ~16 neighbouring pages per fault), so reading
+    a long file in random order that way would look like leaked memory; ``pread`` leaves the
+    bytes in the OS page cache only.
+
+    Returns:
+        ``(len(starts), count)`` records, read-only (a subarray dtype such as ``(float32, (D,))``
+        adds its shape: ``(len(starts), count, D)``).
+    """
+    dtype = np.dtype(dtype)
+    size = dtype.itemsize
+    buf = b"".join(os.pread(fd, count * size, offset + int(s) * size) for s in starts)
+    if len(buf) != len(starts) * count * size:
+        raise OCLError(f"a file of fixed-size records is shorter than the {len(starts) * count} records read from it; "
+                       "it was truncated while in use.")
+    return np.frombuffer(buf, dtype=dtype).reshape(len(starts), count, *dtype.shape)
+
+
+class RecordFile(SideFile):
+    """A side file of fixed-size records: an optional header, then ``dtype`` records appended
+    in order (the per-step records, the replay history). Pickles like a :class:`SideFile`, with
+    its dtype and header size.
+
+    Args:
+        path: the file (created or truncated), or ``None`` (see :class:`SideFile`).
+        dtype: one record.
+        what: what it holds, for messages.
+        header: bytes written before the first record (e.g. an ``.npy`` header).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, dtype: np.dtype, what: str, header: bytes = b"") -> None:
+        super().__init__(path, what)
+        self.dtype, self.offset = np.dtype(dtype), len(header)
+        if header:
+            self.append(header)
+
+    def __len__(self) -> int:
+        """Records committed."""
+        return (self.size - self.offset) // self.dtype.itemsize
+
+    def append_records(self, records: np.ndarray) -> None:
+        """Append ``(n,)`` records of :attr:`dtype`."""
+        if records.dtype != self.dtype:
+            raise ValueError(f"{self.what}: records of {records.dtype}, expected {self.dtype}")
+        self.append(records.tobytes())
+
+    def read(self, starts: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+        """``count`` committed records from each of ``starts``: ``(len(starts), count)`` (see
+        :func:`pread_records`). Works on a closed file too (it is opened for the read)."""
+        n = len(self)
+        if len(starts) and (min(starts) < 0 or max(starts) + count > n):
+            raise ValueError(f"read of records beyond the {n} committed ones of {self.where}")
+        if self._fd is not None:
+            return pread_records(self._fd, self.dtype, self.offset, starts, count)
+        fd = os.open(self.where, os.O_RDONLY)
+        try:
+            return pread_records(fd, self.dtype, self.offset, starts, count)
+        finally:
+            os.close(fd)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "dtype": self.dtype, "offset": self.offset}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.dtype, self.offset = np.dtype(state.pop("dtype")), int(state.pop("offset"))
+        super().__setstate__(state)

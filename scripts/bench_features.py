@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ocl.streams.base import ArrayImageSet
-from ocl.streams.features import PRECISIONS, TimmExtractor, extract_features
+from ocl.streams.cache import extract_features
+from ocl.streams.features import PRECISIONS, TimmExtractor
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def status() -> dict[str, int]:
 def one(n: int, learner_name: str, dim: int, classes: int, chunk: int) -> dict:
     import torch
 
-    from ocl.metrics import Tracker
+    from ocl.tracker import Tracker
     from ocl.runner import RunState, run_stream
     from ocl.streams.protocols import Stream
 

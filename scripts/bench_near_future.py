@@ -24,10 +24,10 @@ import time
 
 import numpy as np
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
-from ocl.compare import ALL_LEARNERS, Features, extract_once, learner_config
-from ocl.experiment import build, learning_threads, make_learner, make_near_future, seed_everything
+from ocl.build import (ALL_LEARNERS, Features, extract, learner_config, learning_threads, load_source, make_learner,
+                       make_stream, seed_everything)
+from ocl.options import make_near_future
 from ocl.report import format_table
 from ocl.runner import run_stream
 from ocl.streams.base import ArrayImageSet, Source
@@ -46,13 +46,12 @@ def main(args: list[str]) -> None:
     overrides = args[1:] if use_config else ["protocol=iid", *args]
     with initialize_config_module(config_module="ocl.configs", version_base=None):
         cfg = compose(config_name="config", overrides=["progress=false", *overrides])
-    feats = extract_once(cfg) if use_config else synthetic()
+    feats = extract(cfg, load_source(cfg)) if use_config else synthetic()
     rows = []
     for name in ALL_LEARNERS:
         seed_everything(int(cfg.seed))
-        stream = build(cfg, "protocol", feats.source, seed=int(cfg.seed))
-        learner = make_learner(OmegaConf.create({"learner": learner_config(name), "seed": int(cfg.seed)}),
-                               int(feats.train.shape[1]), stream.num_classes)
+        stream = make_stream(cfg, feats.source, int(cfg.seed))
+        learner = make_learner(learner_config(name), int(feats.train.shape[1]), stream.num_classes, int(cfg.seed))
         with tempfile.TemporaryDirectory() as work, learning_threads(cfg.get("threads")):
             learner.set_workdir(work)
             t0 = time.perf_counter()

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 
-from ocl.experiment import learning_threads, make_learner, prepare, seed_everything
+from ocl.build import learning_threads, make_learner, prepare, seed_everything
 from ocl.learners.transformer import TransformerLearner
 from ocl.report import format_table
 from ocl.runner import run_stream
@@ -82,8 +82,9 @@ def run_variant(args: argparse.Namespace, overrides: list[str], chunk: int):
         cfg = compose("config", overrides=["progress=false", f"seed={args.seed}", "eval_test=false", *overrides,
                                            *args.overrides])
     seed_everything(args.seed)
-    source, stream, _, feats, _, _ = prepare(cfg)
-    learner = make_learner(cfg, feats.shape[1], stream.num_classes)
+    run = prepare(cfg)
+    source, stream, feats = run.source, run.stream, run.train
+    learner = make_learner(cfg.learner, feats.shape[1], stream.num_classes, int(cfg.seed))
     with learning_threads(args.threads):
         res = run_stream(learner, feats, stream, chunk_size=chunk, progress=True)
     return source, stream, feats, res

@@ -48,9 +48,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ocl.compare import ALL_LEARNERS, TABLE_COLUMNS, aggregate, format_cell
+from ocl.build import ALL_LEARNERS
+from ocl.compare import TABLE_COLUMNS, aggregate, format_cell
 from ocl.report import markdown_table, weights_label
-from ocl.rundir import atomic_file, write_atomic
+from ocl.files import atomic_file, write_atomic
 
 #: The benchmark's streams: experiment config -> title in the table.
 STREAMS: dict[str, str] = {

@@ -117,6 +117,27 @@ class ArrayImageSet(ImageSet):
         return self._fp
 
 
+class LabelSet(ImageSet):
+    """The labels of an :class:`ImageSet` without its images: what a process needs that
+    builds streams over features extracted elsewhere (a compare worker, a Ray task).
+
+    Args:
+        labels: ``(n,)`` int64 labels.
+        fingerprint: the fingerprint of the image set these labels came from.
+    """
+
+    def __init__(self, labels: np.ndarray, fingerprint: str) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._fp = fingerprint
+
+    def get(self, idx: np.ndarray) -> np.ndarray:
+        raise OCLError("a compare worker holds labels only (features were extracted by the parent); "
+                       "a protocol that reads images cannot run with workers > 1: use workers=1.")
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+
 @dataclass
 class Source:
     """A labelled data set: a training stream and an optional held-out test split.
@@ -144,6 +165,14 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def labels_only(source: Source) -> Source:
+    """A copy of ``source`` whose splits carry labels only (:class:`LabelSet`: cheap to send to
+    another process; the protocol needs labels to build a stream, never images)."""
+    test = None if source.test is None else LabelSet(source.test.labels, source.test.fingerprint())
+    return Source(source.name, LabelSet(source.train.labels, source.train.fingerprint()), test,
+                  list(source.classes))
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:

@@ -3,7 +3,7 @@
 ``ocl extract engine=ray`` splits an :class:`ImageSet` into contiguous shards of
 ``shard_size`` images; each worker writes the features of the shards it gets, and the
 entry is assembled only when every shard is there. The finished entry is exactly what
-:func:`ocl.streams.features.extract_features` writes (``features.npy`` + ``meta.json``,
+:func:`ocl.streams.cache.extract_features` writes (``features.npy`` + ``meta.json``,
 read by the same checks), so the learners never know how it was made. While it is being
 built the entry holds::
 
@@ -25,27 +25,17 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ocl.errors import OCLError, storage_error
-from ocl.rundir import fsync_dir
-from ocl.sidefile import preallocate
+from ocl.errors import OCLError
+from ocl.files import atomic_path, fsync_dir, preallocate, write_atomic
 from ocl.streams.base import ImageSet
-from ocl.streams.features import (
-    CACHE_FORMAT,
-    Extractor,
-    _atomic_write_text,
-    _cache_problem,
-    _compute,
-    cache_key,
-    check_dtype,
-    write_meta,
-)
+from ocl.streams.cache import CACHE_FORMAT, cache_key, cache_problem, check_dtype, compute, write_meta
+from ocl.streams.features import Extractor
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +105,7 @@ class ShardedEntry:
         """Whether the assembled entry is there and passes every check of the cache."""
         if not (self.path / "meta.json").exists():
             return False
-        why = _cache_problem(self.path, self.fingerprint, self.extractor_key, self.n, self.dtype)
+        why = cache_problem(self.path, self.fingerprint, self.extractor_key, self.n, self.dtype)
         if why is not None:
             log.warning("feature cache %s is invalid (%s); rebuilding it.", self.path, why)
         return why is None
@@ -139,7 +129,8 @@ class ShardedEntry:
             shutil.rmtree(self.shards_dir, ignore_errors=True)
         shards = plan_shards(self.n, shard_size)
         self.shards_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(plan_path, json.dumps({"format": CACHE_FORMAT, "shard_size": int(shard_size), **want}))
+        write_atomic(plan_path, json.dumps({"format": CACHE_FORMAT, "shard_size": int(shard_size), **want}).encode(),
+                     "writing the extraction's plan.json")
         return shards
 
     def done(self, shards: list[Shard]) -> set[int]:
@@ -180,27 +171,17 @@ class ShardedEntry:
             raise OCLError(f"the shards of {self.path} have different feature sizes {sorted(dims)}: they were "
                            "written by different backbones; delete the folder and extract again.")
         shape = (self.n, dims.pop())
-        fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".npy.tmp", dir=self.path)
-        os.close(fd)
         total = hashlib.sha1()
-        try:
+        with atomic_path(self.path / "features.npy", "assembling the feature cache from its shards (they are kept: "
+                                                     "the same command, run again, finishes it)") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(self.dtype), shape=shape)
             with open(tmp, "rb+") as fh:  # a full disk now, not a SIGBUS in the mapped writes
-                preallocate(fh.fileno(), os.path.getsize(tmp), tmp, "the feature cache")
+                preallocate(fh.fileno(), os.path.getsize(tmp), str(tmp), "the feature cache")
             for sh in shards:
                 self._copy_shard(sh, out, total)
             out.flush()
             del out
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
             (self.path / "meta.json").unlink(missing_ok=True)  # an old meta must never vouch for new features
-            os.replace(tmp, self.path / "features.npy")
-        except BaseException as e:
-            os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise storage_error(e, self.path, "assembling the feature cache from its shards (they are kept: "
-                                    "the same command, run again, finishes it)") from e
-            raise
         write_meta(self.path, shape, self.dtype, total.hexdigest(), self.fingerprint, self.extractor_key,
                    shards=len(shards), **meta)
         shutil.rmtree(self.shards_dir, ignore_errors=True)
@@ -236,19 +217,10 @@ class ShardedEntry:
         """Extract images ``[sh.start, sh.stop)`` and write the shard (atomic, ``.json`` last).
         Returns its info (what the ``.json`` holds)."""
         self.shards_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{sh.name}-", suffix=".npy.tmp", dir=self.shards_dir)
-        os.close(fd)
-        try:
-            _, sha1, shape = _compute(SliceImageSet(images, sh.start, sh.stop), extractor, Path(tmp), batch_size,
+        with atomic_path(self.shards_dir / f"{sh.name}.npy", f"writing shard {sh.index} of the feature cache") as tmp:
+            _, sha1, shape = compute(SliceImageSet(images, sh.start, sh.stop), extractor, tmp, batch_size,
                                       progress=False, dtype=self.dtype, offset=sh.start)
-            os.replace(tmp, self.shards_dir / f"{sh.name}.npy")
-        except BaseException as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise storage_error(e, self.shards_dir, f"writing shard {sh.index} of the feature cache") from e
-            raise
         info = {**asdict(sh), "shape": list(shape), "dtype": self.dtype, "sha1": sha1,
                 "n_bytes": (self.shards_dir / f"{sh.name}.npy").stat().st_size}
-        _atomic_write_text(self.shards_dir / f"{sh.name}.json", json.dumps(info))
+        write_atomic(self.shards_dir / f"{sh.name}.json", json.dumps(info).encode(), f"writing shard {sh.index}'s .json")
         return info

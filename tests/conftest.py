@@ -30,6 +30,22 @@ def ray_cluster(tmp_path_factory):
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def readme_example():
+    """``readme_example(name)``: the code block of README.md marked ``<!-- readme-example: name -->``."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def block(name: str) -> str:
+        m = re.search(rf"<!-- readme-example: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.S)
+        assert m, f"README.md has no code block marked readme-example: {name}"
+        return m.group(1)
+
+    return block
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test, the caller's setting restored after. The learners' tiny

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from ocl.cli import main
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 from ocl.learners.linear import LinearLearner
 from ocl.learners.mlp import MLPLearner
 
@@ -141,7 +141,7 @@ def test_corrupt_feature_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, ca
     a = run_experiment(cfg(), tmp_path / "a")
     (feats,) = (tmp_path / "cache").rglob("features.npy")
     feats.write_bytes(feats.read_bytes()[:-100])  # truncated
-    with caplog.at_level(logging.WARNING, logger="ocl.streams.features"):
+    with caplog.at_level(logging.WARNING, logger="ocl.streams.cache"):
         b = run_experiment(cfg(), tmp_path / "b")
     assert any("truncated" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
     assert a["cumulative_log_loss"] == b["cumulative_log_loss"]
@@ -170,7 +170,7 @@ def test_missing_test_split_runs_without_evaluation(tmp_path, caplog):
     with initialize_config_module(config_module="ocl.configs", version_base=None):
         cfg = compose(config_name="config", overrides=["stream.test_fraction=0", "protocol.max_examples=50",
                                                        "progress=false", f"cache_dir={tmp_path / 'c'}"])
-    with caplog.at_level(logging.INFO, logger="ocl.experiment"):
+    with caplog.at_level(logging.INFO, logger="ocl.build"):
         res = run_experiment(cfg, tmp_path / "r")
     assert res["n_examples"] == 50 and "accuracy_matrix" not in res
     assert any("has no test split: skipping task-boundary evaluation" in r.getMessage() for r in caplog.records)

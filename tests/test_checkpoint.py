@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 
 from ocl import checkpoint as ckpt
 from ocl.errors import OCLError, StorageError
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 
 # Keys that legitimately differ between an uninterrupted and a resumed run.
 VOLATILE = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "near_future_seconds", "host",
@@ -54,7 +54,7 @@ def checkpoint_step(run_dir: Path) -> int:
 def procs():
     ctx = mp.get_context("forkserver")
     # Children fork from a server that imported these once: they start in ~0.3 s, not ~3 s.
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ocl.experiment", "ocl.learners.linear",
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ocl.run", "ocl.learners.linear",
                                 "ocl.learners.transformer", "ocl.streams.digits", "sklearn.datasets",
                                 "sklearn.model_selection"])
     return ctx
@@ -170,6 +170,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
                 ckpt.save_atomic(path, {"format": ckpt.FORMAT, "v": 2, "big": torch.zeros(10_000)})
         assert path.read_bytes() == good and ckpt.load(path)["v"] == 1
         assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left behind
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_with_a_message_saying_so(tmp_path):
+    """Learner classes move between versions (a checkpoint pickles them by module path): an
+    older checkpoint is refused by its header's format, before anything is unpickled."""
+    path = tmp_path / ckpt.CHECKPOINT
+    data = ckpt.dumps({"format": ckpt.FORMAT - 1}, tmp_path).replace(
+        f'"format": {ckpt.FORMAT}'.encode(), f'"format": {ckpt.FORMAT - 1}'.encode(), 1)
+    path.write_bytes(data)
+    with pytest.raises(OCLError, match=f"older version of ocl .checkpoint format {ckpt.FORMAT - 1}"):
+        ckpt.load(path)
 
 
 def test_crash_while_checkpointing_a_run_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

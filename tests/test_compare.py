@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-import ocl.compare as compare
-from ocl.compare import ALL_LEARNERS, available_learners, ranked_table, resolve_seeds, run_compare
+import ocl.build as build
+from ocl.build import ALL_LEARNERS, available_learners
+from ocl.compare import ranked_table, resolve_learners, resolve_seeds, run_compare
 from ocl.errors import OCLError
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 
 TINY = ["protocol.n_tasks=2", "protocol.examples_per_task=40"]  # 80 examples, 2 tasks, ~0.1 s per run
 
@@ -31,15 +32,15 @@ def is_png(path):
 
 @pytest.fixture
 def extract_calls(monkeypatch):
-    """Count calls of the feature extractor entry point inside ocl.compare."""
+    """Count calls of the feature extractor entry point (ocl.build's, which ocl.compare goes through)."""
     calls = []
-    real = compare.extract_features
+    real = build.extract_features
 
     def spy(images, *args, **kwargs):
         calls.append(len(images))
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(compare, "extract_features", spy)
+    monkeypatch.setattr(build, "extract_features", spy)
     return calls
 
 
@@ -166,8 +167,14 @@ def test_bad_settings_are_clear_errors(tmp_path):
         resolve_seeds([-1, 3], 0)
 
 
-def test_default_learner_list_is_every_shipped_baseline():
-    assert set(ALL_LEARNERS) == set(available_learners())
+def test_default_learner_list_is_every_shipped_config_baselines_first_transformer_last():
+    """ALL_LEARNERS is read from configs/learner/ (a new config joins ``learners=null``), in table
+    order: the baselines, the Avalanche strategies, the transformer."""
+    assert sorted(ALL_LEARNERS) == available_learners() and len(ALL_LEARNERS) >= 12
+    avalanche = [i for i, n in enumerate(ALL_LEARNERS) if n.startswith("avalanche_")]
+    assert ALL_LEARNERS[-1] == "transformer" and avalanche == list(range(len(ALL_LEARNERS) - 1 - len(avalanche),
+                                                                         len(ALL_LEARNERS) - 1))
+    assert resolve_learners(None) == list(ALL_LEARNERS)
 
 
 def test_tensorboard_event_files(tmp_path):

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 import ocl.compare as compare
 from ocl.compare import run_compare
 from ocl.errors import OCLError
+from ocl.jobs import failed_record
 
 TINY = ["protocol.n_tasks=2", "protocol.examples_per_task=40"]
 #: Everything in a record that may differ between two runs of the same learner and seed.
@@ -40,7 +41,7 @@ def csv_rows(run_dir):
 
 @pytest.fixture
 def runs(monkeypatch):
-    """The (learner, seed) runs :func:`ocl.compare.run_guarded` starts in this process; set
+    """The (learner, seed) runs :func:`ocl.jobs.run_guarded` starts in this process; set
     ``runs.stop_after = k`` to interrupt the comparison (Ctrl-C) when run k+1 would start,
     ``runs.fail = {(learner, seed)}`` to make those runs fail."""
     real = compare.run_guarded
@@ -56,7 +57,7 @@ def runs(monkeypatch):
             raise KeyboardInterrupt
         started.append((name, seed))
         if (name, seed) in started.fail:
-            rec = compare.failed_record(name, seed, "RuntimeError: injected")
+            rec = failed_record(name, seed, "RuntimeError: injected")
             rec["wall_seconds"] = 0.0
             return rec
         return real(cfg, feats, name, seed, *args, **kwargs)

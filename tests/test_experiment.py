@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from ocl.errors import OCLError
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 
 
 def config(tmp_path, *overrides):

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from ocl.cli import extract_table
 from ocl.errors import OCLError
-from ocl.experiment import build
+from ocl.build import build
 from ocl.extract import extract_sharded, run_extract
-from ocl.streams.features import extract_features
+from ocl.streams.cache import extract_features
 from ocl.streams.shards import ShardedEntry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, cifar, tmp_pa
     # ocl run / ocl compare read the entry like one they wrote: a cache hit
     src = __import__("extract_helpers").cifar_subset(cifar)
     ex = build(OmegaConf.create({"backbone": RESNET}), "backbone")
-    with caplog.at_level(logging.INFO, logger="ocl.streams.features"):
+    with caplog.at_level(logging.INFO, logger="ocl.streams.cache"):
         again = extract_features(src.train, ex, tmp_path / "ray" / "cache", progress=False)
     assert "feature cache hit" in caplog.text
     np.testing.assert_array_equal(again, ray_feats)
@@ -181,21 +181,21 @@ def test_a_killed_worker_and_an_interrupted_run_lose_only_their_shards(cluster, 
 
 
 def test_a_stopped_extraction_says_how_to_resume_or_passes_the_users_error_on(tmp_path):
-    from ocl.extract import _stopped
+    from ocl.extract import stopped_error
     from ocl.streams.shards import plan_shards
 
     entry = ShardedEntry(tmp_path, "fp", "key", 10, "float32")
     shards = entry.plan(4)
-    lost = _stopped(RuntimeError("ActorDiedError: the actor died unexpectedly\nmore"), entry, shards)
+    lost = stopped_error(RuntimeError("ActorDiedError: the actor died unexpectedly\nmore"), entry, shards)
     assert "0 of 3 shards are written" in str(lost) and "run the same command again" in str(lost)
     assert shards == plan_shards(10, 4)
     nan = OCLError("the feature extractor produced NaN/inf (first at image 6)")
     wrapped = RuntimeError("UserCodeException")
     wrapped.__cause__ = nan  # how Ray hands a worker's exception back
-    assert str(_stopped(wrapped, entry, shards)) == str(nan)
+    assert str(stopped_error(wrapped, entry, shards)) == str(nan)
     remote = RuntimeError(f"ray::MapWorker(...)\nocl.errors.OCLError: {nan}\n\nThe above exception was the direct "
                           "cause of the following exception:\n\nray.exceptions.UserCodeException: UDF failed")
-    assert str(_stopped(remote, entry, shards)) == str(nan)  # the text Ray Data hands back
+    assert str(stopped_error(remote, entry, shards)) == str(nan)  # the text Ray Data hands back
     full = RuntimeError("ray::MapWorker(...)\nocl.errors.StorageError: no space left on the device of /c\n\n"
                         "The above exception was the direct cause of the following exception:\n\nUserCodeException")
-    assert str(_stopped(full, entry, shards)) == "no space left on the device of /c"
+    assert str(stopped_error(full, entry, shards)) == "no space left on the device of /c"

@@ -39,6 +39,7 @@ from ocl import metrics as M
 from ocl.learners.base import Learner
 from ocl.runner import evaluate_tasks
 from ocl.streams.protocols import Stream, TaskTest
+from ocl.tracker import Tracker
 
 K = 6  # classes
 
@@ -48,7 +49,7 @@ def test_online_accuracy_and_log_loss_match_avalanche():
     n = 301
     logits = torch.randn(n, K, generator=g) * 2
     y = torch.randint(0, K, (n,), generator=g)
-    tracker = M.Tracker(n)
+    tracker = Tracker(n)
     acc, loss = Accuracy(), LossMetric()
     start = 0
     sizes = np.random.default_rng(0).integers(1, 8, size=n)  # prequential chunks of 1..7 examples

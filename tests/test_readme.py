@@ -1,4 +1,4 @@
-"""README's "Plug in your own stream / learner" example, executed as written.
+"""README's "Plug in your own stream / learner" and "Python API" examples, executed as written.
 
 The code block after ``<!-- readme-example: my_ocl.py -->`` is saved as ``my_ocl.py`` and
 every command of the block after ``<!-- readme-example: commands -->`` is run with its
@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from ocl.compare import run_compare
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -55,6 +55,17 @@ def test_readme_plugin_example_runs(tmp_path, monkeypatch):
             assert (tmp_path / f"compare{i}" / "compare.json").exists()
 
 
-@pytest.mark.parametrize("name", ["my_ocl.py", "commands"])
+def test_readme_python_api_example_runs(capsys):
+    """The "Python API" block: run_stream and the loop written out agree, on a stream that is easy."""
+    namespace: dict = {}
+    exec(compile(example_block("python-api"), "README.md:python-api", "exec"), namespace)
+    summary = namespace["result"].tracker.summary()
+    assert summary["n_examples"] == len(namespace["stream"]) == 1000
+    assert namespace["correct"] / 1000 == summary["avg_online_accuracy"] > 0.8
+    assert namespace["result"].acc.shape == (2, 2)
+    assert capsys.readouterr().out.count("\n") >= 3
+
+
+@pytest.mark.parametrize("name", ["my_ocl.py", "commands", "python-api"])
 def test_readme_example_blocks_exist(name):
     assert example_block(name).strip()

@@ -142,16 +142,3 @@ def test_leftover_temp_files_are_removed_by_the_next_run(finished, monkeypatch, 
         k: v for k, v in json.loads(results).items() if k not in volatile}
     overrides = (run / ".hydra" / "overrides.yaml").read_text()
     assert "resume=true" in overrides  # the committed resume recorded its own invocation
-
-
-def test_atomic_file_keeps_the_old_file_on_error(tmp_path):
-    p = tmp_path / "f.json"
-    rundir.write_atomic(p, b"old")
-    with pytest.raises(RuntimeError):
-        with rundir.atomic_file(p) as f:
-            f.write(b"new, half")
-            raise RuntimeError
-    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.json"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() gives, not mkstemp's private 0600

@@ -2,12 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from ocl.compare import available_learners, learner_config
+from ocl.build import available_learners, learner_config, make_learner, seed_everything
 from ocl.errors import OCLError
-from ocl.experiment import make_learner, seed_everything
 from ocl.learners.base import Learner
-from ocl.metrics import NearFutureTracker
-from ocl.runner import _chunks, _iter_chunks, run_stream
+from ocl.tracker import NearFutureTracker
+from ocl.runner import iter_chunks, run_stream
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.protocols import bursty, split
 
@@ -91,19 +90,19 @@ def test_runner_replayed_stream_is_remembered():
 
 
 def test_chunks_never_straddle_task_boundaries():
-    ch = _chunks(10, 4, np.array([3, 7]))
+    ch = list(iter_chunks(10, 4, np.array([3, 7])))
     assert ch == [(0, 3), (3, 7), (7, 10)]
-    assert _chunks(5, 2, np.array([], dtype=int)) == [(0, 2), (2, 4), (4, 5)]
+    assert list(iter_chunks(5, 2, np.array([], dtype=int))) == [(0, 2), (2, 4), (4, 5)]
     with pytest.raises(OCLError):
         run_stream(Memorizer(4), unique_source().train.data, split(unique_source(), n_tasks=1, classes_per_task=4), 0)
 
 
 def test_chunks_resume_from_any_chunk_start():
-    full = _chunks(23, 4, np.array([5, 13]))
+    full = list(iter_chunks(23, 4, np.array([5, 13])))
     for i, (s, _) in enumerate(full):
-        assert list(_iter_chunks(23, 4, np.array([5, 13]), s)) == full[i:]
+        assert list(iter_chunks(23, 4, np.array([5, 13]), s)) == full[i:]
     with pytest.raises(ValueError):
-        list(_iter_chunks(23, 4, np.array([5, 13]), 7))  # 7 is mid-chunk
+        list(iter_chunks(23, 4, np.array([5, 13]), 7))  # 7 is mid-chunk
 
 
 # ---------------------------------------------------------------- near-future accuracy
@@ -210,7 +209,6 @@ LEARNER_OPTIONS = {  # tiny and fast; every shipped learner config, with its own
 def test_near_future_evaluation_never_changes_what_a_learner_predicts(name, chunk_size):
     """With near-future evaluation after every chunk, every per-step prediction and loss and the
     accuracy matrix are bit-identical to a run without it: ``evaluate`` changes no state."""
-    from omegaconf import OmegaConf
 
     src = blobs_source(K=4, n_per_class=30, dim=6)
     src = Source("blobs", src.train, ArrayImageSet(src.train.data[::7], src.train.labels[::7]), src.classes)
@@ -218,8 +216,7 @@ def test_near_future_evaluation_never_changes_what_a_learner_predicts(name, chun
 
     def run(near_future):
         seed_everything(0)  # the learners' construction and the global RNGs, as a run sets them
-        cfg = OmegaConf.create({"learner": learner_config(name, LEARNER_OPTIONS.get(name)), "seed": 0})
-        learner = make_learner(cfg, 6, 4)
+        learner = make_learner(learner_config(name, LEARNER_OPTIONS.get(name)), 6, 4, seed=0)
         return run_stream(learner, src.train.data, stream, chunk_size=chunk_size, test_feats=src.test.data,
                           progress=False, near_future=near_future)
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from ocl.compare import Features, run_compare
+from ocl.build import Features, learner_config
+from ocl.compare import run_compare
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet, Source
-from ocl.workers import LabelSet, check_workers, labels_only, run_parallel, slowest_first
+from ocl.streams.base import LabelSet, labels_only
+from ocl.workers import check_workers, run_parallel, slowest_first
 
 TINY = ["protocol.n_tasks=2", "protocol.examples_per_task=40", "plots=false"]
 #: Everything in a record that may differ between two runs of the same learner and seed.
@@ -95,7 +97,7 @@ def test_slowest_learners_start_first_and_records_keep_the_compare_order(tmp_pat
     # what the pool is given, and in which order (the pool starts its jobs in that order)
     submitted = []
 
-    def fake_pool(ctx, jobs, workers):
+    def fake_pool(ship, level, jobs, workers):
         submitted.extend(jobs)
         for name, seed in jobs:
             yield {"learner": name, "seed": seed, "status": "ok"}
@@ -105,8 +107,8 @@ def test_slowest_learners_start_first_and_records_keep_the_compare_order(tmp_pat
     src = Source("s", ArrayImageSet(np.zeros((4, 2), np.float32), np.arange(4) % 2), None, ["a", "b"])
     feats = Features(src, None, np.zeros((4, 2), np.float32), None, 0.0)
     cfg = config(tmp_path, "learners=[linear,ncm,transformer]", "seeds=2", "workers=2")
-    recs = list(run_parallel(cfg, feats, [(n, s) for n in ("linear", "ncm", "transformer") for s in (0, 1)],
-                             tmp_path, 2))
+    nodes = {n: learner_config(n) for n in ("linear", "ncm", "transformer")}
+    recs = list(run_parallel(cfg, feats, nodes, [(n, s) for n in nodes for s in (0, 1)], tmp_path, 2))
     assert submitted == [("transformer", 0), ("transformer", 1), ("linear", 0), ("linear", 1), ("ncm", 0),
                          ("ncm", 1)]
     assert [(r["learner"], r["seed"]) for r in recs] == submitted

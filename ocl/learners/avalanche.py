@@ -67,8 +67,7 @@ from torch.utils.data import TensorDataset
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.linear import RunningStandardizer
-from ocl.learners.mlp import make_head, make_optimizer
+from ocl.learners.common import RunningStandardizer, make_head, make_optimizer
 
 if TYPE_CHECKING:
     from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
@@ -175,6 +174,7 @@ class AvalancheLearner(Learner):
             raise OCLError("avalanche: experience_size, train_epochs and train_mb_size must be >= 1.")
         if compact_every < 0:
             raise OCLError(f"avalanche: compact_every must be >= 0 (0 = never); got {compact_every}.")
+        super().__init__(feature_dim, num_classes, seed)
         self.compact_every = compact_every
         self.name = f"avalanche_{strategy}"
         self.strategy_name = strategy
@@ -249,6 +249,7 @@ class AvalancheLearner(Learner):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         model = self.strategy.model  # GDumb replaces the model object at every experience
         was_training = model.training
         model.eval()
@@ -259,6 +260,7 @@ class AvalancheLearner(Learner):
         return F.log_softmax(logits.float(), dim=1).cpu()
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         self._pending_x.append(self._features(x).float().clone())
         self._pending_y.append(y.long().clone())
         self._n_pending += x.shape[0]

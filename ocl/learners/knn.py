@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.replay_er import ExampleBuffer
+from ocl.learners.memory import ExampleBuffer
 
 
 class KNNLearner(Learner):
@@ -51,8 +51,8 @@ class KNNLearner(Learner):
     ) -> None:
         if k < 1 or alpha <= 0:
             raise OCLError(f"knn: need k >= 1 and alpha > 0 (finite log-loss); got k={k}, alpha={alpha}.")
+        super().__init__(feature_dim, num_classes, seed)
         self.k = k
-        self.num_classes = num_classes
         self.normalize = normalize
         self.alpha = alpha
         self.distance_weighted = distance_weighted
@@ -78,6 +78,7 @@ class KNNLearner(Learner):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         c, kk = x.shape[0], self.num_classes
         if self.memory.size == 0:
             return torch.full((c, kk), -torch.log(torch.tensor(float(kk))).item())
@@ -93,4 +94,5 @@ class KNNLearner(Learner):
         return p.log()
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         self.memory.add(self._prep(x), y)  # store prepared features: no per-query re-normalising

@@ -45,10 +45,10 @@ class NCMLearner(Learner):
     ) -> None:
         if temperature <= 0 or not 0 < floor < 1:
             raise OCLError(f"ncm: need temperature > 0 and 0 < floor < 1; got {temperature}, {floor}.")
+        super().__init__(feature_dim, num_classes, seed)
         self.temperature = temperature
         self.normalize = normalize
         self.floor = floor
-        self.num_classes = num_classes
         self.sums = torch.zeros(num_classes, feature_dim, dtype=torch.float64)  # (K, D)
         self.counts = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
 
@@ -63,6 +63,7 @@ class NCMLearner(Learner):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         c, k = x.shape[0], self.num_classes
         seen = self.counts > 0  # (K,)
         if not bool(seen.any()):
@@ -74,5 +75,6 @@ class NCMLearner(Learner):
         return p.log().float()
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         self.sums.index_add_(0, y, self._prep(x))
         self.counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))

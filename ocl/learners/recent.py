@@ -34,9 +34,9 @@ class RecentLabelsLearner(Learner):
     ) -> None:
         if window < 1 or alpha <= 0:
             raise OCLError(f"recent: need window >= 1 and alpha > 0; got {window}, {alpha}.")
+        super().__init__(feature_dim, num_classes, seed)
         self.window = window
         self.alpha = alpha
-        self.num_classes = num_classes
         self.labels = torch.zeros(window, dtype=torch.long)  # ring buffer of the last N labels
         self.counts = torch.zeros(num_classes, dtype=torch.float64)  # (K,) counts in the window
         self.seen = 0
@@ -48,9 +48,11 @@ class RecentLabelsLearner(Learner):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         return self.distribution().log().float().expand(x.shape[0], -1).clone()
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         for label in y[-self.window :].tolist():  # only the last N of a long chunk can matter
             slot = self.seen % self.window
             if self.seen >= self.window:

@@ -71,11 +71,11 @@ class SLDALearner(Learner):
                 f"slda: need 0 <= shrinkage <= 1, 0 < floor < 1, refresh_every >= 1; "
                 f"got {shrinkage}, {floor}, {refresh_every}."
             )
+        super().__init__(feature_dim, num_classes, seed)
         self.shrinkage = shrinkage
         self.priors = priors
         self.floor = floor
         self.refresh_every = refresh_every
-        self.num_classes = num_classes
         self.dim = feature_dim
         self.counts = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
         self.means = torch.zeros(num_classes, feature_dim, dtype=torch.float64)  # (K, D)
@@ -146,6 +146,7 @@ class SLDALearner(Learner):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
         c, k = x.shape[0], self.num_classes
         seen = self.counts > 0
         if not bool(seen.any()):
@@ -155,6 +156,7 @@ class SLDALearner(Learner):
         return p.log().float()
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.check(x, y)
         x = x.double()
         for cls in torch.unique(y).tolist():
             xb = x[y == cls]  # (m, D)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from ocl.cli import main
-from ocl.experiment import build
+from ocl.build import build
 from ocl.streams.custom import to_source
 
 BENCH = ("bench_cifar_split", "bench_cifar_iid", "bench_cifar_permuted", "bench_cifar_bursty", "bench_emnist_split")

@@ -1,19 +1,19 @@
 """The Avalanche adapter runs Avalanche's own strategies prequentially."""
 
-from pathlib import Path
+import functools
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 pytest.importorskip("avalanche")
 
 from ocl.errors import OCLError  # noqa: E402
 from ocl.learners.avalanche import STRATEGIES, AvalancheLearner, make_experience  # noqa: E402
+from ocl.learners.checks import clusters as make_clusters  # noqa: E402
+from ocl.learners.checks import prequential  # noqa: E402
 
 D, K = 8, 4
-CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
+clusters = functools.partial(make_clusters, dim=D, classes=K, spread=3.0)  # (n, D) features, (n,) labels
 # Small, fast settings per strategy (GDumb retrains from scratch on its memory each time).
 FAST = {
     "naive": {},
@@ -21,22 +21,6 @@ FAST = {
     "er_ace": {"mem_size": 40},
     "gdumb": {"mem_size": 40, "train_mb_size": 16, "train_epochs": 3},
 }
-
-
-def clusters(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Separable Gaussian clusters: ``(n, D)`` features, ``(n,)`` labels."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(K, D, generator=g) * 3
-    y = torch.randint(K, (n,), generator=g)
-    return centres[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, chunk):
-    out = []
-    for s in range(0, len(y), chunk):
-        out.append(learner.predict(x[s : s + chunk]))
-        learner.update(x[s : s + chunk], y[s : s + chunk])
-    return torch.cat(out)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -105,11 +89,6 @@ def test_make_experience_yields_task_zero_triples():
     assert torch.equal(xi, x[4]) and int(yi) == int(y[4]) and ti == 0
     assert list(exp.dataset.targets) == y.tolist()
 
-
-@pytest.mark.parametrize("name", [f"avalanche_{s}" for s in STRATEGIES])
-def test_configs_instantiate(name):
-    learner = instantiate(OmegaConf.load(CONFIGS / f"{name}.yaml"))(feature_dim=D, num_classes=K, seed=0)
-    assert isinstance(learner, AvalancheLearner) and learner.name == name
 
 
 @pytest.mark.parametrize("strategy", ["replay", "er_ace", "gdumb"])

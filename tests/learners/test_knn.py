@@ -1,43 +1,22 @@
+import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from ocl.learners.checks import assert_log_probs, prequential
+from ocl.learners.checks import clusters as make_clusters
 from ocl.learners.knn import KNNLearner
 
 D, K = 8, 4
-CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
-
-
-def clusters(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Separable Gaussian clusters: ``(n, D)`` features, ``(n,)`` labels."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(K, D, generator=g) * 3
-    y = torch.randint(K, (n,), generator=g)
-    return centres[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, chunk):
-    out = []
-    for s in range(0, len(y), chunk):
-        out.append(learner.predict(x[s : s + chunk]))
-        learner.update(x[s : s + chunk], y[s : s + chunk])
-    return torch.cat(out)
-
-
-def assert_proper(lp):
-    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
-    torch.testing.assert_close(lp.logsumexp(1), torch.zeros(lp.shape[0]), atol=1e-5, rtol=0)
+clusters = functools.partial(make_clusters, dim=D, classes=K, spread=3.0)  # (n, D) features, (n,) labels
 
 
 @pytest.mark.parametrize("policy,normalize", [("reservoir", True), ("fifo", False)])
 def test_knn_beats_chance_with_proper_log_probs(policy, normalize):
-    x, y = clusters()
+    x, y = clusters(400)
     lp = prequential(KNNLearner(D, K, k=5, memory_size=64, memory_policy=policy, normalize=normalize), x, y, 5)
-    assert_proper(lp)
+    assert_log_probs(lp)
     assert (lp.argmax(1) == y).float()[-200:].mean() > 0.8
 
 
@@ -64,7 +43,7 @@ def test_fewer_stored_than_k_uses_what_is_there():
 def test_distance_weighted_votes_still_proper():
     x, y = clusters(100)
     lp = prequential(KNNLearner(D, K, k=4, distance_weighted=True), x, y, 10)
-    assert_proper(lp)
+    assert_log_probs(lp)
     assert (lp.argmax(1) == y).float()[-50:].mean() > 0.8
 
 
@@ -86,10 +65,6 @@ def test_memory_bounded():
     prequential(knn, x, y, 7)
     assert knn.memory.size == 16 and knn.memory.x.shape == (16, D)
 
-
-def test_config_instantiates():
-    learner = instantiate(OmegaConf.load(CONFIGS / "knn.yaml"))(feature_dim=D, num_classes=K, seed=0)
-    assert isinstance(learner, KNNLearner)
 
 
 def test_neighbour_distances_match_cdist_on_wide_features():

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from ocl.learners.linear import LinearLearner, RunningStandardizer
+from ocl.learners.common import RunningStandardizer
+from ocl.learners.linear import LinearLearner
 
 
 def test_first_prediction_is_uniform_and_learning_reduces_loss():

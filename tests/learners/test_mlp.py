@@ -1,44 +1,24 @@
-from pathlib import Path
+import functools
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
-from ocl.learners.mlp import MLPLearner, make_head
+from ocl.learners.checks import assert_log_probs, prequential
+from ocl.learners.checks import clusters as make_clusters
+from ocl.learners.common import make_head
+from ocl.learners.mlp import MLPLearner
 
 D, K = 8, 4
-CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
-
-
-def clusters(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Separable Gaussian clusters: ``(n, D)`` features, ``(n,)`` labels."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(K, D, generator=g) * 3
-    y = torch.randint(K, (n,), generator=g)
-    return centres[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, chunk):
-    out = []
-    for s in range(0, len(y), chunk):
-        out.append(learner.predict(x[s : s + chunk]))
-        learner.update(x[s : s + chunk], y[s : s + chunk])
-    return torch.cat(out)
-
-
-def assert_proper(lp):
-    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
-    torch.testing.assert_close(lp.logsumexp(1), torch.zeros(lp.shape[0]), atol=1e-5, rtol=0)
+clusters = functools.partial(make_clusters, dim=D, classes=K, spread=3.0)  # (n, D) features, (n,) labels
 
 
 @pytest.mark.parametrize("chunk", [1, 10])
 @pytest.mark.parametrize("opt,lr", [("sgd", 0.3), ("adam", 0.01)])
 def test_mlp_beats_chance_with_proper_log_probs(chunk, opt, lr):
-    x, y = clusters()
+    x, y = clusters(400)
     lp = prequential(MLPLearner(D, K, seed=0, hidden=32, lr=lr, optimizer=opt), x, y, chunk)
-    assert_proper(lp)
+    assert_log_probs(lp)
     assert (lp.argmax(1) == y).float()[-200:].mean() > 0.8  # chance is 0.25
 
 
@@ -66,8 +46,3 @@ def test_seeded_init_and_linear_head():
     assert isinstance(make_head(D, K, 0, seed=0), torch.nn.Linear)
     with pytest.raises(OCLError):
         MLPLearner(D, K, optimizer="rmsprop")
-
-
-def test_config_instantiates():
-    learner = instantiate(OmegaConf.load(CONFIGS / "mlp.yaml"))(feature_dim=D, num_classes=K, seed=0)
-    assert isinstance(learner, MLPLearner)

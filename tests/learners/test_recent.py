@@ -1,22 +1,11 @@
 import math
-from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from ocl.learners.checks import prequential
 from ocl.learners.recent import RecentLabelsLearner
 
 D, K = 8, 4
-CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
-
-
-def prequential(learner, x, y, chunk):
-    out = []
-    for s in range(0, len(y), chunk):
-        out.append(learner.predict(x[s : s + chunk]))
-        learner.update(x[s : s + chunk], y[s : s + chunk])
-    return torch.cat(out)
 
 
 def test_exact_distribution_of_the_window():
@@ -53,8 +42,3 @@ def test_ignores_x_is_label_blind_and_pure():
     r = RecentLabelsLearner(D, K)
     r.update(x, y)
     assert torch.equal(r.predict(x), r.predict(-x))
-
-
-def test_config_instantiates():
-    learner = instantiate(OmegaConf.load(CONFIGS / "recent.yaml"))(feature_dim=D, num_classes=K, seed=0)
-    assert isinstance(learner, RecentLabelsLearner)

@@ -1,44 +1,23 @@
+import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from ocl.errors import OCLError
+from ocl.learners.checks import assert_log_probs, prequential
+from ocl.learners.checks import clusters as make_clusters
 from ocl.learners.slda import SLDALearner
 
 D, K = 8, 4
-CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
-
-
-def clusters(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Separable Gaussian clusters: ``(n, D)`` features, ``(n,)`` labels."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(K, D, generator=g) * 3
-    y = torch.randint(K, (n,), generator=g)
-    return centres[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, chunk):
-    out = []
-    for s in range(0, len(y), chunk):
-        out.append(learner.predict(x[s : s + chunk]))
-        learner.update(x[s : s + chunk], y[s : s + chunk])
-    return torch.cat(out)
-
-
-def assert_proper(lp):
-    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
-    torch.testing.assert_close(lp.logsumexp(1), torch.zeros(lp.shape[0]), atol=1e-5, rtol=0)
+clusters = functools.partial(make_clusters, dim=D, classes=K, spread=3.0)  # (n, D) features, (n,) labels
 
 
 def test_slda_beats_chance_with_proper_log_probs():
-    x, y = clusters()
+    x, y = clusters(400)
     lp = prequential(SLDALearner(D, K), x, y, 1)
-    assert_proper(lp)
+    assert_log_probs(lp)
     assert (lp.argmax(1) == y).float()[-200:].mean() > 0.8
 
 
@@ -110,10 +89,6 @@ def test_slda_is_label_blind_and_pure():
     slda.update(x, y)
     assert torch.equal(slda.predict(x), slda.predict(x))
 
-
-def test_config_instantiates():
-    learner = instantiate(OmegaConf.load(CONFIGS / "slda.yaml"))(feature_dim=D, num_classes=K, seed=0)
-    assert isinstance(learner, SLDALearner)
 
 
 def test_refresh_every_auto_is_exact_for_narrow_features_and_amortised_for_wide():

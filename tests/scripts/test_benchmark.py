@@ -104,7 +104,7 @@ def test_learners_and_seeds_a_directory_already_ran_are_kept(tmp_path):
     cmd = mod.compare_command(args, "bench_cifar_iid")
     # asking for fewer runs than the directory holds must not make ocl compare refuse (it never drops a
     # finished run): the finished ones are asked for too, in the table order; failed ones are not kept
-    assert "seeds=[0,1,4]" in cmd and "learners=[linear,knn,transformer]" in cmd
+    assert "seeds=[0,1,4]" in cmd and "learners=[knn,linear,transformer]" in cmd
     assert mod.parse_args(["--max-examples", "50"]).out == Path("runs/benchmark-max50")
     assert mod.parse_args(["--max-examples", "50"]).results == Path("runs/benchmark-max50/results")
     assert mod.parse_args([]).results == mod.RESULTS

@@ -12,15 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from ocl.errors import OCLError
-from ocl.streams import backbones
-from ocl.streams.backbones import (
-    BACKBONES,
-    build_backbone,
-    load_checkpoint_file,
-    register_backbone,
-    resolve_model_name,
-    state_dict_sha1,
-)
+from ocl.streams import backbones, weights
+from ocl.streams.backbones import BACKBONES, build_backbone, register_backbone, resolve_model_name
+from ocl.streams.weights import load_checkpoint_file, state_dict_sha1
 
 TINY = dict(embed_dim=24, depth=1, num_heads=2)  # D = 24, one block: builds in milliseconds
 ARCH = "vit_small_patch16_224"
@@ -304,4 +298,4 @@ def test_family_filter_is_timms(tmp_path) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     net, _ = build_backbone(ARCH, weights="random", image_size=32, model_kwargs=TINY)
-    assert backbones._family_filter_fn(net) is checkpoint_filter_fn
+    assert weights._family_filter_fn(net) is checkpoint_filter_fn

@@ -20,9 +20,10 @@ from hydra import compose, initialize_config_module
 from ocl.cli import results_table
 from ocl.compare import ranked_table, run_compare
 from ocl.errors import OCLError
-from ocl.experiment import run_experiment
+from ocl.run import run_experiment
 from ocl.streams import efficientnet
-from ocl.streams.backbones import build_backbone, load_checkpoint_file, resolve_model_name
+from ocl.streams.backbones import build_backbone, resolve_model_name
+from ocl.streams.weights import load_checkpoint_file
 from ocl.streams.cifar10 import CIFAR10_CLASSES, load_cifar10
 from ocl.streams.features import TimmExtractor
 

@@ -10,7 +10,8 @@ import pytest
 
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet
-from ocl.streams.features import PixelExtractor, extract_features
+from ocl.streams.cache import extract_features
+from ocl.streams.features import PixelExtractor
 from ocl.streams.shards import Shard, ShardedEntry, SliceImageSet, plan_shards
 
 

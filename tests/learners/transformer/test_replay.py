@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ocl.learners.replay import History, ReplayCursors
+from ocl.learners.transformer.replay import History, ReplayCursors
 
 
 def test_history_grows_and_gathers_chunks():
@@ -89,8 +89,8 @@ def test_history_lives_in_a_file_and_pickles_by_path(tmp_path):
     x, y = torch.arange(30.0).view(10, 3), torch.arange(10)
     h.append(x[:6], y[:6])
     with relative_to(run):
-        blob = pickle.dumps(h)  # a checkpoint: the path, n=6 and a sha256, not the data
-    assert len(blob) < 400 and str(tmp_path).encode() not in blob
+        blob = pickle.dumps(h)  # a checkpoint: the path, n=6, the record dtype and a sha256, not the data
+    assert len(blob) < 600 and str(tmp_path).encode() not in blob and x[1].numpy().tobytes() not in blob
     h.append(x[6:], y[6:])  # written after the checkpoint, then a crash
     with relative_to(run):
         g = pickle.loads(blob)

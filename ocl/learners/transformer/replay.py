@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ocl.errors import OCLError
-from ocl.sidefile import SideFile
+from ocl.sidefile import RecordFile
 
 
 class History:
@@ -38,7 +38,7 @@ class History:
         path: the file; ``None`` uses an anonymous temporary file that disappears with the
             process (see :meth:`relocate` to put it in a run directory, which checkpoints need).
 
-    The file is a :class:`~ocl.sidefile.SideFile`: a checkpoint stores its path relative to
+    The file is a :class:`~ocl.sidefile.RecordFile`: a checkpoint stores its path relative to
     the run directory, the count ``n`` and the sha256 of records ``[0, n)`` (fsynced first,
     never rewritten afterwards), not the data; resuming verifies them. An anonymous-file
     history pickles its data instead.
@@ -49,7 +49,7 @@ class History:
         self.D = int(feature_dim)
         self.device = torch.device(device)
         self.n = 0  # number of revealed examples stored
-        self._file = SideFile(path, "the replay history")
+        self._file = RecordFile(path, self.record, "the replay history")
 
     @property
     def record(self) -> np.dtype:
@@ -65,7 +65,7 @@ class History:
         if self.n:
             raise RuntimeError("History.relocate must be called before anything is stored")
         self._file.close()
-        self._file = SideFile(path, "the replay history")
+        self._file = RecordFile(path, self.record, "the replay history")
 
     def close(self) -> None:
         self._file.close()
@@ -79,7 +79,7 @@ class History:
         rec = np.empty(c, dtype=self.record)
         rec["x"] = x.detach().to("cpu", torch.float32).numpy()
         rec["y"] = y.detach().cpu().numpy()
-        self._file.append(rec.tobytes())
+        self._file.append_records(rec)
         self.n += c
 
     def chunks(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,16 +90,14 @@ class History:
         assert starts.min() >= 0 and int(starts.max()) + length <= self.n, (
             f"replay read [{starts.min()}, {starts.max() + length}) beyond the {self.n} revealed examples"
         )
-        size = self.record.itemsize
-        rec = np.stack([np.frombuffer(self._file.pread(length * size, int(s) * size), dtype=self.record)
-                        for s in starts])  # (B, length)
-        x = torch.from_numpy(np.ascontiguousarray(rec["x"])).to(self.device)  # (B, length, D)
-        y = torch.from_numpy(np.ascontiguousarray(rec["y"])).to(self.device)  # (B, length)
+        rec = self._file.read(starts, length)  # (B, length)
+        x = torch.from_numpy(rec["x"].copy()).to(self.device)  # (B, length, D), a writable copy
+        y = torch.from_numpy(rec["y"].copy()).to(self.device)  # (B, length)
         return x, y
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)  # the SideFile verified its bytes while unpickling
-        if self._file.size != self.n * self.record.itemsize:
+        if len(self._file) != self.n or self._file.size != self.n * self.record.itemsize:
             raise OCLError(f"{self._file.where}: the checkpoint counts {self.n} replay examples but "
                            f"{self._file.size} bytes; start the run afresh in a new directory.")
 

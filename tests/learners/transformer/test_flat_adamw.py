@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ocl.learners.flat_adamw import FlatAdamW
+from ocl.learners.transformer.flat_adamw import FlatAdamW
 
 
 def net(seed: int = 0) -> nn.Module:

@@ -7,7 +7,7 @@ and replayed as one launch:
 
 - **predict**: the gradient-free forward of stream 0's chunk over its cache;
 - **train**: the forward of all R streams (labels in), loss, backward, gradient clipping and
-  the AdamW step (:class:`~ocl.learners.flat_adamw.FlatAdamW`, which skips the step on the
+  the AdamW step (:class:`~ocl.learners.transformer.flat_adamw.FlatAdamW`, which skips the step on the
   device when the loss is not finite and reads the learning rate from a device tensor).
 
 Inputs are copied into static tensors before each replay; the cache, parameters and
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from ocl.learners.transformer import TransformerLearner, _Batch
+    from ocl.learners.transformer.learner import TransformerLearner, _Batch
 
 
 class _Graphed:

@@ -1,36 +1,16 @@
-from pathlib import Path
+import functools
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
-from ocl.learners.replay_er import ERLearner, ExampleBuffer
+from ocl.learners.checks import assert_log_probs, prequential
+from ocl.learners.checks import clusters as make_clusters
+from ocl.learners.er import ERLearner
+from ocl.learners.memory import ExampleBuffer
 
 D, K = 8, 4
-CONFIGS = Path(__file__).parents[2] / "configs" / "learner"
-
-
-def clusters(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Separable Gaussian clusters: ``(n, D)`` features, ``(n,)`` labels."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(K, D, generator=g) * 3
-    y = torch.randint(K, (n,), generator=g)
-    return centres[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, chunk):
-    out = []
-    for s in range(0, len(y), chunk):
-        out.append(learner.predict(x[s : s + chunk]))
-        learner.update(x[s : s + chunk], y[s : s + chunk])
-    return torch.cat(out)
-
-
-def assert_proper(lp):
-    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
-    torch.testing.assert_close(lp.logsumexp(1), torch.zeros(lp.shape[0]), atol=1e-5, rtol=0)
+clusters = functools.partial(make_clusters, dim=D, classes=K, spread=3.0)  # (n, D) features, (n,) labels
 
 
 # --- the buffer ---------------------------------------------------------------------------
@@ -93,10 +73,10 @@ def test_sample_returns_distinct_stored_examples():
 
 @pytest.mark.parametrize("chunk,hidden", [(1, 0), (10, 0), (10, 32)])
 def test_er_beats_chance_with_proper_log_probs(chunk, hidden):
-    x, y = clusters()
+    x, y = clusters(400)
     er = ERLearner(D, K, seed=0, buffer_size=50, hidden=hidden)
     lp = prequential(er, x, y, chunk)
-    assert_proper(lp)
+    assert_log_probs(lp)
     assert (lp.argmax(1) == y).float()[-200:].mean() > 0.8
     assert er.buffer.size == 50  # bounded memory
 
@@ -124,8 +104,3 @@ def test_replay_batch_comes_from_earlier_chunks_only():
     er.update(x[:4], y[:4])
     er.update(x[4:], y[4:])
     assert seen == [0, 4]  # the first step replays nothing; the second only chunk 1
-
-
-def test_config_instantiates():
-    learner = instantiate(OmegaConf.load(CONFIGS / "er.yaml"))(feature_dim=D, num_classes=K, seed=0)
-    assert isinstance(learner, ERLearner) and learner.buffer.capacity == 1000

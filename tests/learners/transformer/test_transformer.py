@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
-from ocl.learners.kv_cache import KVCache
+from ocl.learners.checks import clusters, prequential
+from ocl.learners.transformer.kv_cache import KVCache
 from ocl.learners.transformer import OnlineTransformer, Temperature, TransformerConfig, TransformerLearner, split_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -21,28 +22,12 @@ MODES = ["kv", "context"]
 TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0)
 
 
-def clusters(n: int, D: int = 8, K: int = 3, seed: int = 0, spread: float = 2.0):
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(K, D, generator=g) * spread
-    y = torch.randint(0, K, (n,), generator=g)
-    return mu[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, C):
-    """Drive predict/update over the stream in chunks of C; the logged log-probs ``(n, K)``."""
-    out = []
-    for s in range(0, len(x), C):
-        out.append(learner.predict(x[s : s + C]))
-        learner.update(x[s : s + C], y[s : s + C])
-    return torch.cat(out)
-
-
 # ----------------------------------------------------------------- property 1: label blindness
 @pytest.mark.parametrize("C", [1, 3], ids=["C1", "C3"])
 @pytest.mark.parametrize("mode", MODES)
 def test_future_labels_never_change_logged_predictions(mode, C):
     n, K = 14, 3
-    x, y = clusters(n, K=K)
+    x, y = clusters(n, classes=K)
     base = prequential(TransformerLearner(8, K, seed=0, label_mode=mode, **TINY), x, y, C)
     g = torch.Generator().manual_seed(1)
     for t in [0, 4, 8]:
@@ -322,7 +307,7 @@ def test_runs_are_deterministic_for_a_seed_and_differ_across_seeds():
 @pytest.mark.parametrize("mode", MODES)
 def test_first_prediction_uniform_and_evaluate_is_stateless(mode):
     K = 3
-    x, y = clusters(20, K=K)
+    x, y = clusters(20, classes=K)
     learner = TransformerLearner(8, K, seed=0, label_mode=mode, **TINY)
     torch.testing.assert_close(learner.predict(x[:2]), torch.full((2, K), -math.log(K)))
     prequential(learner, x[:15], y[:15], 1)
@@ -364,7 +349,7 @@ def test_bad_inputs_and_config_raise_ocl_errors():
 
 
 def test_hydra_config_lists_every_option_with_its_default():
-    path = Path(__file__).parents[2] / "configs" / "learner" / "transformer.yaml"
+    path = Path(__file__).parents[3] / "configs" / "learner" / "transformer.yaml"
     conf = OmegaConf.to_container(OmegaConf.load(path))
     assert conf.pop("_target_") == "ocl.learners.transformer.TransformerLearner"
     assert conf.pop("_partial_") is True
@@ -375,7 +360,7 @@ def test_hydra_config_lists_every_option_with_its_default():
 @pytest.mark.parametrize("mode", MODES)
 def test_learns_gaussian_clusters_online(mode):
     n, K = 300, 4
-    x, y = clusters(n, D=16, K=K, seed=3, spread=1.0)
+    x, y = clusters(n, 16, K, seed=3, spread=1.0)
     learner = TransformerLearner(16, K, seed=0, label_mode=mode, d_model=32, window=16, replay_streams=2)
     logp = prequential(learner, x, y, 1)
     acc = (logp.argmax(1) == y).float()

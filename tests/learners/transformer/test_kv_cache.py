@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ocl.learners.kv_cache import KVCache
+from ocl.learners.transformer.kv_cache import KVCache
 
 
 def _pos_kv(tpos: torch.Tensor, H: int, Dh: int, layer: int):

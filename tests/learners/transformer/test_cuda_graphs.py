@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ocl.errors import OCLError
-from ocl.learners.cuda_graphs import StepGraphs
+from ocl.learners.checks import clusters, prequential
+from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer import TransformerLearner
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -19,24 +20,9 @@ SMALL = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1
 CUDA = torch.cuda.is_available()
 
 
-def stream(n: int, D: int = 8, K: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(K, D, generator=g) * 2
-    y = torch.randint(0, K, (n,), generator=g)
-    return mu[y] + torch.randn(n, D, generator=g), y
-
-
-def prequential(learner, x, y, C):
-    out = []
-    for s in range(0, len(x), C):
-        out.append(learner.predict(x[s : s + C]))
-        learner.update(x[s : s + C], y[s : s + C])
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("mode,C", [("kv", 1), ("kv", 3), ("context", 2)])
 def test_static_step_functions_match_the_eager_learner(mode, C):
-    x, y = stream(31)  # 31 % C != 0 for C = 2, 3: a short last chunk (an uncaptured shape)
+    x, y = clusters(31)  # 31 % C != 0 for C = 2, 3: a short last chunk (an uncaptured shape)
     eager = TransformerLearner(8, 3, seed=0, label_mode=mode, **SMALL)
     graphed = TransformerLearner(8, 3, seed=0, label_mode=mode, **SMALL)
     graphed.graphs = StepGraphs(graphed, capture=False)
@@ -48,7 +34,7 @@ def test_static_step_functions_match_the_eager_learner(mode, C):
 
 
 def test_a_non_finite_loss_skips_the_step_on_the_device():
-    x, y = stream(12)
+    x, y = clusters(12)
     learner = TransformerLearner(8, 3, seed=0, **SMALL)
     learner.graphs = StepGraphs(learner, capture=False)
     prequential(learner, x[:8], y[:8], 2)
@@ -75,7 +61,7 @@ def test_cuda_graph_needs_a_gpu_and_no_dropout():
 @pytest.mark.parametrize("attn", ["torch", "triton"])
 @pytest.mark.parametrize("C", [1, 8])
 def test_captured_steps_predict_like_the_eager_learner_on_the_gpu(attn, C):
-    x, y = stream(8 * 24, D=32, K=5)
+    x, y = clusters(8 * 24, 32, 5)
     cfg = dict(d_model=64, n_heads=4, window=16, replay_streams=4, attn=attn, device="cuda")
     eager = TransformerLearner(32, 5, seed=0, **cfg)
     graphed = TransformerLearner(32, 5, seed=0, cuda_graph=True, **cfg)

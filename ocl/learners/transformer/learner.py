@@ -1,0 +1,363 @@
+"""The transformer learner: predict/update over the stream, replay streams, KV caches, the
+training step and the output temperature (see the package docstring for the method)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ocl.errors import OCLError
+from ocl.kernels import check_backend
+from ocl.learners.base import Learner
+from ocl.learners.transformer.cuda_graphs import StepGraphs
+from ocl.learners.transformer.flat_adamw import FlatAdamW
+from ocl.learners.transformer.kv_cache import KVCache
+from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
+from ocl.learners.transformer.replay import History, ReplayCursors, ReplayPlan
+
+
+class Temperature:
+    """Output calibration ``logits * exp(s)``, s fitted online: one Adam step per scored chunk on
+    that chunk's log-loss (the chunk was scored before, so the fit never sees a label early).
+
+    One scalar needs no autograd and no optimizer object: the gradient has a closed form,
+    ``d/ds CE(z e^s, y) = e^s * mean_i(sum_k p_ik z_ik - z_i,y_i)`` with ``p = softmax(z e^s)``,
+    and the Adam update below is ``torch.optim.Adam``'s (default betas and eps), in floats.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.log_scale = 0.0
+        self.m = self.v = 0.0  # Adam's moments
+        self.steps = 0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    def step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One step on raw logits ``(C, K)`` and labels ``(C,)``; skipped if the gradient is not finite."""
+        s = self.scale
+        z = logits.detach().float()
+        p = torch.softmax(z * s, dim=1)
+        grad = s * float(((p * z).sum(1) - z.gather(1, y[:, None])[:, 0]).mean())
+        if not math.isfinite(grad):
+            return
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        denom = math.sqrt(self.v) / math.sqrt(1 - b2**self.steps) + self.eps
+        self.log_scale -= self.lr / (1 - b1**self.steps) * self.m / denom
+
+
+class _Batch(NamedTuple):
+    """The inputs of one training forward: stream 0 (the new chunk) and, once there is history,
+    the R-1 replay streams' chunks (B = 1 or R; stream b is cache row b)."""
+
+    plan: ReplayPlan  # the replay streams' chunks (committed when the step is taken)
+    xs: torch.Tensor  # (B, C, D)
+    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) until they are revealed
+    pos: torch.Tensor  # (B, C) example positions in each stream
+    ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
+
+
+class _Forward(NamedTuple):
+    """A training forward over a batch, by ``predict`` or ``update``."""
+
+    batch: _Batch
+    labelled: bool  # False: run without any label (see TransformerLearner.shares_forward)
+    logits: torch.Tensor  # (B, C, K), attached to the autograd graph
+    ks: list[torch.Tensor]  # per layer (B, H, T, Dh): the chunk's keys, for the cache
+    vs: list[torch.Tensor]  # per layer (B, H, T, Dh): its values
+    tpos: torch.Tensor  # (B, T) their token positions
+
+
+class _Pending(NamedTuple):
+    """What ``predict`` leaves for ``update`` of the same chunk."""
+
+    x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
+    logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
+    forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
+
+
+class TransformerLearner(Learner):
+    """Online transformer learner (in-context + in-weights), see the module docstring.
+
+    One step (``predict`` then ``update`` of a chunk) is one training forward over all R
+    streams, one backward and one AdamW step. With C = 1 in kv mode the forward runs in
+    ``predict`` and ``update`` reuses it (:meth:`shares_forward`); otherwise ``predict`` runs
+    its own gradient-free forward of stream 0 with the chunk's labels "unknown".
+
+    Args:
+        feature_dim: D. num_classes: K. seed: seeds init, dropout and replay cursors.
+        **config: fields of :class:`TransformerConfig`.
+
+    Attributes:
+        t: examples revealed so far (stream 0 position of the next example).
+        skipped_updates: optimizer steps skipped because the loss was not finite.
+    """
+
+    name = "transformer"
+    options = TransformerConfig  # the **config options (checked by the runner before building)
+
+    def __init__(self, feature_dim: int, num_classes: int, seed: int = 0, **config) -> None:
+        names = {f.name for f in dataclasses.fields(TransformerConfig)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise OCLError(f"unknown transformer learner option(s) {unknown}; valid: {sorted(names)}.")
+        cfg = self.cfg = TransformerConfig(**config)
+        if cfg.device == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            dev = cfg.device
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise OCLError(f"learner.device={cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'.")
+        self.device = torch.device(dev)
+        try:  # e.g. attn=triton on CPU: fail now, not mid-run
+            check_backend(cfg.attn, self.device, training=True)
+        except ValueError as e:  # the kernels are a library: the learner makes it the user's error
+            raise OCLError(str(e)) from None
+        if cfg.cuda_graph and cfg.dropout > 0:
+            raise OCLError("learner.cuda_graph=true needs learner.dropout=0 (the captured step draws no random numbers).")
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise OCLError(f"learner.cuda_graph=true needs a CUDA device (learner.device={cfg.device!r} gives "
+                           f"{self.device.type!r}); set learner.cuda_graph=false on CPU.")
+        super().__init__(feature_dim, num_classes, seed)
+        self.D, self.K, self.R = feature_dim, num_classes, cfg.replay_streams
+
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.model = OnlineTransformer(feature_dim, num_classes, cfg)
+        self.model.to(self.device)
+        if cfg.compile:  # in place: parameter names (checkpoints) stay those of the eager model
+            self.model.compile(dynamic=False)
+        self.gen = torch.Generator(self.device).manual_seed(seed)
+        self.model.set_generator(self.gen)
+
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "sink" not in name else no_decay).append(p)
+        self.opt = FlatAdamW([(decay, cfg.weight_decay), (no_decay, 0.0)],
+                             betas=(0.9, 0.99),  # beta2 0.99: moments that track a drifting stream
+                             grad_clip=cfg.grad_clip)
+        # Forward calibration: logits * exp(log_scale), fitted only on already-scored chunks.
+        self.temperature = Temperature(cfg.temp_lr)
+
+        tpe = self.model.tokens_per_example
+        self.cache = KVCache(cfg.n_layers, self.R, cfg.n_heads, cfg.window * tpe, cfg.d_model // cfg.n_heads,
+                             device=self.device)
+        self.history = History(feature_dim, device=self.device)
+        self.cursors = ReplayCursors(self.R - 1, cfg.reset_rule, seed=seed)
+        self.t = 0
+        self.skipped_updates = 0
+        self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
+        self._pending: _Pending | None = None
+        self.graphs = StepGraphs(self) if cfg.cuda_graph else None
+
+    def set_workdir(self, path) -> None:
+        """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
+        on disk, so memory stays flat on long streams and checkpoints need not copy it."""
+        self.history.relocate(os.path.join(path, "replay_history.bin"))
+
+    # ---------------------------------------------------------------- helpers
+    def _check(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`check` the chunk where the caller keeps it (no device round trip), then move it
+        to the learner's device."""
+        self.check(x, y)
+        return x.to(self.device, torch.float32), None if y is None else y.to(self.device)
+
+    def _set_training(self, training: bool) -> None:
+        if self.model.training != training:  # Module.train() walks every submodule: only when it changes
+            self.model.train(training)
+
+    def _stream_forward(self, x, y, pos, rows, ctx_pos=None, **kw):
+        """Model forward over the cached context of the selected streams (``rows``: slice);
+        ``ctx_pos`` overrides the cache's slot positions (-1 masks a slot)."""
+        ctx = [self.cache.read(layer, rows) for layer in range(self.cfg.n_layers)]
+        return self.model(x, y, pos, ctx, self.cache.positions(rows) if ctx_pos is None else ctx_pos, **kw)
+
+    def _lr(self, t: int) -> float:
+        """Learning rate when the chunk ending at example t is learned."""
+        cfg, w = self.cfg, max(self.cfg.warmup, 1)
+        if t < cfg.warmup:
+            return cfg.lr * t / cfg.warmup
+        return cfg.lr * math.sqrt(w / t) if cfg.lr_decay == "inv_sqrt" else cfg.lr
+
+    def _scale(self) -> float:
+        return self.temperature.scale if self.cfg.temperature else 1.0
+
+    def shares_forward(self, C: int) -> bool:
+        """Whether ``predict`` of a chunk of C examples runs the training forward itself.
+
+        In kv mode with C = 1 every stream's chunk is a single token, and a token's label only
+        enters its own key and value, which no query of the same forward attends to (a query
+        never sees its own key). So labels change nothing the training forward computes but
+        the keys/values it hands to the cache: ``predict`` can run it, without any label, and
+        ``update`` adds the label terms before caching them (:meth:`_cache_entries`). The logits and
+        gradients are those of a forward with labels (whose label-term gradients are exactly
+        zero), and a forward per example is saved. Not with dropout (predict's forward would
+        then be a training one), nor with ``cuda_graph`` (predict and the training step are
+        captured separately: an autograd graph cannot span two CUDA graphs).
+        """
+        return self.model.kv_mode and C == 1 and self.cfg.dropout == 0 and self.graphs is None
+
+    @torch.no_grad()
+    def _raw_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Stream 0's logits ``(C, K)`` for a chunk ``x (C, D)`` whose labels are unknown."""
+        C = x.shape[0]
+        pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        if self.graphs is not None:
+            return self.graphs.predict(x[None], pos)
+        return self._predict_forward(x[None], pos)
+
+    def _predict_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` (no gradient)."""
+        self._set_training(False)
+        y = torch.full(pos.shape, self.K, device=self.device)  # this chunk's labels: unknown
+        with torch.no_grad():
+            return self._stream_forward(x, y, pos, slice(0, 1))[0][0]
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor | None) -> _Batch:
+        """Stream 0's chunk ``x (C, D)``, ``y (C,)`` (None: labels not revealed yet) and the replay
+        streams' next chunks. Changes no state: the replay plan is committed and the caches of
+        streams that jump are emptied when the step is taken (:meth:`_finish`); until then
+        their slots are masked."""
+        C = x.shape[0]
+        plan = self.cursors.plan(len(self.history), C)
+        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        y0 = (torch.full((C,), self.K, device=self.device) if y is None else y)[None]  # (1, C)
+        if not plan.active.any():  # no history yet: stream 0 alone
+            return _Batch(plan, x[None], y0, pos0, self.cache.positions(slice(0, 1)))
+        hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
+        hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
+        ctx_pos = self.cache.positions(slice(None))
+        if plan.reset.any():  # streams that jump start from an empty cache
+            jumped = torch.as_tensor(np.concatenate([[False], plan.reset]), device=self.device)
+            ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
+        return _Batch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), torch.cat([pos0, hpos]), ctx_pos)
+
+    def _forward(self, batch: _Batch, labelled: bool = True) -> _Forward:
+        """The training forward of a batch; ``labelled=False``: no label enters it (only where
+        :meth:`shares_forward`)."""
+        self._set_training(True)
+        rows = slice(0, batch.xs.shape[0])
+        logits, ks, vs, tpos = self._stream_forward(batch.xs, batch.ys if labelled else None, batch.pos, rows,
+                                                    batch.ctx_pos)
+        return _Forward(batch, labelled, logits, ks, vs, tpos)
+
+    # ---------------------------------------------------------------- protocol
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        xd, _ = self._check(x)
+        forward = None
+        if self.shares_forward(xd.shape[0]):
+            with torch.enable_grad():
+                forward = self._forward(self._batch(xd, None), labelled=False)
+            logits = forward.logits[0].detach()  # stream 0: this chunk
+        else:
+            logits = self._raw_predict(xd)
+        self._pending = _Pending(x, logits, forward)
+        return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        pending, self._pending = self._pending, None
+        xd, yd = self._check(x, y)
+        same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
+        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
+            self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
+        lr = self._lr(self.t + xd.shape[0])
+        if same and pending.forward is not None:  # predict ran the training forward (labels not in it)
+            fwd = pending.forward
+            ys = torch.cat([yd[None], fwd.batch.ys[1:]])  # (B, C): stream 0's labels are revealed now
+            kv = self._cache_entries(fwd, ys)  # before the step changes the label weights
+            finite = self._train(fwd.logits, ys, lr)
+            self._finish(fwd.batch, finite, kv, fwd.tpos, xd, yd)
+            return
+        batch = self._batch(xd, yd)
+        if self.graphs is not None:
+            finite, kv, tpos = self.graphs.train(batch, lr)
+        else:
+            finite, kv, tpos = self._train_step(batch.xs, batch.ys, batch.pos, batch.ctx_pos, lr)
+        self._finish(batch, finite, kv, tpos, xd, yd)
+
+    def _train_step(self, xs: torch.Tensor, ys: torch.Tensor, pos: torch.Tensor, ctx_pos: torch.Tensor,
+                    lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward (with labels), loss, backward and AdamW step of a batch, all on the device (what
+        ``cuda_graph`` captures). Returns the finite flag, the cache entries and their positions."""
+        fwd = self._forward(_Batch(None, xs, ys, pos, ctx_pos))
+        kv = self._cache_entries(fwd, ys)
+        return self._train(fwd.logits, ys, lr), kv, fwd.tpos
+
+    def _train(self, logits: torch.Tensor, ys: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits (B, C, K)`` on ``ys (B, C)``, backward, one clipped AdamW step at ``lr``;
+        no step (decided on the device) when the loss is not finite. Returns that flag (0-dim)."""
+        loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
+        finite = torch.isfinite(loss)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step(lr, skip=~finite)
+        return finite
+
+    @torch.no_grad()
+    def _cache_entries(self, fwd: _Forward, ys: torch.Tensor) -> torch.Tensor:
+        """The forward's keys and values as the cache stores them, ``(2, L, B, H, T, Dh)``: with
+        the label terms of ``ys`` added if the forward ran without labels."""
+        kv = torch.stack([*fwd.ks, *fwd.vs]).unflatten(0, (2, self.cfg.n_layers))
+        return kv if fwd.labelled else kv + self._label_kv_terms(ys)
+
+    def _finish(self, batch: _Batch, finite: torch.Tensor, kv: torch.Tensor, tpos: torch.Tensor, x: torch.Tensor,
+                y: torch.Tensor) -> None:
+        """After the step: the replay streams move on, the chunk's keys/values enter the caches
+        and the chunk the history; after a non-finite loss (no step was taken) the chunk stays out
+        of the history (replay would hit it again) and the caches, which may now hold non-finite
+        K/V, are emptied."""
+        self.cursors.commit(batch.plan)
+        self.t += x.shape[0]
+        B = batch.xs.shape[0]
+        if not bool(finite):
+            self.skipped_updates += 1
+            for b in range(B):
+                self.cache.reset(b)
+            return
+        # Streams that jumped start afresh (the forward had their slots masked); only now, as the
+        # fused kernels' backward reads the cache in place.
+        for b in np.flatnonzero(batch.plan.reset):
+            self.cache.reset(int(b) + 1)
+        self.cache.write_stacked(self._rows_all[:B], tpos, kv)
+        self.history.append(x, y)
+
+    @torch.no_grad()
+    def _label_kv_terms(self, ys: torch.Tensor) -> torch.Tensor:
+        """What labels ``ys (B, C)`` add to keys and values in kv mode, ``(2, L, B, H, C, Dh)``.
+
+        A label-free forward (:meth:`shares_forward`) hands the cache keys/values without
+        them. (The label weights get no gradient from such a forward where they would get an
+        exactly zero one from a forward with labels; :class:`FlatAdamW` treats both the same.)
+        """
+        B, C = ys.shape
+        cfg = self.cfg
+        lab = self.model.label_kv(self.model.label_emb(ys))  # (B, C, L * 2 * d): per layer [key | value]
+        return lab.view(B, C, cfg.n_layers, 2, cfg.n_heads, -1).permute(3, 2, 0, 4, 1, 5)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Held-out log-probs ``(N, K)``: each example attends to stream 0's current cache as
+        if it were the next example, independently of the others; no cache is modified."""
+        xd, _ = self._check(x)
+        self._set_training(False)
+        out = []
+        for s in range(0, xd.shape[0], self.cfg.eval_batch):
+            xb = xd[s : s + self.cfg.eval_batch][None]  # (1, N', D)
+            pos = torch.full(xb.shape[:2], self.t, device=self.device)  # (1, N')
+            logits = self._stream_forward(xb, None, pos, slice(0, 1), isolated=True)[0][0]
+            out.append(F.log_softmax(logits * self._scale(), dim=1))
+        if not out:
+            return torch.zeros(0, self.K)
+        return torch.cat(out).to(x.device)
