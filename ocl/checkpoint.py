@@ -181,10 +181,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``"key: saved -> now"`` for every config value that differs in a way that matters."""
-    a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
-    b = {k: v for k, v in _flatten(now).items() if k.split(".")[0] not in RESUME_FREE_KEYS}
+def config_differences(saved: dict[str, Any], now: dict[str, Any],
+                       free: frozenset[str] = RESUME_FREE_KEYS) -> list[str]:
+    """``"key: saved -> now"`` for every config value that differs in a way that matters
+    (the keys in ``free``, and everything under them, may differ: ``threads``, ``backbone.threads``)."""
+
+    def kept(key: str) -> bool:
+        parts = key.split(".")
+        return not any(".".join(parts[:i]) in free for i in range(1, len(parts) + 1))
+
+    a = {k: v for k, v in _flatten(saved).items() if kept(k)}
+    b = {k: v for k, v in _flatten(now).items() if kept(k)}
     missing = object()
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]

@@ -52,6 +52,8 @@ examples:
   ocl compare learners=[linear,knn,er] seeds=3       # the same overrides as ocl run, plus these
   ocl compare seeds=2                                # every baseline, Avalanche strategy and the transformer
   ocl compare learners=[linear,knn] seeds=3 engine=ray   # the runs as Ray tasks (pip install -e ".[ray]")
+  ocl compare <the same overrides> resume=true hydra.run.dir=DIR   # run only what an interrupted one left
+  ocl compare experiment=bench_cifar_split           # a preset (configs/experiment/): a benchmark stream
   ocl extract stream=cifar10 stream.root=DIR backbone=dino_vits16 cache_dtype=float16
   ocl extract <the same overrides> engine=ray ray.address=HOST:6379   # sharded over a Ray cluster
 """
@@ -194,7 +196,7 @@ def _own_run_dir(cfg: DictConfig, out_dir: str) -> Iterator[None]:
         root.removeHandler(held)
 
 
-@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="config")
+@hydra.main(version_base=None, config_path="pkg://ocl.configs", config_name="run")
 def _run(cfg: DictConfig) -> None:
     from ocl.checkpoint import RunInterrupted
     from ocl.experiment import run_experiment  # heavy imports after hydra parsed the args
@@ -235,7 +237,8 @@ def _compare(cfg: DictConfig) -> None:
         _fail(e)
     except KeyboardInterrupt:  # Ctrl-C: the records written so far stay; no traceback for a deliberate stop
         msg = (f"interrupted: the runs that had finished are kept in {out_dir}/compare.json and compare.csv; "
-               "the others did not run to the end")
+               "the others did not run to the end. Run only those with: ocl compare <the same overrides> "
+               f"resume=true hydra.run.dir={out_dir}")
         log.warning("%s", msg)
         print(msg, file=sys.stderr)
         sys.exit(130)

@@ -10,7 +10,8 @@ With ``workers=N`` the runs go to N spawned processes (:mod:`ocl.workers`), with
 on the same features, so records are identical whichever runs them.
 
 Outputs in the run directory (rewritten after every run, so a crash or Ctrl-C keeps
-what finished): ``compare.json`` (one record per learner x seed, plus a per-learner
+what finished; ``resume=true`` in the same directory then runs only what is missing,
+see :mod:`ocl.compare_resume`): ``compare.json`` (one record per learner x seed, plus a per-learner
 summary), ``compare.csv`` (the same records, scalar metrics only), ``curves.png`` and
 ``acc_matrix.png`` (see :mod:`ocl.plots`), and with ``tensorboard=true`` event files
 under ``tensorboard/<learner>/seed<s>``.
@@ -34,6 +35,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ocl import compare_resume
 from ocl.errors import OCLError
 from ocl.experiment import (LEARNER_ARGS, MAX_SEED, build, check_groups, check_options, check_run_config,
                             learning_threads, make_learner, make_near_future, seed_everything, summarize)
@@ -338,7 +340,8 @@ def aggregate(records: Sequence[dict[str, Any]], learners: Sequence[str], rank_b
     return out
 
 
-def _cell(mean: float, std: float, metric: str) -> str:
+def format_cell(mean: float, std: float, metric: str) -> str:
+    """``0.8123 ± 0.0040`` (``1,234 ± 56`` for ex/s; ``-`` when undefined; no ± with one seed)."""
     if math.isnan(mean):
         return "-"
     if metric == "examples_per_second":
@@ -350,7 +353,7 @@ def ranked_table(payload: dict[str, Any]) -> str:
     """The table ``ocl compare`` prints: one row per learner, mean ± std over seeds, ranked."""
     rows = []
     for row in payload["summary"]:
-        cells = [_cell(row["mean"][m], row["std"][m], m) for m, _ in TABLE_COLUMNS]
+        cells = [format_cell(row["mean"][m], row["std"][m], m) for m, _ in TABLE_COLUMNS]
         seeds = f"{row['ok']}/{row['runs']}" + ("" if row["ok"] == row["runs"] else " FAILED")
         rows.append([row["rank"], row["learner"], *cells, seeds])
     headers = ("#", "learner", *(h for _, h in TABLE_COLUMNS), "seeds ok")
@@ -389,33 +392,41 @@ def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def _payload(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[int], records: list[dict[str, Any]],
-             out_dir: Path, complete: bool) -> dict[str, Any]:
+             out_dir: Path, complete: bool, data_fingerprint: dict[str, str | None] | None = None) -> dict[str, Any]:
     rank_by = str(cfg.get("rank_by", "avg_online_accuracy"))
-    first = next((r for r in records if r["status"] == "ok"), None)
-    info = getattr(feats.extractor, "info", {"model": "pixels", "weights": "none"})
-    nf = make_near_future(cfg)
     return {
         "complete": complete,
         "rank_by": rank_by,
         "out_dir": str(out_dir),
-        "setup": {
-            "stream": feats.source.name,
-            "protocol": str(cfg.protocol.get("_target_", "?")).rsplit(".", 1)[-1],
-            "n_examples": first["n_examples"] if first else None,
-            "n_tasks": first["n_tasks"] if first else None,
-            "num_classes": first["num_classes"] if first else None,
-            "feature_dim": int(feats.train.shape[1]),
-            "backbone": info,
-            "feature_seconds": feats.seconds,
-            "learners": learners,
-            "seeds": seeds,
-            "chunk_size": int(cfg.chunk_size),
-            "near_future": None if nf is None else {"offset": nf.offset, "every": nf.every,
-                                                    "evaluations": first["near_future_evaluations"] if first else None},
-        },
+        "setup": _setup(cfg, feats, learners, seeds, records, data_fingerprint),
         "summary": aggregate(records, learners, rank_by),
         "records": records,
         "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _setup(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[int], records: list[dict[str, Any]],
+           data_fingerprint: dict[str, str | None] | None) -> dict[str, Any]:
+    """What was compared: stream, backbone (with its weights), the data's fingerprints, learners, seeds."""
+    first = next((r for r in records if r["status"] == "ok"), None)
+    info = getattr(feats.extractor, "info", {"model": "pixels", "weights": "none"})
+    nf = make_near_future(cfg)
+    return {
+        "stream": feats.source.name,
+        "protocol": str(cfg.protocol.get("_target_", "?")).rsplit(".", 1)[-1],
+        "n_examples": first["n_examples"] if first else None,
+        "n_tasks": first["n_tasks"] if first else None,
+        "num_classes": first["num_classes"] if first else None,
+        "feature_dim": int(feats.train.shape[1]),
+        "backbone": info,
+        "data_fingerprint": data_fingerprint,
+        "feature_key": feats.extractor.key() if feats.extractor is not None else None,  # what the cache keys on
+        "feature_seconds": feats.seconds,
+        "learners": learners,
+        "seeds": seeds,
+        "chunk_size": int(cfg.chunk_size),
+        "near_future": None if nf is None else {"offset": nf.offset, "every": nf.every,
+                                                "evaluations": first["near_future_evaluations"] if first else None},
     }
 
 
@@ -425,7 +436,10 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     Args:
         cfg: a composed ``compare`` config (``configs/compare.yaml``: the run config plus
             ``learners``, ``seeds``, ``rank_by``, ``learner_options``, ``tensorboard``, ``plots``).
-        out_dir: the run directory (created if missing).
+        out_dir: the run directory (created if missing). With ``cfg.resume`` it may hold an
+            earlier comparison's ``compare.json``: its finished runs are kept and only the
+            missing (or failed) learner x seed runs run (:mod:`ocl.compare_resume`); without
+            it, a ``compare.json`` there is refused, not overwritten.
 
     Returns:
         The ``compare.json`` payload: ``records`` (one per learner x seed, each with
@@ -433,8 +447,9 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         :data:`METRICS`), ``summary`` (ranked mean/std per learner), ``setup``, ``config``.
 
     Raises:
-        OCLError: a bad setting or a stream/backbone problem (before any learner runs).
-            A learner that fails does not raise: its record is marked ``failed``.
+        OCLError: a bad setting or a stream/backbone problem, or a resume that does not
+            match the earlier comparison (before any learner runs). A learner that fails
+            does not raise: its record is marked ``failed``.
     """
     check_run_config(cfg)
     check_groups(cfg, ("stream", "protocol", "backbone"))  # `learner` is not used here
@@ -459,23 +474,41 @@ def run_compare(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list[int], workers: int, engine: str,
                    writer_class: Any) -> dict[str, Any]:
     out_dir = rd.path
+    jobs = [(name, seed) for name in learners for seed in seeds]
+    # resume=true: the runs an earlier comparison here finished (checked before the slow extraction)
+    previous = compare_resume.previous_comparison(out_dir, bool(cfg.get("resume", False)))
+    kept: dict[tuple[str, int], dict[str, Any]] = {}
+    if previous is not None:
+        compare_resume.check_same_config(previous, OmegaConf.to_container(cfg, resolve=True), out_dir)
+        options = cfg.get("learner_options") or {}
+        kept = compare_resume.kept_records(previous, jobs, {
+            name: OmegaConf.to_container(learner_config(name, options.get(name)), resolve=True) for name in learners},
+            out_dir)
     feats = extract_once(cfg)
     log.info("features: train %s, test %s, %.1f s", feats.train.shape,
              None if feats.test is None else feats.test.shape, feats.seconds)
+    source = feats.source
+    data = {"train": source.train.fingerprint(), "test": None if source.test is None else source.test.fingerprint()}
+    if kept:
+        compare_resume.check_same_inputs(previous, _setup(cfg, feats, learners, seeds, [], data), out_dir)
     rd.commit()  # checks passed, features ready: from here on the comparison writes into its directory
-    jobs = [(name, seed) for name in learners for seed in seeds]
-    if engine == "ray":
-        results = run_ray(cfg, feats, jobs, out_dir)
-    elif workers > 1 and len(jobs) > 1:
+    todo = [job for job in jobs if job not in kept]
+    results: Iterable[dict[str, Any]]
+    if not todo:  # a resume of a finished comparison: rewrite its outputs, start no engine
+        results = iter(())
+    elif engine == "ray":
+        results = run_ray(cfg, feats, todo, out_dir)
+    elif workers > 1 and len(todo) > 1:
         from ocl.workers import run_parallel
 
-        log.info("%d runs in %d worker processes", len(jobs), min(workers, len(jobs)))
-        results = run_parallel(cfg, feats, jobs, out_dir, workers)
+        log.info("%d runs in %d worker processes", len(todo), min(workers, len(todo)))
+        results = run_parallel(cfg, feats, todo, out_dir, workers)
     else:
-        results = (run_guarded(cfg, feats, name, seed, out_dir, writer_class) for name, seed in jobs)
+        results = (run_guarded(cfg, feats, name, seed, out_dir, writer_class) for name, seed in todo)
     order = {job: i for i, job in enumerate(jobs)}
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=not bool(cfg.get("progress", True)))
+    records: list[dict[str, Any]] = [kept[job] for job in jobs if job in kept]  # table order, as run
+    bar = tqdm(total=len(jobs), initial=len(records), desc="compare", unit="run",
+               disable=not bool(cfg.get("progress", True)))
     try:
         for rec in results:
             if rec["status"] == "ok":
@@ -484,14 +517,15 @@ def _compare_owned(cfg: DictConfig, rd: RunDir, learners: list[str], seeds: list
                          rec["examples_per_second"] or float("nan"))
             records.append(rec)
             records.sort(key=lambda r: order[(r["learner"], r["seed"])])  # workers finish in any order
-            _write(out_dir, _payload(cfg, feats, learners, seeds, records, out_dir, complete=False))
+            _write(out_dir, _payload(cfg, feats, learners, seeds, records, out_dir, complete=False,
+                                     data_fingerprint=data))
             bar.set_postfix_str(f"{rec['learner']} seed {rec['seed']} done")
             bar.update(1)
     finally:
         bar.close()
         if hasattr(results, "close"):  # a Ctrl-C that lands here, not inside the engine, still stops its workers
             results.close()
-    payload = _payload(cfg, feats, learners, seeds, records, out_dir, complete=True)
+    payload = _payload(cfg, feats, learners, seeds, records, out_dir, complete=True, data_fingerprint=data)
     _write(out_dir, payload)
     if cfg.get("plots", True):
         from ocl import plots  # matplotlib only when plotting

@@ -53,6 +53,18 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = 
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], align: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table of already formatted cells (``|`` in a cell is escaped);
+    ``align`` as in :func:`format_table` (default: first column left, the others right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "| " + " | ".join("---:" if a == "r" else ":---" for a in align) + " |"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _jsonable(x) for k, x in v.items()}

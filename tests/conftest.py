@@ -57,3 +57,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def shared_data():
+    """The project's real data folder (CIFAR-10 JPEG zip, EMNIST-letters sample; see
+    shared/data/README.md): $OCL_SHARED_DATA, or ../shared/data beside the checkout or beside
+    its folder of worktrees. Skips the test where there is none."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for d in (os.environ.get("OCL_SHARED_DATA"), repo.parent / "shared" / "data", repo.parent.parent / "shared" / "data"):
+        if d and (Path(d) / "README.md").exists():
+            return Path(d)
+    pytest.skip("needs the project's shared data folder (../shared/data or $OCL_SHARED_DATA)")

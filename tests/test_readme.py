@@ -40,7 +40,7 @@ def test_readme_plugin_example_runs(tmp_path, monkeypatch):
     for i, (_, command, *overrides) in enumerate(cmds):
         with initialize_config_module(config_module="ocl.configs", version_base=None):
             extra = [] if command == "run" else ["plots=false"]  # PNGs are tested in test_compare.py
-            cfg = compose(config_name="config" if command == "run" else "compare",
+            cfg = compose(config_name=command,  # the configs of `ocl run` and `ocl compare`
                           overrides=[*overrides, *ours, *extra])
         if command == "run":
             res = run_experiment(cfg, tmp_path / f"run{i}")
