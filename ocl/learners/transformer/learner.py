@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from ocl.errors import OCLError
 from ocl.kernels import check_backend
 from ocl.learners.base import Learner
+from ocl.learners.linear import LinearLearner
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.flat_adamw import FlatAdamW
 from ocl.learners.transformer.kv_cache import KVCache
+from ocl.learners.transformer.mixture import FixedShare
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
 from ocl.learners.transformer.replay import History, ReplayCursors, ReplayPlan
 
@@ -84,6 +86,7 @@ class _Pending(NamedTuple):
 
     x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
     logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
+    experts: torch.Tensor | None  # (2, C, K) the network's and the linear read-out's log-probs (linear_expert)
     forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
 
 
@@ -160,6 +163,9 @@ class TransformerLearner(Learner):
         self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
         self.graphs = StepGraphs(self) if cfg.cuda_graph else None
+        # The prediction: a fixed-share mixture of the network and a linear read-out (mixture.py).
+        self.linear = LinearLearner(feature_dim, num_classes, seed, lr=cfg.linear_lr) if cfg.linear_expert else None
+        self.mixture = FixedShare(2, cfg.share) if cfg.linear_expert else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -263,15 +269,33 @@ class TransformerLearner(Learner):
             logits = forward.logits[0].detach()  # stream 0: this chunk
         else:
             logits = self._raw_predict(xd)
-        self._pending = _Pending(x, logits, forward)
-        return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
+        log_probs = F.log_softmax(logits * self._scale(), dim=1).to(x.device)
+        experts = None
+        if self.linear is not None:
+            experts = torch.stack([log_probs, self.linear.predict(x).to(log_probs)])
+            log_probs = self.mixture.predict(experts)
+        self._pending = _Pending(x, logits, experts, forward)
+        return log_probs
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         pending, self._pending = self._pending, None
         xd, yd = self._check(x, y)
         same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
+        raw = None  # (C, K) raw logits as the chunk was (or would have been) scored
+        if same:
+            raw = pending.logits
+        elif self.linear is not None or self.cfg.temperature:
+            raw = self._raw_predict(xd)
+        if self.linear is not None:  # the mixture learns how each expert scored this chunk, then the read-out learns
+            if same:
+                experts = pending.experts
+            else:
+                net = F.log_softmax(raw * self._scale(), dim=1).to(x.device)
+                experts = torch.stack([net, self.linear.predict(x).to(net)])
+            self.mixture.update(experts, y)
+            self.linear.update(x, y)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
-            self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
+            self.temperature.step(raw, yd)
         lr = self._lr(self.t + xd.shape[0])
         if same and pending.forward is not None:  # predict ran the training forward (labels not in it)
             fwd = pending.forward
@@ -360,4 +384,7 @@ class TransformerLearner(Learner):
             out.append(F.log_softmax(logits * self._scale(), dim=1))
         if not out:
             return torch.zeros(0, self.K)
-        return torch.cat(out).to(x.device)
+        log_probs = torch.cat(out).to(x.device)
+        if self.linear is None:
+            return log_probs
+        return self.mixture.predict(torch.stack([log_probs, self.linear.predict(x).to(log_probs)]))

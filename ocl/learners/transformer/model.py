@@ -31,7 +31,7 @@ class TransformerConfig:
     dropout: float = 0.0  # online learning sees each example once per stream: no overfitting to fight early
     window: int = 64  # W examples of cached context; the paper gains up to ~512 on CLOC, 64 suits small streams
     replay_streams: int = 8  # R (incl. stream 0); paper: 1 far worse than >= 4; digits: 8 > 4 >> 1
-    lr: float = 3e-3  # AdamW peak lr; sweep {1e-3,3e-3,1e-2} x decay x R on digits/EMNIST, split+iid: best mean
+    lr: float = 1e-3  # AdamW peak lr; on pretrained features 1e-3 beat 3e-3 and 1e-2 (README, "The transformer learner")
     warmup: int = 100  # examples of linear warm-up (Adam's second moments are noisy at first)
     lr_decay: str = "constant"  # | "inv_sqrt": lr*sqrt(warmup/t), the paper's best on 39M examples; decays too early on short streams
     weight_decay: float = 0.01  # mild AdamW decay on matrices, keeps the net plastic on long streams
@@ -44,6 +44,9 @@ class TransformerConfig:
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
+    linear_expert: bool = True  # predict with a fixed-share mixture of the network and an online linear read-out
+    share: float = 0.01  # fixed-share rate of that mixture (mixture.py): how fast the weight can move back
+    linear_lr: float = 1.0  # the linear read-out's SGD step (the linear learner's default)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> OCLError:
@@ -67,6 +70,10 @@ class TransformerConfig:
                 raise bad(key, "must be >= 0.")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1).")
+        if not 0 <= self.share < 1:
+            raise bad("share", "must be in [0, 1).")
+        if not self.linear_lr > 0:
+            raise bad("linear_lr", "must be > 0.")
 
 
 class AttentionMask(NamedTuple):

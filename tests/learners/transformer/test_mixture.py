@@ -1,0 +1,119 @@
+"""The transformer's prediction as a fixed-share mixture of its network and a linear read-out
+(ocl/learners/transformer/mixture.py): the mixture's loss bounds, and the learner's output
+against the two experts run separately."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ocl.errors import OCLError
+from ocl.learners.checks import check_learner, clusters, prequential
+from ocl.learners.linear import LinearLearner
+from ocl.learners.transformer import TransformerLearner
+from ocl.learners.transformer.mixture import FixedShare
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0)
+
+
+def _experts(T: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two experts' log-probs ``(2, T, K)`` and labels ``(T,)``: expert 0 is good in the first
+    half, expert 1 in the second."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (T,), generator=g)
+    logits = torch.randn(2, T, K, generator=g)
+    first = torch.arange(T) < T // 2
+    logits[0, first, y[first]] += 3.0
+    logits[1, ~first, y[~first]] += 3.0
+    return F.log_softmax(logits, dim=2), y
+
+
+def _mixture_loss(mix: FixedShare, lp: torch.Tensor, y: torch.Tensor) -> float:
+    """Total log-loss of the mixture fed one example at a time (predict, then update)."""
+    total = 0.0
+    for t in range(y.shape[0]):
+        total -= float(mix.predict(lp[:, t : t + 1])[0, y[t]])
+        mix.update(lp[:, t : t + 1], y[t : t + 1])
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bayes_mixture_is_within_log_m_of_the_best_expert(seed):
+    lp, y = _experts(200, 5, seed)
+    loss = _mixture_loss(FixedShare(2, share=0.0), lp, y)
+    expert_loss = -lp.gather(2, y[None, :, None].expand(2, -1, 1)).sum((1, 2))
+    assert loss <= float(expert_loss.min()) + math.log(2) + 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fixed_share_tracks_the_expert_that_is_best_now(seed):
+    """One switch of the best expert half way: fixed share pays at most the switching
+    sequence's loss + log M + log(M / alpha) (one switch) + (T - 2) log(1 / (1 - alpha))
+    (Herbster & Warmuth 1998), and clearly beats both single experts and the plain Bayes mixture."""
+    T, alpha = 200, 0.01
+    lp, y = _experts(T, 5, seed)
+    hits = lp.gather(2, y[None, :, None].expand(2, -1, 1))[..., 0]  # (2, T)
+    switching = float(-(hits[0, : T // 2].sum() + hits[1, T // 2 :].sum()))
+    loss = _mixture_loss(FixedShare(2, share=alpha), lp, y)
+    bound = switching + math.log(2) + math.log(2 / alpha) + (T - 2) * math.log(1 / (1 - alpha))
+    assert loss <= bound + 1e-6
+    assert loss < float(-hits.sum(1).min()) - 20
+    assert loss < _mixture_loss(FixedShare(2, share=0.0), lp, y) - 20
+
+
+def test_fixed_share_survives_an_expert_that_gives_the_truth_probability_zero():
+    mix = FixedShare(2, share=0.01)
+    lp = torch.log(torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]]))  # expert 0: p(y=1) = 0
+    mix.update(lp, torch.tensor([1]))
+    out = mix.predict(lp)
+    assert torch.isfinite(out).all() and mix.weights[1] > 0.98
+    assert torch.allclose(out.exp().sum(1), torch.ones(1))
+
+
+@pytest.mark.parametrize("C", [1, 3], ids=["C1", "C3"])
+def test_learner_predicts_the_mixture_of_its_network_and_a_linear_read_out(C):
+    """The default learner against its two experts run side by side: the network (the same
+    options without the expert) and a LinearLearner, mixed by a FixedShare fed the same labels.
+    Also: ``evaluate`` mixes the experts' evaluations with the current weights."""
+    x, y = clusters(30)
+    learner = TransformerLearner(8, 3, seed=0, **TINY)
+    network = TransformerLearner(8, 3, seed=0, **TINY, linear_expert=False)
+    linear = LinearLearner(8, 3, seed=0, lr=1.0)
+    mix = FixedShare(2, share=0.01)
+    for s in range(0, 30, C):
+        xc, yc = x[s : s + C], y[s : s + C]
+        experts = torch.stack([network.predict(xc), linear.predict(xc)])
+        torch.testing.assert_close(learner.predict(xc), mix.predict(experts), rtol=0, atol=1e-5)
+        for model in (learner, network, linear):
+            model.update(xc, yc)
+        mix.update(experts, yc)
+    torch.testing.assert_close(learner.evaluate(x), mix.predict(torch.stack([network.evaluate(x), linear.evaluate(x)])),
+                               rtol=0, atol=1e-5)
+    assert mix.weights[1] > 0.5  # 30 examples: the linear read-out still leads (it learns in a few steps)
+
+
+def test_learner_with_the_mixture_keeps_the_contract():
+    """Label blindness, seeding, exact resume (the expert and the weights are checkpointed),
+    a stateless evaluate, bad inputs: the whole contract, at the tiny size."""
+    check_learner(functools.partial(TransformerLearner, **TINY))
+
+
+@pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")}])
+def test_bad_mixture_options_are_refused(bad):
+    with pytest.raises(OCLError, match=next(iter(bad))):
+        TransformerLearner(8, 3, **bad)
+
+
+def test_without_the_expert_the_learner_is_the_network():
+    x, y = clusters(20)
+    learner = TransformerLearner(8, 3, seed=0, **TINY, linear_expert=False)
+    assert learner.linear is None and learner.mixture is None
+    alone = prequential(learner, x, y, 1)
+    mixed = prequential(TransformerLearner(8, 3, seed=0, **TINY), x, y, 1)
+    assert (alone - mixed).abs().max() > 0.01
