@@ -49,7 +49,14 @@ the whole training step as captured CUDA graphs (:mod:`.cuda_graphs`).
 CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
 (on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
 
+Prediction: with ``linear_expert`` (the default) the learner predicts with a fixed-share
+mixture of the network's distribution and that of an online linear read-out of the same
+features (:mod:`.mixture`): the read-out learns new classes within tens of examples, the
+network is better once trained and where context matters, and the mixture follows whichever
+has predicted better recently. The network trains exactly as it would alone.
+
 Modules: :mod:`.model` (the options and the network), :mod:`.learner` (the learner),
+:mod:`.mixture` (the fixed-share mixture),
 :mod:`.kv_cache` (the ring-buffer cache), :mod:`.replay` (history and replay cursors),
 :mod:`.flat_adamw` (the optimizer), :mod:`.cuda_graphs` (captured steps on a GPU).
 """
