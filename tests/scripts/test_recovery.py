@@ -1,0 +1,56 @@
+"""scripts/recovery.py: accuracy after each task switch, from steps.csv files."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "recovery.py"
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    spec = importlib.util.spec_from_file_location("recovery_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_run(path: Path, task: np.ndarray, correct: np.ndarray) -> Path:
+    path.mkdir(parents=True)
+    rows = ["step,task,label,pred,correct,loss,p_true"]
+    rows += [f"{i},{t},0,0,{c},1.0,0.5" for i, (t, c) in enumerate(zip(task, correct))]
+    (path / "steps.csv").write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_after_switch_aligns_every_task_but_the_first(recovery):
+    task = np.repeat([0, 1, 2], [5, 4, 6])
+    correct = np.arange(15) % 2
+    m = recovery.after_switch(task, correct.astype(float), 5)
+    assert m.shape == (2, 5)
+    np.testing.assert_array_equal(m[0, :4], correct[5:9])
+    assert np.isnan(m[0, 4])  # task 1 has only 4 examples
+    np.testing.assert_array_equal(m[1], correct[9:14])
+
+
+def test_first_examples_after_a_switch_are_scored_per_learner(recovery, tmp_path, capsys):
+    task = np.repeat(np.arange(4), 50)
+    fast = np.ones(200)  # right from the first example after each switch
+    slow = np.tile(np.r_[np.zeros(10), np.ones(40)], 4)  # wrong for the first 10 of every task
+    write_run(tmp_path / "fast_s0", task, fast)
+    write_run(tmp_path / "slow_s0", task, slow)
+    plot = tmp_path / "curves.png"
+    assert recovery.main([f"fast={tmp_path}/fast_s*", f"slow={tmp_path}/slow_s*", "--first", "20",
+                          "--length", "50", "--smooth", "5", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    fast_row, slow_row = (line.split() for line in out[1:3])
+    assert fast_row[0] == "fast" and float(fast_row[3]) == 1.0
+    assert slow_row[0] == "slow" and float(slow_row[3]) == 0.5 and float(slow_row[6]) == 1.0
+    assert plot.stat().st_size > 1000
+
+
+def test_a_pattern_that_matches_nothing_is_an_error(recovery, tmp_path):
+    with pytest.raises(SystemExit, match="no run directory"):
+        recovery.main([f"x={tmp_path}/nothing*"])
