@@ -33,21 +33,6 @@ def test_static_step_functions_match_the_eager_learner(mode, C):
     torch.testing.assert_close(graphed.evaluate(x[:5]), eager.evaluate(x[:5]), rtol=0, atol=1e-5)
 
 
-def test_a_non_finite_loss_skips_the_step_on_the_device():
-    x, y = clusters(12)
-    learner = TransformerLearner(8, 3, seed=0, **SMALL)
-    learner.graphs = StepGraphs(learner, capture=False)
-    prequential(learner, x[:8], y[:8], 2)
-    params = [p.clone() for p in learner.model.parameters()]
-    bad = x[8:10].clone()
-    bad[0, 0] = float("nan")
-    learner.predict(bad)
-    learner.update(bad, y[8:10])
-    assert learner.skipped_updates == 1 and len(learner.history) == 8
-    assert all(torch.equal(p, q) for p, q in zip(params, learner.model.parameters()))
-    assert torch.isfinite(prequential(learner, x[10:], y[10:], 2)).all() and learner.skipped_updates == 1
-
-
 def test_cuda_graph_needs_a_gpu_and_no_dropout():
     if not CUDA:
         with pytest.raises(OCLError, match="cuda_graph"):

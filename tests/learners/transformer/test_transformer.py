@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
 from ocl.learners.checks import clusters, prequential
+from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.kv_cache import KVCache
 from ocl.learners.transformer import OnlineTransformer, Temperature, TransformerConfig, TransformerLearner, split_heads
 
@@ -322,9 +323,14 @@ def test_first_prediction_uniform_and_evaluate_is_stateless(mode):
     torch.testing.assert_close(ev.exp().sum(1), torch.ones(5))
 
 
-def test_non_finite_loss_skips_the_step_and_keeps_history_clean():
+@pytest.mark.parametrize("path", ["eager", "step_graphs"])
+def test_non_finite_loss_skips_the_step_and_keeps_history_clean(path):
+    """Eager, and through the CUDA-graph step functions run uncaptured (the skip is decided on the
+    device there): no parameter moves, the chunk stays out of the history, learning goes on."""
     x, y = clusters(12)
-    learner = TransformerLearner(8, 3, seed=0, **TINY)
+    learner = TransformerLearner(8, 3, seed=0, **{**TINY, "replay_streams": 3})
+    if path == "step_graphs":
+        learner.graphs = StepGraphs(learner, capture=False)
     prequential(learner, x[:6], y[:6], 2)
     params = [p.clone() for p in learner.model.parameters()]
     bad = x[6:8].clone()
