@@ -8,8 +8,9 @@ network needs hundreds of steps before its in-weights and in-context learning pa
 the network is better (label-permuted and bursty streams, where context matters). The mixture
 follows whichever expert has predicted better *recently*: its weights are the posterior of a
 prior that lets the best expert switch at any step with probability ``share``, so its
-log-loss is at most the best switching sequence's plus ``log(1/share)`` per switch
-(Herbster & Warmuth, *Tracking the best expert*, 1998).
+log-loss is at most the best switching sequence's plus ``log(M/share)`` per switch and
+``log(1/(1-share))`` (about ``share``) per example (Herbster & Warmuth, *Tracking the best
+expert*, 1998; ``tests/learners/transformer/test_mixture.py`` checks the bound).
 
 Prequential by construction: the weights used for a chunk depend only on the labels of
 earlier chunks (:meth:`FixedShare.update` is called after the chunk has been scored).
