@@ -272,7 +272,7 @@ class TransformerLearner(Learner):
         log_probs = F.log_softmax(logits * self._scale(), dim=1).to(x.device)
         experts = None
         if self.linear is not None:
-            experts = torch.stack([log_probs, self.linear.predict(x).to(log_probs)])
+            experts = self._experts(log_probs, x)
             log_probs = self.mixture.predict(experts)
         self._pending = _Pending(x, logits, experts, forward)
         return log_probs
@@ -287,11 +287,7 @@ class TransformerLearner(Learner):
         elif self.linear is not None or self.cfg.temperature:
             raw = self._raw_predict(xd)
         if self.linear is not None:  # the mixture learns how each expert scored this chunk, then the read-out learns
-            if same:
-                experts = pending.experts
-            else:
-                net = F.log_softmax(raw * self._scale(), dim=1).to(x.device)
-                experts = torch.stack([net, self.linear.predict(x).to(net)])
+            experts = pending.experts if same else self._experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
             self.mixture.update(experts, y)
             self.linear.update(x, y)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
@@ -387,4 +383,9 @@ class TransformerLearner(Learner):
         log_probs = torch.cat(out).to(x.device)
         if self.linear is None:
             return log_probs
-        return self.mixture.predict(torch.stack([log_probs, self.linear.predict(x).to(log_probs)]))
+        return self.mixture.predict(self._experts(log_probs, x))
+
+    def _experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The mixture's experts for a chunk ``x (C, D)``: the network's log-probs ``net (C, K)`` and
+        the linear read-out's, stacked ``(2, C, K)``."""
+        return torch.stack([net, self.linear.predict(x).to(net)])
