@@ -29,6 +29,25 @@ def online_accuracy_curve(correct: np.ndarray, window: int) -> np.ndarray:
     return (c[t] - c[lo]) / (t - lo)
 
 
+def accuracy_after_switches(task: np.ndarray, correct: np.ndarray, length: int) -> np.ndarray:
+    """Correctness k = 0..length-1 examples after each task switch (recovery after a shift).
+
+    Args:
+        task: ``(N,)`` task id per example; a switch is where it changes (the first task is none).
+        correct: ``(N,)`` 0/1 per example.
+        length: examples kept after each switch.
+    Returns:
+        ``(n_switches, length)`` float64; NaN past the end of a task.
+    """
+    starts = np.flatnonzero(np.diff(task) != 0) + 1
+    ends = np.append(starts[1:], len(task))
+    out = np.full((len(starts), length), np.nan)
+    for i, (a, b) in enumerate(zip(starts, ends)):
+        n = min(length, b - a)
+        out[i, :n] = correct[a : a + n]
+    return out
+
+
 # ---------------------------------------------------------------- task-boundary (held out)
 
 

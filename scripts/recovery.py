@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ocl.metrics import accuracy_after_switches
+
 
 def load_steps(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(task, correct)`` per example, from a run directory's steps.csv."""
@@ -31,18 +33,6 @@ def load_steps(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         raise SystemExit(f"error: {path} not found (a finished `ocl run` directory holds one)")
     data = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
     return np.asarray(data["task"], np.int64), np.asarray(data["correct"], np.float64)
-
-
-def after_switch(task: np.ndarray, correct: np.ndarray, length: int) -> np.ndarray:
-    """``(n_switches, length)`` correctness k = 0..length-1 examples after each switch (NaN past
-    the task's end); the first task is not a switch."""
-    starts = np.flatnonzero(np.diff(task) != 0) + 1
-    out = np.full((len(starts), length), np.nan)
-    ends = np.append(starts[1:], len(task))
-    for i, (a, b) in enumerate(zip(starts, ends)):
-        n = min(length, b - a)
-        out[i, :n] = correct[a : a + n]
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         first, rest, per_seed = [], [], []
         for d in dirs:
             task, correct = load_steps(d)
-            m = after_switch(task, correct, max(args.length, len(task)))
+            m = accuracy_after_switches(task, correct, max(args.length, len(task)))
             first.append(np.nanmean(m[:, : args.first]))
             rest.append(np.nanmean(m[:, args.first :]))
             per_seed.append(m[:, : args.length])

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from ocl.metrics import average_anytime_accuracy, backward_transfer, final_average_accuracy, forgetting, online_accuracy_curve
+from ocl.metrics import (accuracy_after_switches, average_anytime_accuracy, backward_transfer, final_average_accuracy,
+                         forgetting, online_accuracy_curve)
 
 ACC = np.array([
     [0.9, 0.1, 0.0],
@@ -27,3 +28,13 @@ def test_online_curve():
     c = np.array([1, 0, 1, 1, 0], dtype=bool)
     np.testing.assert_allclose(online_accuracy_curve(c, 2), [1, 0.5, 0.5, 1, 0.5])
     np.testing.assert_allclose(online_accuracy_curve(c, 10), [1, 0.5, 2 / 3, 0.75, 0.6])
+
+
+def test_accuracy_after_switches_aligns_every_task_but_the_first():
+    task = np.repeat([0, 1, 2], [5, 4, 6])
+    correct = (np.arange(15) % 2).astype(float)
+    m = accuracy_after_switches(task, correct, 5)
+    assert m.shape == (2, 5)
+    np.testing.assert_array_equal(m[0, :4], correct[5:9])
+    assert np.isnan(m[0, 4])  # task 1 has only 4 examples
+    np.testing.assert_array_equal(m[1], correct[9:14])

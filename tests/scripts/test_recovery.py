@@ -25,16 +25,6 @@ def write_run(path: Path, task: np.ndarray, correct: np.ndarray) -> Path:
     return path
 
 
-def test_after_switch_aligns_every_task_but_the_first(recovery):
-    task = np.repeat([0, 1, 2], [5, 4, 6])
-    correct = np.arange(15) % 2
-    m = recovery.after_switch(task, correct.astype(float), 5)
-    assert m.shape == (2, 5)
-    np.testing.assert_array_equal(m[0, :4], correct[5:9])
-    assert np.isnan(m[0, 4])  # task 1 has only 4 examples
-    np.testing.assert_array_equal(m[1], correct[9:14])
-
-
 def test_first_examples_after_a_switch_are_scored_per_learner(recovery, tmp_path, capsys):
     task = np.repeat(np.arange(4), 50)
     fast = np.ones(200)  # right from the first example after each switch
