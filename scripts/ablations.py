@@ -1,0 +1,156 @@
+"""Ablations of the transformer learner: which parts of the method carry its results.
+
+Runs ``ocl run learner=transformer`` with its defaults and with one part taken away at a time, on
+benchmark streams, for several seeds, and prints one table (mean ± std over seeds):
+
+    .venv/bin/python scripts/ablations.py --config-dir scripts/results/benchmark10k/presets \
+        --streams bench10k_cifar_split bench10k_cifar_permuted --out runs/ablations \
+        --results scripts/results/ablations -- threads=1
+
+Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaults):
+
+- ``default``: the shipped defaults;
+- ``W=0``: no KV cache (``window=0``): every chunk sees only itself, no in-context memory;
+- ``R=1``: no replay streams (``replay_streams=1``): train on the newest chunk only;
+- ``context``: labels as their own tokens (``label_mode=context``, 2 tokens per example)
+  instead of an extra key/value projection;
+- ``network``: the network alone, without the fixed-share mixture with a linear read-out
+  (``linear_expert=false``).
+
+Runs that finished (a ``results.json`` in their directory) are not redone, so the script can be
+stopped and restarted. Held-out test evaluation is off (``eval_test=false``): the table is about
+the online, prequential metrics. "first 100" is online accuracy over the first 100 examples after
+each task switch or label re-draw (the stream's first task left out), as in ``scripts/recovery.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ocl.metrics import accuracy_after_switches
+
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "W=0": ["learner.window=0"],
+    "R=1": ["learner.replay_streams=1"],
+    "context": ["learner.label_mode=context"],
+    "network": ["learner.linear_expert=false"],
+}
+METRICS = ("avg_online_accuracy", "near_future_accuracy", "mean_log_loss", "first100", "examples_per_second")
+HEADERS = ("online acc", "near-future acc", "log-loss", "first 100 after a switch", "ex/s")
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="overrides after -- go to every `ocl run` (e.g. -- threads=1)")
+    p.add_argument("--streams", nargs="+", default=["bench10k_cifar_split", "bench10k_cifar_permuted"],
+                   metavar="EXPERIMENT", help="experiment configs to run (default: the 10k split and permuted presets)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--config-dir", type=Path, default=None,
+                   help="a folder with experiment/<name>.yaml files (added to hydra's search path)")
+    p.add_argument("--out", type=Path, default=Path("runs/ablations"), help="run directories (default runs/ablations)")
+    p.add_argument("--results", type=Path, default=None, help="write ablations.md and ablations.json here")
+    p.add_argument("--combine-only", action="store_true", help="build the table from finished runs, run nothing")
+    return p.parse_args(argv), extra
+
+
+def run_dir(args: argparse.Namespace, stream: str, variant: str, seed: int) -> Path:
+    safe = variant.replace("=", "")
+    return args.out / stream / f"{safe}_s{seed}"
+
+
+def command(args: argparse.Namespace, stream: str, variant: str, seed: int, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "ocl.cli", "run", f"experiment={stream}", "learner=transformer", f"seed={seed}",
+           "eval_test=false", "progress=false", f"hydra.run.dir={run_dir(args, stream, variant, seed)}",
+           *VARIANTS[variant], *extra]
+    if args.config_dir is not None:
+        cmd.append(f"hydra.searchpath=[file://{args.config_dir.resolve()}]")
+    return cmd
+
+
+def first_after_switch(directory: Path, first: int = 100) -> float:
+    """Online accuracy over the first ``first`` examples after each switch (nan without switches)."""
+    data = np.genfromtxt(directory / "steps.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
+    task, correct = np.asarray(data["task"], np.int64), np.asarray(data["correct"], np.float64)
+    m = accuracy_after_switches(task, correct, len(task))
+    return float(np.nanmean(m[:, :first])) if m.size else float("nan")
+
+
+def combine(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for stream in args.streams:
+        for variant in args.variants:
+            per_seed: dict[str, list[float]] = {m: [] for m in METRICS}
+            for seed in range(args.seeds):
+                d = run_dir(args, stream, variant, seed)
+                if not (d / "results.json").is_file():
+                    continue
+                res = json.loads((d / "results.json").read_text())
+                res["first100"] = first_after_switch(d)
+                for m in METRICS:
+                    per_seed[m].append(float(res[m]) if res.get(m) is not None else float("nan"))
+            n = len(per_seed[METRICS[0]])
+            row: dict[str, Any] = {"stream": stream, "variant": variant, "seeds": n}
+            for m in METRICS:
+                row[m] = [float(np.mean(per_seed[m])), float(np.std(per_seed[m]))] if n else None
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| stream | variant | seeds | " + " | ".join(HEADERS) + " |", "|" + " --- |" * (3 + len(HEADERS))]
+    for r in rows:
+        cells = []
+        for m in METRICS:
+            v = r[m]
+            cells.append("-" if v is None or np.isnan(v[0]) else
+                         (f"{v[0]:.0f} ± {v[1]:.0f}" if m == "examples_per_second" else f"{v[0]:.4f} ± {v[1]:.4f}"))
+        lines.append(f"| {r['stream']} | {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    args, extra = parse_args(argv)
+    if not args.combine_only:
+        jobs = [(s, v, seed) for s in args.streams for v in args.variants for seed in range(args.seeds)
+                if not (run_dir(args, s, v, seed) / "results.json").is_file()]
+        print(f"{len(jobs)} runs to do", file=sys.stderr)
+
+        def one(job: tuple[str, str, int]) -> int:
+            cmd = command(args, *job, extra)
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            print(f"{'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}: {' '.join(cmd[3:])}",
+                  file=sys.stderr)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+
+        with ThreadPoolExecutor(max(1, args.workers)) as pool:
+            failed = sum(rc != 0 for rc in pool.map(one, jobs))
+        if failed:
+            print(f"error: {failed} run(s) failed; their logs are in their run directories", file=sys.stderr)
+    rows = combine(args)
+    table = markdown(rows)
+    print(table)
+    if args.results is not None:
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "ablations.md").write_text(table)
+        (args.results / "ablations.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
