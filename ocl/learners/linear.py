@@ -9,7 +9,9 @@ class LinearLearner(HeadLearner):
     """Online multinomial logistic regression: one SGD step per chunk on its mean loss.
 
     The weights start at zero: the first prediction is uniform (log-loss log K), the honest
-    prior.
+    prior. The SGD step is computed in closed form, without autograd
+    (:meth:`~ocl.learners.common.HeadLearner._sgd_step_closed_form`): the same step, several
+    times cheaper.
 
     Args:
         feature_dim: D.
