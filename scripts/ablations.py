@@ -15,7 +15,9 @@ Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaul
 - ``context``: labels as their own tokens (``label_mode=context``, 2 tokens per example)
   instead of an extra key/value projection;
 - ``network``: the network alone, without the fixed-share mixture with a linear read-out
-  (``linear_expert=false``).
+  (``linear_expert=false``);
+- ``network W=0``, ``network R=1``, ``network context``: the three ablations above of the network
+  alone (the mixture's linear read-out can make up for what they take away).
 
 Runs that finished (a ``results.json`` in their directory) are not redone, so the script can be
 stopped and restarted. Held-out test evaluation is off (``eval_test=false``): the table is about
@@ -43,6 +45,10 @@ VARIANTS: dict[str, list[str]] = {
     "R=1": ["learner.replay_streams=1"],
     "context": ["learner.label_mode=context"],
     "network": ["learner.linear_expert=false"],
+    # The same three ablations of the network alone: in the mixture the linear read-out can hide them.
+    "network W=0": ["learner.linear_expert=false", "learner.window=0"],
+    "network R=1": ["learner.linear_expert=false", "learner.replay_streams=1"],
+    "network context": ["learner.linear_expert=false", "learner.label_mode=context"],
 }
 METRICS = ("avg_online_accuracy", "near_future_accuracy", "mean_log_loss", "first100", "examples_per_second")
 HEADERS = ("online acc", "near-future acc", "log-loss", "first 100 after a switch", "ex/s")
@@ -56,7 +62,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="overrides after -- go to every `ocl run` (e.g. -- threads=1)")
     p.add_argument("--streams", nargs="+", default=["bench10k_cifar_split", "bench10k_cifar_permuted"],
                    metavar="EXPERIMENT", help="experiment configs to run (default: the 10k split and permuted presets)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"which variants (default: all of {', '.join(VARIANTS)})")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     p.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--config-dir", type=Path, default=None,
@@ -68,7 +75,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def run_dir(args: argparse.Namespace, stream: str, variant: str, seed: int) -> Path:
-    safe = variant.replace("=", "")
+    safe = variant.replace("=", "").replace(" ", "_")
     return args.out / stream / f"{safe}_s{seed}"
 
 
@@ -105,7 +112,7 @@ def combine(args: argparse.Namespace) -> list[dict[str, Any]]:
             n = len(per_seed[METRICS[0]])
             row: dict[str, Any] = {"stream": stream, "variant": variant, "seeds": n}
             for m in METRICS:
-                row[m] = [float(np.mean(per_seed[m])), float(np.std(per_seed[m]))] if n else None
+                row[m] = [float(np.mean(per_seed[m])), float(np.std(per_seed[m], ddof=1)) if n > 1 else 0.0] if n else None
             rows.append(row)
     return rows
 
