@@ -1,4 +1,5 @@
-"""Transformer learner speed, this checkout against another git ref, side by side in one run (issue 14).
+"""Transformer learner speed (or another learner's: ``--learner``), this checkout against another git ref,
+side by side in one run (issue 14).
 
 A noisy, shared machine makes speed figures from different runs incomparable, so this
 script measures both implementations in the same run, in lock step: for every (D, C) it
@@ -25,6 +26,8 @@ Examples::
     .venv/bin/python scripts/bench_speed.py --baseline main --dims 384 --chunks 1 --reps 5
     .venv/bin/python scripts/bench_speed.py --baseline main --option window=256   # any learner option
     .venv/bin/python scripts/bench_speed.py --baseline f1a4e19 --dims 384 --chunks 1 --profile 50  # + top ops
+    .venv/bin/python scripts/bench_speed.py --baseline a6c7c83 --learner ocl.learners.linear.LinearLearner \
+        --steps 3000 --block 200   # another learner (its defaults; --option as for the transformer)
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
+    import importlib
+
     import ocl.kernels
-    from ocl.learners.transformer import TransformerLearner
 
     for mod in (ocl, ocl.kernels):  # the staged tree, not the editable install
         if Path(args.stage) not in Path(mod.__file__).parents:
@@ -97,8 +101,10 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     D, C, K = args.dim, args.chunk, 10
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
-    learner = TransformerLearner(D, K, seed=0, **options)
-    warm = (2 * learner.cfg.window + 24) // C * C  # the ring is full and replay under way before timing
+    module, _, cls = args.learner.rpartition(".")
+    learner = getattr(importlib.import_module(module), cls)(D, K, seed=0, **options)
+    window = learner.cfg.window if hasattr(learner, "cfg") else 38
+    warm = (2 * window + 24) // C * C  # the transformer's ring is full and replay under way before timing
     n = warm + args.steps * C
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, D, generator=g), torch.randint(0, K, (n,), generator=g)
@@ -143,7 +149,7 @@ class Worker:
     def __init__(self, stage: Path, src: Path, D: int, C: int, args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", "--stage", str(stage), "--dim", str(D), "--chunk", str(C),
                "--steps", str(args.steps), "--threads", str(args.threads), "--profile-rows", str(args.profile_rows),
-               *[f"--option={o}" for o in args.option]]
+               "--learner", args.learner, *[f"--option={o}" for o in args.option]]
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, shown if it fails
         self.proc = subprocess.Popen(cmd, cwd=str(src), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -210,6 +216,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400, help="timed predict + update steps (C examples each)")
     ap.add_argument("--block", type=int, default=20, help="steps per turn of each implementation")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--learner", default="ocl.learners.transformer.TransformerLearner", metavar="MODULE.CLASS",
+                    help="the learner to time (default: the transformer; e.g. ocl.learners.linear.LinearLearner)")
     ap.add_argument("--option", action="append", default=[], help="learner option KEY=VALUE (repeatable)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the timing, print each implementation's top ops (torch.profiler) over STEPS steps")
@@ -247,7 +255,7 @@ def main() -> None:
                                    f"{c['nll'] / c['examples']:.6f}"])
                 print(f"D={D} C={C} done", file=sys.stderr, flush=True)
 
-    print(f"\ntransformer learner, predict + update, {args.threads} thread(s); baseline {args.baseline} ({rev}), "
+    print(f"\n{args.learner.rpartition('.')[2]}, predict + update, {args.threads} thread(s); baseline {args.baseline} ({rev}), "
           f"current {head}{' + uncommitted changes' if dirty else ''}; options: {args.option or 'defaults'}; "
           f"{args.steps} steps each, in alternating blocks of {args.block}")
     print("ex/s: examples per wall-clock second; per CPU s: per second of the worker's CPU time; "
