@@ -1,0 +1,54 @@
+"""scripts/ablations.py: the transformer's ablations, one `ocl run` per variant and seed, one table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ablations.py"
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    spec = importlib.util.spec_from_file_location("ablations_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_run(path: Path, acc: float, correct: np.ndarray, task: np.ndarray) -> None:
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"avg_online_accuracy": acc, "near_future_accuracy": None,
+                                                   "mean_log_loss": 1.0, "examples_per_second": 50.0}))
+    rows = ["step,task,label,pred,correct,loss,p_true"]
+    rows += [f"{i},{t},0,0,{c},1.0,0.5" for i, (t, c) in enumerate(zip(task, correct))]
+    (path / "steps.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_every_variant_is_one_ocl_run_with_its_overrides(ablations, tmp_path):
+    args, extra = ablations.parse_args(["--streams", "s", "--out", str(tmp_path), "--", "threads=1"])
+    cmd = ablations.command(args, "s", "network W=0", 2, extra)
+    assert cmd[3:6] == ["run", "experiment=s", "learner=transformer"]
+    assert "seed=2" in cmd and "eval_test=false" in cmd and cmd[-1] == "threads=1"
+    assert {"learner.linear_expert=false", "learner.window=0"} <= set(cmd)
+    assert f"hydra.run.dir={tmp_path}/s/network_W0_s2" in cmd
+    assert ablations.command(args, "s", "default", 0, [])[-1].startswith("hydra.run.dir=")  # no overrides
+
+
+def test_the_table_gives_mean_and_sample_std_over_seeds_and_recovery_after_switches(ablations, tmp_path):
+    args, _ = ablations.parse_args(["--streams", "s", "--variants", "default", "R=1", "--seeds", "2",
+                                    "--out", str(tmp_path), "--combine-only"])
+    task = np.repeat([0, 1], 200)
+    late = np.r_[np.ones(200), np.zeros(100), np.ones(100)]  # wrong for the first 100 after the switch
+    fake_run(tmp_path / "s" / "default_s0", 0.5, np.ones(400), task)
+    fake_run(tmp_path / "s" / "default_s1", 0.7, late, task)
+    rows = ablations.combine(args)
+    default, r1 = rows
+    assert default["seeds"] == 2 and r1["seeds"] == 0 and r1["avg_online_accuracy"] is None
+    assert default["avg_online_accuracy"] == pytest.approx([0.6, np.std([0.5, 0.7], ddof=1)])
+    assert default["first100"] == pytest.approx([0.5, np.std([1.0, 0.0], ddof=1)])
+    table = ablations.markdown(rows)
+    assert "| s | default | 2 | 0.6000 ± 0.1414 | - | 1.0000 ± 0.0000 | 0.5000 ± 0.7071 | 50 ± 0 |" in table
+    assert "| s | R=1 | 0 | - | - | - | - | - |" in table
