@@ -246,3 +246,26 @@ def test_a_float16_feature_cache_reaches_the_learner_as_float32(tmp_path):
     ref = run_stream(Memorizer(4), src.train.data, stream, chunk_size=3, test_feats=src.test.data, progress=False)
     np.testing.assert_array_equal(res.tracker.loss, ref.tracker.loss)  # these features are exact in float16
     np.testing.assert_array_equal(res.acc, ref.acc)
+
+
+def test_tasks_that_share_test_images_are_predicted_once_and_scored_per_task():
+    """A permuted stream's tasks are the same test images under other label mappings: one
+    evaluate pass per boundary, not one per task, with the accuracies of a pass per task."""
+    from ocl.runner import evaluate_tasks
+    from ocl.streams.protocols import permuted
+
+    src = unique_source(K=4, n_per_class=10)
+    stream = permuted(src, seed=3, segment_length=10)
+    assert len(stream.tests) == 4
+    learner = Memorizer(4)
+    for row, y in zip(src.train.data[:8], src.train.labels[:8]):  # knows the test images' true classes
+        learner.update(torch.from_numpy(row[None]), torch.tensor([y]))
+    seen = []
+    real = learner.evaluate
+    learner.evaluate = lambda x: seen.append(len(x)) or real(x)
+    accs = evaluate_tasks(learner, src.test.data, stream, batch_size=3)
+    assert seen == [3, 3, 2]  # 8 test images, once
+    pred = real(torch.from_numpy(src.test.data)).argmax(1).numpy()
+    expected = [(pred == tt.labels).mean() for tt in stream.tests]  # one pass per task
+    np.testing.assert_array_equal(accs, expected)
+    assert len(set(accs.tolist())) > 1  # the mappings differ, and so do the scores
