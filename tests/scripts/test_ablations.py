@@ -1,21 +1,15 @@
 """scripts/ablations.py: the transformer's ablations, one `ocl run` per variant and seed, one table."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ablations.py"
-
 
 @pytest.fixture(scope="module")
-def ablations():
-    spec = importlib.util.spec_from_file_location("ablations_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ablations(load_script):
+    return load_script("ablations.py")
 
 
 def fake_run(path: Path, acc: float, correct: np.ndarray, task: np.ndarray) -> None:

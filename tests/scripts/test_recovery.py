@@ -1,20 +1,14 @@
 """scripts/recovery.py: accuracy after each task switch, from steps.csv files."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "recovery.py"
-
 
 @pytest.fixture(scope="module")
-def recovery():
-    spec = importlib.util.spec_from_file_location("recovery_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def recovery(load_script):
+    return load_script("recovery.py")
 
 
 def write_run(path: Path, task: np.ndarray, correct: np.ndarray) -> Path:
