@@ -1,5 +1,6 @@
 import logging
 import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -7,6 +8,13 @@ import pytest
 # Tests must never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OCL_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "test-features"))
+
+# A test run started with SIGINT ignored (a background job of a non-interactive shell, nohup) would
+# hand that on to every process the tests start, and the tests that interrupt one as Ctrl-C does
+# would see it shrug SIGINT off. Give them a terminal's disposition: a handled signal is reset to
+# the default at exec, so the children's Python raises KeyboardInterrupt again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
