@@ -12,8 +12,8 @@ Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaul
 - ``default``: the shipped defaults;
 - ``W=0``: no KV cache (``window=0``): every chunk sees only itself, no in-context memory;
 - ``R=1``: no replay streams (``replay_streams=1``): train on the newest chunk only;
-- ``R=4``: half the replay streams (not an ablation: a candidate default, see
-  ``scripts/results/transformer_quality.md``; not in the default ``--variants``);
+- ``R=4``: half the replay streams (not an ablation: a candidate default that
+  ``scripts/results/transformer_quality.md`` tested; not in the default ``--variants``);
 - ``context``: labels as their own tokens (``label_mode=context``, 2 tokens per example)
   instead of an extra key/value projection;
 - ``network``: the network alone, without the fixed-share mixture with a linear read-out
@@ -45,7 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "W=0": ["learner.window=0"],
     "R=1": ["learner.replay_streams=1"],
-    "R=4": ["learner.replay_streams=4"],  # not an ablation: the candidate default of the research log
+    "R=4": ["learner.replay_streams=4"],  # not an ablation: a candidate default the research log tested
     "context": ["learner.label_mode=context"],
     "network": ["learner.linear_expert=false"],
     # The same three ablations of the network alone: in the mixture the linear read-out can hide them.
