@@ -100,6 +100,13 @@ def write_steps_csv(path: Path, tracker: Tracker) -> None:
                 step += 1
 
 
+def read_steps_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(task, correct)`` per step, ``(N,)`` int64 and float64, from a steps.csv that
+    :func:`write_steps_csv` wrote (what the scripts that score recovery after switches need)."""
+    data = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
+    return np.atleast_1d(np.asarray(data["task"], np.int64)), np.atleast_1d(np.asarray(data["correct"], np.float64))
+
+
 def write_near_future_csv(path: Path, nf: NearFutureTracker) -> None:
     """One row per near-future evaluation: step (the last step learned), target (the step
     whose unseen input was scored, ``step + 1 + S``), label, pred, correct, loss (nats), p_true."""

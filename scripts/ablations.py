@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ocl.metrics import accuracy_after_switches
+from ocl.report import read_steps_csv
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -93,8 +94,7 @@ def command(args: argparse.Namespace, stream: str, variant: str, seed: int, extr
 
 def first_after_switch(directory: Path, first: int = 100) -> float:
     """Online accuracy over the first ``first`` examples after each switch (nan without switches)."""
-    data = np.genfromtxt(directory / "steps.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
-    task, correct = np.asarray(data["task"], np.int64), np.asarray(data["correct"], np.float64)
+    task, correct = read_steps_csv(directory / "steps.csv")
     m = accuracy_after_switches(task, correct, len(task))
     return float(np.nanmean(m[:, :first])) if m.size else float("nan")
 

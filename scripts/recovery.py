@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ocl.metrics import accuracy_after_switches
+from ocl.report import read_steps_csv
 
 
 def load_steps(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -31,8 +32,7 @@ def load_steps(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     path = run_dir / "steps.csv"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (a finished `ocl run` directory holds one)")
-    data = np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
-    return np.asarray(data["task"], np.int64), np.asarray(data["correct"], np.float64)
+    return read_steps_csv(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,3 +16,20 @@ from ocl.report import weights_label
 ])
 def test_weights_label(info, label):
     assert weights_label(info) == label
+
+
+def test_steps_csv_reads_back_task_and_correct(tmp_path):
+    import numpy as np
+    import torch
+
+    from ocl.report import read_steps_csv, write_steps_csv
+    from ocl.tracker import Tracker
+
+    tracker = Tracker(4, np.array([0, 0, 1, 1]))
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]]), 1)
+    tracker.record(logp, torch.tensor([0, 0, 1, 0]))
+    write_steps_csv(tmp_path / "steps.csv", tracker)
+    task, correct = read_steps_csv(tmp_path / "steps.csv")
+    np.testing.assert_array_equal(task, [0, 0, 1, 1])
+    np.testing.assert_array_equal(correct, [1.0, 0.0, 0.0, 1.0])
+    assert task.dtype == np.int64 and correct.dtype == np.float64
