@@ -44,9 +44,12 @@ class TransformerConfig:
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
+    eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     linear_expert: bool = True  # predict with a fixed-share mixture of the network and an online linear read-out
     share: float = 0.01  # fixed-share rate of that mixture (mixture.py): how fast the weight can move back
     linear_lr: float = 1.0  # the linear read-out's SGD step (the linear learner's default)
+    slda_expert: bool = False  # a third expert in the mixture: streaming LDA of the same features (slda.py)
+    stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> OCLError:
@@ -56,6 +59,8 @@ class TransformerConfig:
             raise bad("label_mode", "must be 'kv' or 'context'.")
         if self.lr_decay not in ("constant", "inv_sqrt"):
             raise bad("lr_decay", "must be 'constant' or 'inv_sqrt'.")
+        if self.eval_context not in ("stream0", "replay", "none"):
+            raise bad("eval_context", "must be 'stream0', 'replay' or 'none'.")
         if self.reset_rule not in ("prob", "start"):
             raise bad("reset_rule", "must be 'prob' or 'start'.")
         if self.attn not in BACKENDS:
@@ -74,6 +79,10 @@ class TransformerConfig:
             raise bad("share", "must be in [0, 1).")
         if not self.linear_lr > 0:
             raise bad("linear_lr", "must be > 0.")
+        if self.slda_expert and not self.linear_expert:
+            raise bad("slda_expert", "needs linear_expert=true (it joins that mixture).")
+        if self.stream0_weight is not None and not 0 < self.stream0_weight <= 1:
+            raise bad("stream0_weight", "must be in (0, 1] or null.")
 
 
 class AttentionMask(NamedTuple):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ocl.errors import OCLError
 from ocl.learners.checks import check_learner, clusters, prequential
 from ocl.learners.linear import LinearLearner
-from ocl.learners.transformer import TransformerLearner
+from ocl.learners.slda import SLDALearner
+from ocl.learners.transformer import Temperature, TransformerLearner
 from ocl.learners.transformer.mixture import FixedShare
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -76,35 +77,48 @@ def test_fixed_share_survives_an_expert_that_gives_the_truth_probability_zero():
     assert torch.allclose(out.exp().sum(1), torch.ones(1))
 
 
+@pytest.mark.parametrize("slda", [False, True], ids=["linear", "linear+slda"])
 @pytest.mark.parametrize("C", [1, 3], ids=["C1", "C3"])
-def test_learner_predicts_the_mixture_of_its_network_and_a_linear_read_out(C):
-    """The default learner against its two experts run side by side: the network (the same
-    options without the expert) and a LinearLearner, mixed by a FixedShare fed the same labels.
-    Also: ``evaluate`` mixes the experts' evaluations with the current weights."""
+def test_learner_predicts_the_mixture_of_its_network_and_a_linear_read_out(C, slda):
+    """The learner against its experts run side by side: the network (the same options without
+    the experts), a LinearLearner and (``slda_expert``) an SLDALearner, mixed by a FixedShare fed
+    the same labels. Also: ``evaluate`` mixes the experts' evaluations with the current weights."""
     x, y = clusters(30)
-    learner = TransformerLearner(8, 3, seed=0, **TINY)
-    network = TransformerLearner(8, 3, seed=0, **TINY, linear_expert=False)
-    linear = LinearLearner(8, 3, seed=0, lr=1.0)
-    mix = FixedShare(2, share=0.01)
+    learner = TransformerLearner(8, 3, seed=0, **TINY, slda_expert=slda)
+    experts_alone = [TransformerLearner(8, 3, seed=0, **TINY, linear_expert=False), LinearLearner(8, 3, seed=0, lr=1.0)]
+    temperature = Temperature(lr=0.01)  # SLDA's calibration, fitted on chunks it has scored
+    if slda:
+        experts_alone.append(SLDALearner(8, 3, seed=0))
+
+    def experts_on(xc: torch.Tensor, method: str) -> torch.Tensor:
+        lp = [getattr(e, method)(xc) for e in experts_alone]
+        return torch.stack(lp[:2] + [F.log_softmax(p * temperature.scale, dim=1) for p in lp[2:]])
+
+    mix = FixedShare(len(experts_alone), share=0.01)
     for s in range(0, 30, C):
         xc, yc = x[s : s + C], y[s : s + C]
-        experts = torch.stack([network.predict(xc), linear.predict(xc)])
+        experts = experts_on(xc, "predict")
         torch.testing.assert_close(learner.predict(xc), mix.predict(experts), rtol=0, atol=1e-5)
-        for model in (learner, network, linear):
+        if slda:
+            temperature.step(experts_alone[2].predict(xc), yc)
+        for model in (learner, *experts_alone):
             model.update(xc, yc)
         mix.update(experts, yc)
-    torch.testing.assert_close(learner.evaluate(x), mix.predict(torch.stack([network.evaluate(x), linear.evaluate(x)])),
-                               rtol=0, atol=1e-5)
-    assert mix.weights[1] > 0.5  # 30 examples: the linear read-out still leads (it learns in a few steps)
+    if slda:
+        assert temperature.log_scale != 0.0
+    torch.testing.assert_close(learner.evaluate(x), mix.predict(experts_on(x, "evaluate")), rtol=0, atol=1e-5)
+    assert max(mix.weights[1:]) > 0.5  # 30 examples: a read-out still leads (they learn in a few steps)
 
 
 def test_learner_with_the_mixture_keeps_the_contract():
     """Label blindness, seeding, exact resume (the expert and the weights are checkpointed),
     a stateless evaluate, bad inputs: the whole contract, at the tiny size."""
     check_learner(functools.partial(TransformerLearner, **TINY))
+    check_learner(functools.partial(TransformerLearner, **TINY, slda_expert=True))
 
 
-@pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")}])
+@pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")},
+                                 {"slda_expert": True, "linear_expert": False}])
 def test_bad_mixture_options_are_refused(bad):
     with pytest.raises(OCLError, match=next(iter(bad))):
         TransformerLearner(8, 3, **bad)

@@ -305,7 +305,50 @@ def test_runs_are_deterministic_for_a_seed_and_differ_across_seeds():
     assert not torch.allclose(runs[0], runs[2])
 
 
+def test_stream0_weight_one_learns_as_if_there_were_no_replay_streams():
+    """``stream0_weight=1``: the replay streams still run but get no loss, and streams are
+    independent in the forward, so the weights (hence every prediction) follow R = 1's; any
+    other weight changes them (the option is wired in)."""
+    x, y = clusters(30)
+    alone = prequential(TransformerLearner(8, 3, seed=0, **{**TINY, "replay_streams": 1}), x, y, 1)
+    cfg = {**TINY, "replay_streams": 3}
+    ignored = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=1.0), x, y, 1)
+    torch.testing.assert_close(ignored, alone, rtol=0, atol=1e-5)
+    half = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=0.5), x, y, 1)
+    uniform = prequential(TransformerLearner(8, 3, seed=0, **cfg), x, y, 1)
+    assert (half - alone).abs().max() > 1e-3 and (half - uniform).abs().max() > 1e-3
+    with pytest.raises(OCLError, match="stream0_weight"):
+        TransformerLearner(8, 3, stream0_weight=0.0)
+
+
 # ----------------------------------------------------------------------- protocol details
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_context_picks_which_caches_held_out_examples_attend_to(mode):
+    """``eval_context``: ``stream0`` reads stream 0's cache, ``none`` no cache at all (the same as
+    stream0 after that cache is emptied), ``replay`` the replay streams' caches only (stream 0's
+    contents do not matter; theirs do). Every mode leaves the learner unchanged."""
+    x, y = clusters(40)
+    cfg = {**TINY, "replay_streams": 3, "label_mode": mode}
+    learners = {m: TransformerLearner(8, 3, seed=0, **cfg, eval_context=m) for m in ("stream0", "none", "replay")}
+    for learner in learners.values():
+        prequential(learner, x, y, 1)
+    xe = x[:7]
+    out = {m: learner.evaluate(xe) for m, learner in learners.items()}
+    torch.testing.assert_close(out["stream0"].exp().sum(1), torch.ones(7))
+    torch.testing.assert_close(out["replay"].exp().sum(1), torch.ones(7))
+    assert not torch.allclose(out["stream0"], out["none"]) and not torch.allclose(out["stream0"], out["replay"])
+    for m, learner in learners.items():
+        torch.testing.assert_close(learner.evaluate(xe), out[m], rtol=0, atol=0)  # stateless
+    learners["stream0"].cache.reset(0)
+    torch.testing.assert_close(learners["stream0"].evaluate(xe), out["none"], rtol=0, atol=1e-6)
+    learners["replay"].cache.reset(0)
+    torch.testing.assert_close(learners["replay"].evaluate(xe), out["replay"], rtol=0, atol=1e-6)
+    learners["replay"].cache.reset(1)
+    assert not torch.allclose(learners["replay"].evaluate(xe), out["replay"])
+    with pytest.raises(OCLError, match="eval_context"):
+        TransformerLearner(8, 3, eval_context="all")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_first_prediction_uniform_and_evaluate_is_stateless(mode):
     K = 3
