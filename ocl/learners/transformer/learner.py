@@ -3,6 +3,7 @@ training step and the output temperature (see the package docstring for the meth
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -172,6 +173,14 @@ class TransformerLearner(Learner):
         self.slda = SLDALearner(feature_dim, num_classes, seed) if cfg.slda_expert else None
         self.slda_temperature = Temperature(cfg.temp_lr) if cfg.slda_expert else None
         self.mixture = FixedShare(3 if cfg.slda_expert else 2, cfg.share) if cfg.linear_expert else None
+        # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
+        # example, so the expert that wins online by following the current run of labels need not
+        # win there. heldout_mixture: a second set of weights, fitted on how each expert scored the
+        # newest chunk *as a held-out example*: the network through evaluate's context, the linear
+        # read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG examples ago (its big SGD steps follow
+        # the current run), SLDA as it is (its class means do not follow runs).
+        self.heldout = FixedShare(self.mixture.log_w.numel(), cfg.share) if cfg.heldout_mixture else None
+        self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if cfg.heldout_mixture else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -295,6 +304,8 @@ class TransformerLearner(Learner):
         if self.linear is not None:  # the mixture learns how each expert scored this chunk, then the read-out learns
             experts = pending.experts if same else self._experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
             self.mixture.update(experts, y)
+            if self.heldout is not None:
+                self._heldout_update(xd, x, y, experts)
             self.linear.update(x, y)
             if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
                 self.slda_temperature.step(self.slda.predict(x), y)
@@ -382,9 +393,17 @@ class TransformerLearner(Learner):
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        """Held-out log-probs ``(N, K)``: each example attends to stream 0's current cache as
-        if it were the next example, independently of the others; no cache is modified."""
+        """Held-out log-probs ``(N, K)``: each example attends to the caches ``eval_context``
+        names as if it were their next example, independently of the others; with the mixture,
+        mixed with the held-out weights (``heldout_mixture``) or the online ones. No state changes."""
         xd, _ = self._check(x)
+        log_probs = self._net_evaluate(xd).to(x.device)
+        if self.linear is None:
+            return log_probs
+        return (self.heldout or self.mixture).predict(self._experts(log_probs, x))
+
+    def _net_evaluate(self, xd: torch.Tensor) -> torch.Tensor:
+        """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device)."""
         self._set_training(False)
         rows, ctx_pos = self._eval_context()
         n = ctx_pos.shape[0]
@@ -397,12 +416,19 @@ class TransformerLearner(Learner):
             logits = self._stream_forward(xb, None, pos, rows, ctx_pos, isolated=True)[0]  # (n, N', K)
             lp = F.log_softmax(logits * self._scale(), dim=2)
             out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
-        if not out:
-            return torch.zeros(0, self.K)
-        log_probs = torch.cat(out).to(x.device)
-        if self.linear is None:
-            return log_probs
-        return self.mixture.predict(self._experts(log_probs, x))
+        return torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
+
+    #: Examples between snapshots of the linear read-out for the held-out weights.
+    HELDOUT_LAG = 50
+
+    def _heldout_update(self, xd: torch.Tensor, x: torch.Tensor, y: torch.Tensor, experts: torch.Tensor) -> None:
+        """Fit the held-out weights on the chunk just scored (before any expert learns it)."""
+        held = experts.clone()
+        held[0] = self._net_evaluate(xd).to(held)
+        held[1] = self._linear_lagged.predict(x).to(held)
+        self.heldout.update(held, y)
+        if (self.t + x.shape[0]) // self.HELDOUT_LAG > self.t // self.HELDOUT_LAG:  # lag between 1x and 2x
+            self._linear_lagged, self._linear_next = self._linear_next, copy.deepcopy(self.linear)
 
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows ``(n,)`` and slot positions ``(n, S)`` that held-out examples attend to

@@ -118,7 +118,8 @@ def test_learner_with_the_mixture_keeps_the_contract():
 
 
 @pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")},
-                                 {"slda_expert": True, "linear_expert": False}])
+                                 {"slda_expert": True, "linear_expert": False},
+                                 {"heldout_mixture": True, "linear_expert": False}])
 def test_bad_mixture_options_are_refused(bad):
     with pytest.raises(OCLError, match=next(iter(bad))):
         TransformerLearner(8, 3, **bad)
@@ -131,3 +132,20 @@ def test_without_the_expert_the_learner_is_the_network():
     alone = prequential(learner, x, y, 1)
     mixed = prequential(TransformerLearner(8, 3, seed=0, **TINY), x, y, 1)
     assert (alone - mixed).abs().max() > 0.01
+
+
+def test_heldout_mixture_weighs_experts_by_how_they_score_unseen_examples():
+    """``heldout_mixture``: evaluate() mixes the experts' held-out predictions with weights of
+    their own. On a stream whose labels come in long runs and whose inputs carry no class
+    information, the online weights go to whoever follows the runs (the fast linear read-out's
+    bias); held out, its lagged copy cannot follow them, so it must lose weight there."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(6).repeat_interleave(40) % 3  # runs of 40
+    x = torch.randn(y.shape[0], 8, generator=g)  # no information about the class
+    cfg = dict(TINY, heldout_mixture=True, eval_context="none")
+    learner = TransformerLearner(8, 3, seed=0, **cfg)
+    prequential(learner, x, y, 1)
+    assert learner.heldout.weights[1] < learner.mixture.weights[1] - 0.2
+    experts = learner._experts(learner._net_evaluate(x[:5]), x[:5])
+    torch.testing.assert_close(learner.evaluate(x[:5]), learner.heldout.predict(experts))
+    check_learner(functools.partial(TransformerLearner, **cfg))
