@@ -21,7 +21,7 @@ from ocl.learners.slda import SLDALearner
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.flat_adamw import FlatAdamW
 from ocl.learners.transformer.kv_cache import KVCache
-from ocl.learners.transformer.mixture import FixedShare
+from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
 from ocl.learners.transformer.replay import History, ReplayCursors, ReplayPlan
 
@@ -172,14 +172,16 @@ class TransformerLearner(Learner):
         # temperature, fitted like the network's on chunks already scored.
         self.slda = SLDALearner(feature_dim, num_classes, seed) if cfg.slda_expert else None
         self.slda_temperature = Temperature(cfg.temp_lr) if cfg.slda_expert else None
-        self.mixture = FixedShare(3 if cfg.slda_expert else 2, cfg.share) if cfg.linear_expert else None
+        M = 3 if cfg.slda_expert else 2
+        pool = (lambda: LogLinearPool(M)) if cfg.pool == "loglinear" else (lambda: FixedShare(M, cfg.share))
+        self.mixture = pool() if cfg.linear_expert else None
         # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
         # example, so the expert that wins online by following the current run of labels need not
         # win there. heldout_mixture: a second set of weights, fitted on how each expert scored the
         # newest chunk *as a held-out example*: the network through evaluate's context, the linear
         # read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG examples ago (its big SGD steps follow
         # the current run), SLDA as it is (its class means do not follow runs).
-        self.heldout = FixedShare(self.mixture.log_w.numel(), cfg.share) if cfg.heldout_mixture else None
+        self.heldout = pool() if cfg.heldout_mixture else None
         self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if cfg.heldout_mixture else None
 
     def set_workdir(self, path) -> None:

@@ -73,3 +73,54 @@ class FixedShare:
     def weights(self) -> list[float]:
         """The experts' current weights (they sum to 1)."""
         return self.log_w.exp().tolist()
+
+
+class LogLinearPool:
+    """Experts pooled geometrically, ``log p ∝ sum_m a_m log p_m``, with the exponents ``a``
+    fitted online (one Adam step per scored chunk on its log-loss, as :class:`Temperature`
+    fits its scale). Unlike a mixture, a product of experts can be more accurate than every
+    one of them where their errors differ; ``a`` also calibrates (its sum is a temperature).
+
+    Args:
+        n_experts: M; ``a`` starts at ``1/M`` each (the geometric mean).
+        lr: Adam step size of ``a``.
+    """
+
+    #: Log-probabilities are clamped here: an expert's 0 must not decide the pool alone.
+    FLOOR = -50.0
+
+    def __init__(self, n_experts: int, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.a = torch.full((n_experts,), 1.0 / n_experts, dtype=torch.float64)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m = torch.zeros_like(self.a)
+        self.v = torch.zeros_like(self.a)
+        self.steps = 0
+
+    def _pool(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lp = log_probs.double().nan_to_num(nan=self.FLOOR).clamp_min(self.FLOOR)  # (M, C, K)
+        z = (self.a.to(lp.device)[:, None, None] * lp).sum(0)
+        return lp, torch.log_softmax(z, dim=1)
+
+    def predict(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Experts' log-probs ``(M, C, K)`` -> the pool's ``(C, K)`` (float32, on their device)."""
+        return self._pool(log_probs)[1].float()
+
+    def update(self, log_probs: torch.Tensor, y: torch.Tensor) -> None:
+        """One Adam step on the chunk's log-loss, ``d/da_m = mean_c(sum_k p_ck lp_mck - lp_mcy)``."""
+        lp, out = self._pool(log_probs.cpu())
+        p = out.exp()  # (C, K)
+        grad = ((p[None] * lp).sum(2) - lp.gather(2, y.cpu()[None, :, None].expand(lp.shape[0], -1, 1))[..., 0]).mean(1)
+        if not bool(torch.isfinite(grad).all()):
+            return
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        denom = (self.v / (1 - b2**self.steps)).sqrt() + self.eps
+        self.a = self.a - self.lr / (1 - b1**self.steps) * self.m / denom
+
+    @property
+    def weights(self) -> list[float]:
+        """The exponents ``a``."""
+        return self.a.tolist()

@@ -44,6 +44,7 @@ class TransformerConfig:
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
+    pool: str = "fixed_share"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
     heldout_mixture: bool = False  # evaluate() mixes the experts with weights fitted on held-out-style scores (learner.py)
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     linear_expert: bool = True  # predict with a fixed-share mixture of the network and an online linear read-out
@@ -80,6 +81,8 @@ class TransformerConfig:
             raise bad("share", "must be in [0, 1).")
         if not self.linear_lr > 0:
             raise bad("linear_lr", "must be > 0.")
+        if self.pool not in ("fixed_share", "loglinear"):
+            raise bad("pool", "must be 'fixed_share' or 'loglinear'.")
         if self.heldout_mixture and not self.linear_expert:
             raise bad("heldout_mixture", "needs linear_expert=true (it weighs that mixture's experts).")
         if self.slda_expert and not self.linear_expert:

@@ -16,7 +16,7 @@ from ocl.learners.checks import check_learner, clusters, prequential
 from ocl.learners.linear import LinearLearner
 from ocl.learners.slda import SLDALearner
 from ocl.learners.transformer import Temperature, TransformerLearner
-from ocl.learners.transformer.mixture import FixedShare
+from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -119,7 +119,7 @@ def test_learner_with_the_mixture_keeps_the_contract():
 
 @pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")},
                                  {"slda_expert": True, "linear_expert": False},
-                                 {"heldout_mixture": True, "linear_expert": False}])
+                                 {"heldout_mixture": True, "linear_expert": False}, {"pool": "product"}])
 def test_bad_mixture_options_are_refused(bad):
     with pytest.raises(OCLError, match=next(iter(bad))):
         TransformerLearner(8, 3, **bad)
@@ -149,3 +149,23 @@ def test_heldout_mixture_weighs_experts_by_how_they_score_unseen_examples():
     experts = learner._experts(learner._net_evaluate(x[:5]), x[:5])
     torch.testing.assert_close(learner.evaluate(x[:5]), learner.heldout.predict(experts))
     check_learner(functools.partial(TransformerLearner, **cfg))
+
+
+def test_loglinear_pool_steps_adam_on_its_log_loss():
+    """LogLinearPool's closed-form gradient is autograd's, its step torch.optim.Adam's; the
+    learner with ``pool=loglinear`` predicts that pool of its experts and keeps the contract."""
+    lp, y = _experts(12, 4, seed=0)
+    pool = LogLinearPool(2, lr=0.05)
+    a = torch.full((2,), 0.5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=0.05)
+    for t in range(0, 12, 3):
+        chunk, yc = lp[:, t : t + 3], y[t : t + 3]
+        torch.testing.assert_close(pool.predict(chunk), torch.log_softmax((a.detach()[:, None, None] * chunk.double()).sum(0), 1).float())
+        opt.zero_grad()
+        F.cross_entropy((a[:, None, None] * chunk.double()).sum(0), yc).backward()
+        opt.step()
+        pool.update(chunk, yc)
+        torch.testing.assert_close(pool.a, a.detach())
+    learner = TransformerLearner(8, 3, seed=0, **TINY, pool="loglinear")
+    assert isinstance(learner.mixture, LogLinearPool)
+    check_learner(functools.partial(TransformerLearner, **TINY, pool="loglinear", slda_expert=True))
