@@ -127,8 +127,10 @@ class SideFile:
         self._fd, self._tmp = None, None
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # not contextlib.suppress: at interpreter exit module globals may already be None
             self.close()
+        except Exception:
+            pass
 
     @property
     def sha256(self) -> str:
