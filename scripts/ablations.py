@@ -16,8 +16,8 @@ Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaul
   ``scripts/results/transformer_quality.md`` tested; not in the default ``--variants``);
 - ``context``: labels as their own tokens (``label_mode=context``, 2 tokens per example)
   instead of an extra key/value projection;
-- ``network``: the network alone, without the fixed-share mixture with a linear read-out
-  (``linear_expert=false``);
+- ``network``: the network alone, without the read-out experts it is pooled with
+  (``linear_expert=false slda_expert=false``);
 - ``network W=0``, ``network R=1``, ``network context``: the three ablations above of the network
   alone (the mixture's linear read-out can make up for what they take away).
 
@@ -42,17 +42,18 @@ import numpy as np
 from ocl.metrics import accuracy_after_switches
 from ocl.report import read_steps_csv
 
+ALONE = ("learner.linear_expert=false", "learner.slda_expert=false")  # the network without read-out experts
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "W=0": ["learner.window=0"],
     "R=1": ["learner.replay_streams=1"],
     "R=4": ["learner.replay_streams=4"],  # not an ablation: a candidate default the research log tested
     "context": ["learner.label_mode=context"],
-    "network": ["learner.linear_expert=false"],
-    # The same three ablations of the network alone: in the mixture the linear read-out can hide them.
-    "network W=0": ["learner.linear_expert=false", "learner.window=0"],
-    "network R=1": ["learner.linear_expert=false", "learner.replay_streams=1"],
-    "network context": ["learner.linear_expert=false", "learner.label_mode=context"],
+    "network": [*ALONE],
+    # The same three ablations of the network alone: in the pool the read-outs can hide them.
+    "network W=0": [*ALONE, "learner.window=0"],
+    "network R=1": [*ALONE, "learner.replay_streams=1"],
+    "network context": [*ALONE, "learner.label_mode=context"],
 }
 METRICS = ("avg_online_accuracy", "near_future_accuracy", "mean_log_loss", "first100", "examples_per_second")
 HEADERS = ("online acc", "near-future acc", "log-loss", "first 100 after a switch", "ex/s")

@@ -165,16 +165,16 @@ class TransformerLearner(Learner):
         self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
         self.graphs = StepGraphs(self) if cfg.cuda_graph else None
-        # The prediction: a fixed-share mixture of the network and a linear read-out (mixture.py).
+        # The prediction: the network pooled with read-out experts of the same features (mixture.py).
         self.linear = LinearLearner(feature_dim, num_classes, seed, lr=cfg.linear_lr) if cfg.linear_expert else None
         # SLDA's discriminants are overconfident (log-loss 1.35 nats where its accuracy beats the
         # network's on iid CIFAR-10): the mixture weighs experts by log-loss, so SLDA gets its own
         # temperature, fitted like the network's on chunks already scored.
         self.slda = SLDALearner(feature_dim, num_classes, seed) if cfg.slda_expert else None
         self.slda_temperature = Temperature(cfg.temp_lr) if cfg.slda_expert else None
-        M = 3 if cfg.slda_expert else 2
+        M = 1 + cfg.linear_expert + cfg.slda_expert  # experts: [network, linear?, slda?]
         pool = (lambda: LogLinearPool(M)) if cfg.pool == "loglinear" else (lambda: FixedShare(M, cfg.share))
-        self.mixture = pool() if cfg.linear_expert else None
+        self.mixture = pool() if M > 1 else None
         # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
         # example, so the expert that wins online by following the current run of labels need not
         # win there. heldout_mixture: a second set of weights, fitted on how each expert scored the
@@ -182,7 +182,8 @@ class TransformerLearner(Learner):
         # read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG examples ago (its big SGD steps follow
         # the current run), SLDA as it is (its class means do not follow runs).
         self.heldout = pool() if cfg.heldout_mixture else None
-        self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if cfg.heldout_mixture else None
+        lagged = cfg.heldout_mixture and self.linear is not None
+        self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if lagged else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -288,7 +289,7 @@ class TransformerLearner(Learner):
             logits = self._raw_predict(xd)
         log_probs = F.log_softmax(logits * self._scale(), dim=1).to(x.device)
         experts = None
-        if self.linear is not None:
+        if self.mixture is not None:
             experts = self._experts(log_probs, x)
             log_probs = self.mixture.predict(experts)
         self._pending = _Pending(x, logits, experts, forward)
@@ -301,14 +302,15 @@ class TransformerLearner(Learner):
         raw = None  # (C, K) raw logits as the chunk was (or would have been) scored
         if same:
             raw = pending.logits
-        elif self.linear is not None or self.cfg.temperature:
+        elif self.mixture is not None or self.cfg.temperature:
             raw = self._raw_predict(xd)
-        if self.linear is not None:  # the mixture learns how each expert scored this chunk, then the read-out learns
+        if self.mixture is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
             experts = pending.experts if same else self._experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
             self.mixture.update(experts, y)
             if self.heldout is not None:
                 self._heldout_update(xd, x, y, experts)
-            self.linear.update(x, y)
+            if self.linear is not None:
+                self.linear.update(x, y)
             if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
                 self.slda_temperature.step(self.slda.predict(x), y)
                 self.slda.update(x, y)
@@ -400,7 +402,7 @@ class TransformerLearner(Learner):
         mixed with the held-out weights (``heldout_mixture``) or the online ones. No state changes."""
         xd, _ = self._check(x)
         log_probs = self._net_evaluate(xd).to(x.device)
-        if self.linear is None:
+        if self.mixture is None:
             return log_probs
         return (self.heldout or self.mixture).predict(self._experts(log_probs, x))
 
@@ -427,6 +429,9 @@ class TransformerLearner(Learner):
         """Fit the held-out weights on the chunk just scored (before any expert learns it)."""
         held = experts.clone()
         held[0] = self._net_evaluate(xd).to(held)
+        if self.linear is None:
+            self.heldout.update(held, y)
+            return
         held[1] = self._linear_lagged.predict(x).to(held)
         self.heldout.update(held, y)
         if (self.t + x.shape[0]) // self.HELDOUT_LAG > self.t // self.HELDOUT_LAG:  # lag between 1x and 2x
@@ -451,7 +456,9 @@ class TransformerLearner(Learner):
     def _experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The mixture's experts for a chunk ``x (C, D)``: the network's log-probs ``net (C, K)``, the
         linear read-out's and (``slda_expert``) streaming LDA's, stacked ``(M, C, K)``."""
-        experts = [net, self.linear.predict(x).to(net)]
+        experts = [net]
+        if self.linear is not None:
+            experts.append(self.linear.predict(x).to(net))
         if self.slda is not None:
             experts.append(F.log_softmax(self.slda.predict(x) * self.slda_temperature.scale, dim=1).to(net))
         return torch.stack(experts)

@@ -47,10 +47,10 @@ class TransformerConfig:
     pool: str = "fixed_share"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
     heldout_mixture: bool = False  # evaluate() mixes the experts with weights fitted on held-out-style scores (learner.py)
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
-    linear_expert: bool = True  # predict with a fixed-share mixture of the network and an online linear read-out
-    share: float = 0.01  # fixed-share rate of that mixture (mixture.py): how fast the weight can move back
+    linear_expert: bool = True  # an expert pooled with the network: an online linear read-out (mixture.py)
+    share: float = 0.01  # pool=fixed_share: its rate (mixture.py), how fast the weight can move back
     linear_lr: float = 1.0  # the linear read-out's SGD step (the linear learner's default)
-    slda_expert: bool = False  # a third expert in the mixture: streaming LDA of the same features (slda.py)
+    slda_expert: bool = False  # an expert pooled with the network: streaming LDA of the same features (slda.py)
     stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
 
     def __post_init__(self) -> None:
@@ -83,10 +83,8 @@ class TransformerConfig:
             raise bad("linear_lr", "must be > 0.")
         if self.pool not in ("fixed_share", "loglinear"):
             raise bad("pool", "must be 'fixed_share' or 'loglinear'.")
-        if self.heldout_mixture and not self.linear_expert:
-            raise bad("heldout_mixture", "needs linear_expert=true (it weighs that mixture's experts).")
-        if self.slda_expert and not self.linear_expert:
-            raise bad("slda_expert", "needs linear_expert=true (it joins that mixture).")
+        if self.heldout_mixture and not (self.linear_expert or self.slda_expert):
+            raise bad("heldout_mixture", "needs an expert to weigh (linear_expert or slda_expert).")
         if self.stream0_weight is not None and not 0 < self.stream0_weight <= 1:
             raise bad("stream0_weight", "must be in (0, 1] or null.")
 
