@@ -178,9 +178,11 @@ class TransformerLearner(Learner):
         # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
         # example, so the expert that wins online by following the current run of labels need not
         # win there. heldout_mixture: a second set of weights, fitted on how each expert scored the
-        # newest chunk *as a held-out example*: the network through evaluate's context, the linear
-        # read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG examples ago (its big SGD steps follow
-        # the current run), SLDA as it is (its class means do not follow runs).
+        # newest chunk *as a held-out example*: the network through evaluate's context without its
+        # newest HELDOUT_LAG examples, the linear read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG
+        # examples ago (its big SGD steps follow the current run), SLDA as it is (its class means do
+        # not follow runs). So the weights learn whether the present predicts examples ~50-100
+        # ahead (class-incremental tasks: yes; short runs of a class: no).
         self.heldout = pool() if cfg.heldout_mixture else None
         lagged = cfg.heldout_mixture and self.linear is not None
         self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if lagged else None
@@ -406,10 +408,14 @@ class TransformerLearner(Learner):
             return log_probs
         return (self.heldout or self.mixture).predict(self._experts(log_probs, x))
 
-    def _net_evaluate(self, xd: torch.Tensor) -> torch.Tensor:
-        """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device)."""
+    def _net_evaluate(self, xd: torch.Tensor, lag: int = 0) -> torch.Tensor:
+        """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device);
+        ``lag``: the context's newest ``lag`` examples masked (what it held that long ago, minus
+        what has left the window since)."""
         self._set_training(False)
         rows, ctx_pos = self._eval_context()
+        if lag:
+            ctx_pos = ctx_pos.masked_fill(ctx_pos >= (self.t - lag) * self.model.tokens_per_example, -1)
         n = ctx_pos.shape[0]
         qpos = (ctx_pos.max(1).values + 1).clamp_min(0) if self.cfg.eval_context == "replay" else \
             torch.full((n,), self.t, device=self.device)  # (n,) each query as its stream's next example
@@ -428,7 +434,7 @@ class TransformerLearner(Learner):
     def _heldout_update(self, xd: torch.Tensor, x: torch.Tensor, y: torch.Tensor, experts: torch.Tensor) -> None:
         """Fit the held-out weights on the chunk just scored (before any expert learns it)."""
         held = experts.clone()
-        held[0] = self._net_evaluate(xd).to(held)
+        held[0] = self._net_evaluate(xd, lag=self.HELDOUT_LAG).to(held)
         if self.linear is None:
             self.heldout.update(held, y)
             return

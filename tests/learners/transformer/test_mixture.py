@@ -171,3 +171,18 @@ def test_loglinear_pool_steps_adam_on_its_log_loss():
     learner = TransformerLearner(8, 3, seed=0, **TINY, pool="loglinear")
     assert isinstance(learner.mixture, LogLinearPool)
     check_learner(functools.partial(TransformerLearner, **TINY, pool="loglinear", slda_expert=True))
+
+
+def test_heldout_scores_the_network_without_its_newest_context():
+    """The network's held-out score masks the newest ``lag`` examples of its context: a lag of the
+    whole window gives the prediction without context (the same network: held-out options do not
+    change training), a shorter one something in between."""
+    x, y = clusters(30)
+    learner = TransformerLearner(8, 3, seed=0, **TINY, heldout_mixture=True)  # window 4
+    prequential(learner, x, y, 1)
+    blind = TransformerLearner(8, 3, seed=0, **TINY, heldout_mixture=True, eval_context="none")
+    prequential(blind, x, y, 1)
+    xe = x[:5]
+    torch.testing.assert_close(learner._net_evaluate(xe, lag=4), blind._net_evaluate(xe), rtol=0, atol=1e-6)
+    partial = learner._net_evaluate(xe, lag=2)
+    assert not torch.allclose(partial, learner._net_evaluate(xe)) and not torch.allclose(partial, blind._net_evaluate(xe))
