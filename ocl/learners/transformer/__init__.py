@@ -49,19 +49,22 @@ the whole training step as captured CUDA graphs (:mod:`.cuda_graphs`).
 CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
 (on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
 
-Prediction: with ``linear_expert`` (the default) the learner predicts with a fixed-share
-mixture of the network's distribution and that of an online linear read-out of the same
-features (:mod:`.mixture`): the read-out learns new classes within tens of examples, the
-network is better once trained and where context matters, and the mixture follows whichever
-has predicted better recently. The network trains exactly as it would alone.
+Prediction: the learner pools the network's distribution with those of read-out experts of
+the same features (:mod:`.readouts`): an online linear read-out (``linear_expert``), which
+learns new classes within tens of examples, and streaming LDA (``slda_expert``), strong on
+stationary streams. By default the pool is a product of experts whose exponents are fitted
+online on the log-loss of scored chunks (``pool=loglinear``; ``fixed_share``: a Bayesian
+mixture that follows whichever expert predicted best recently). The network trains exactly
+as it would alone.
 
 Modules: :mod:`.model` (the options and the network), :mod:`.learner` (the learner),
-:mod:`.mixture` (the fixed-share mixture),
+:mod:`.readouts` (the read-out experts, calibration), :mod:`.mixture` (the pools),
 :mod:`.kv_cache` (the ring-buffer cache), :mod:`.replay` (history and replay cursors),
 :mod:`.flat_adamw` (the optimizer), :mod:`.cuda_graphs` (captured steps on a GPU).
 """
 
-from ocl.learners.transformer.learner import Temperature, TransformerLearner
+from ocl.learners.transformer.learner import TransformerLearner
+from ocl.learners.transformer.readouts import Temperature
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig, alibi_slopes, split_heads
 
 __all__ = ["OnlineTransformer", "Temperature", "TransformerConfig", "TransformerLearner", "alibi_slopes",

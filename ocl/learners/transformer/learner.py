@@ -3,7 +3,6 @@ training step and the output temperature (see the package docstring for the meth
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -16,49 +15,12 @@ import torch.nn.functional as F
 from ocl.errors import OCLError
 from ocl.kernels import check_backend
 from ocl.learners.base import Learner
-from ocl.learners.linear import LinearLearner
-from ocl.learners.slda import SLDALearner
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.flat_adamw import FlatAdamW
 from ocl.learners.transformer.kv_cache import KVCache
-from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
+from ocl.learners.transformer.readouts import ReadOuts, Temperature
 from ocl.learners.transformer.replay import History, ReplayCursors, ReplayPlan
-
-
-class Temperature:
-    """Output calibration ``logits * exp(s)``, s fitted online: one Adam step per scored chunk on
-    that chunk's log-loss (the chunk was scored before, so the fit never sees a label early).
-
-    One scalar needs no autograd and no optimizer object: the gradient has a closed form,
-    ``d/ds CE(z e^s, y) = e^s * mean_i(sum_k p_ik z_ik - z_i,y_i)`` with ``p = softmax(z e^s)``,
-    and the Adam update below is ``torch.optim.Adam``'s (default betas and eps), in floats.
-    """
-
-    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.log_scale = 0.0
-        self.m = self.v = 0.0  # Adam's moments
-        self.steps = 0
-
-    @property
-    def scale(self) -> float:
-        return math.exp(self.log_scale)
-
-    def step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """One step on raw logits ``(C, K)`` and labels ``(C,)``; skipped if the gradient is not finite."""
-        s = self.scale
-        z = logits.detach().float()
-        p = torch.softmax(z * s, dim=1)
-        grad = s * float(((p * z).sum(1) - z.gather(1, y[:, None])[:, 0]).mean())
-        if not math.isfinite(grad):
-            return
-        b1, b2 = self.betas
-        self.steps += 1
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad * grad
-        denom = math.sqrt(self.v) / math.sqrt(1 - b2**self.steps) + self.eps
-        self.log_scale -= self.lr / (1 - b1**self.steps) * self.m / denom
 
 
 class _Batch(NamedTuple):
@@ -88,7 +50,7 @@ class _Pending(NamedTuple):
 
     x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
     logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
-    experts: torch.Tensor | None  # (M, C, K) the mixture's experts' log-probs (linear_expert; see _experts)
+    experts: torch.Tensor | None  # (M, C, K) the experts' log-probs as the chunk was scored (see readouts.py)
     forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
 
 
@@ -165,27 +127,8 @@ class TransformerLearner(Learner):
         self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
         self.graphs = StepGraphs(self) if cfg.cuda_graph else None
-        # The prediction: the network pooled with read-out experts of the same features (mixture.py).
-        self.linear = LinearLearner(feature_dim, num_classes, seed, lr=cfg.linear_lr) if cfg.linear_expert else None
-        # SLDA's discriminants are overconfident (log-loss 1.35 nats where its accuracy beats the
-        # network's on iid CIFAR-10): the mixture weighs experts by log-loss, so SLDA gets its own
-        # temperature, fitted like the network's on chunks already scored.
-        self.slda = SLDALearner(feature_dim, num_classes, seed) if cfg.slda_expert else None
-        self.slda_temperature = Temperature(cfg.temp_lr) if cfg.slda_expert else None
-        M = 1 + cfg.linear_expert + cfg.slda_expert  # experts: [network, linear?, slda?]
-        pool = (lambda: LogLinearPool(M)) if cfg.pool == "loglinear" else (lambda: FixedShare(M, cfg.share))
-        self.mixture = pool() if M > 1 else None
-        # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
-        # example, so the expert that wins online by following the current run of labels need not
-        # win there. heldout_mixture: a second set of weights, fitted on how each expert scored the
-        # newest chunk *as a held-out example*: the network through evaluate's context without its
-        # newest HELDOUT_LAG examples, the linear read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG
-        # examples ago (its big SGD steps follow the current run), SLDA as it is (its class means do
-        # not follow runs). So the weights learn whether the present predicts examples ~50-100
-        # ahead (class-incremental tasks: yes; short runs of a class: no).
-        self.heldout = pool() if cfg.heldout_mixture else None
-        lagged = cfg.heldout_mixture and self.linear is not None
-        self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if lagged else None
+        # The prediction: the network pooled with read-out experts of the same features (readouts.py).
+        self.readouts = ReadOuts(feature_dim, num_classes, seed, cfg) if cfg.linear_expert or cfg.slda_expert else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -291,9 +234,9 @@ class TransformerLearner(Learner):
             logits = self._raw_predict(xd)
         log_probs = F.log_softmax(logits * self._scale(), dim=1).to(x.device)
         experts = None
-        if self.mixture is not None:
-            experts = self._experts(log_probs, x)
-            log_probs = self.mixture.predict(experts)
+        if self.readouts is not None:
+            experts = self.readouts.experts(log_probs, x)
+            log_probs = self.readouts.predict(experts)
         self._pending = _Pending(x, logits, experts, forward)
         return log_probs
 
@@ -304,18 +247,12 @@ class TransformerLearner(Learner):
         raw = None  # (C, K) raw logits as the chunk was (or would have been) scored
         if same:
             raw = pending.logits
-        elif self.mixture is not None or self.cfg.temperature:
+        elif self.readouts is not None or self.cfg.temperature:
             raw = self._raw_predict(xd)
-        if self.mixture is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
-            experts = pending.experts if same else self._experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            self.mixture.update(experts, y)
-            if self.heldout is not None:
-                self._heldout_update(xd, x, y, experts)
-            if self.linear is not None:
-                self.linear.update(x, y)
-            if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
-                self.slda_temperature.step(self.slda.predict(x), y)
-                self.slda.update(x, y)
+        if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
+            experts = pending.experts if same else \
+                self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
+            self.readouts.update(experts, x, y, lambda lag: self._net_evaluate(xd, lag))
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(raw, yd)
         lr = self._lr(self.t + xd.shape[0])
@@ -400,13 +337,13 @@ class TransformerLearner(Learner):
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Held-out log-probs ``(N, K)``: each example attends to the caches ``eval_context``
-        names as if it were their next example, independently of the others; with the mixture,
-        mixed with the held-out weights (``heldout_mixture``) or the online ones. No state changes."""
+        names as if it were their next example, independently of the others; pooled with the read-outs
+        (held-out weights with ``heldout_mixture``, else the online ones). No state changes."""
         xd, _ = self._check(x)
         log_probs = self._net_evaluate(xd).to(x.device)
-        if self.mixture is None:
+        if self.readouts is None:
             return log_probs
-        return (self.heldout or self.mixture).predict(self._experts(log_probs, x))
+        return self.readouts.evaluate(self.readouts.experts(log_probs, x))
 
     def _net_evaluate(self, xd: torch.Tensor, lag: int = 0) -> torch.Tensor:
         """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device);
@@ -428,21 +365,6 @@ class TransformerLearner(Learner):
             out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
         return torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
 
-    #: Examples between snapshots of the linear read-out for the held-out weights.
-    HELDOUT_LAG = 50
-
-    def _heldout_update(self, xd: torch.Tensor, x: torch.Tensor, y: torch.Tensor, experts: torch.Tensor) -> None:
-        """Fit the held-out weights on the chunk just scored (before any expert learns it)."""
-        held = experts.clone()
-        held[0] = self._net_evaluate(xd, lag=self.HELDOUT_LAG).to(held)
-        if self.linear is None:
-            self.heldout.update(held, y)
-            return
-        held[1] = self._linear_lagged.predict(x).to(held)
-        self.heldout.update(held, y)
-        if (self.t + x.shape[0]) // self.HELDOUT_LAG > self.t // self.HELDOUT_LAG:  # lag between 1x and 2x
-            self._linear_lagged, self._linear_next = self._linear_next, copy.deepcopy(self.linear)
-
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows ``(n,)`` and slot positions ``(n, S)`` that held-out examples attend to
         (``eval_context``): stream 0's cache; each non-empty replay cache (their predictions are
@@ -458,13 +380,3 @@ class TransformerLearner(Learner):
             rows = self._rows_all[:1]
             ctx_pos = torch.full_like(self.cache.positions(rows), -1)
         return rows, ctx_pos
-
-    def _experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The mixture's experts for a chunk ``x (C, D)``: the network's log-probs ``net (C, K)``, the
-        linear read-out's and (``slda_expert``) streaming LDA's, stacked ``(M, C, K)``."""
-        experts = [net]
-        if self.linear is not None:
-            experts.append(self.linear.predict(x).to(net))
-        if self.slda is not None:
-            experts.append(F.log_softmax(self.slda.predict(x) * self.slda_temperature.scale, dim=1).to(net))
-        return torch.stack(experts)

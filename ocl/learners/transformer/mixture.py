@@ -1,19 +1,15 @@
-"""Fixed-share mixture of experts' predictive distributions (Herbster & Warmuth 1998).
-
-The transformer learner predicts with a Bayesian mixture of two experts that see the same
-features: its network and an online linear read-out (softmax regression with a large SGD
-step, :class:`ocl.learners.linear.LinearLearner`). Why: early in a stream, and after every
-shift, a linear model on good pretrained features learns within tens of examples, while the
-network needs hundreds of steps before its in-weights and in-context learning pay off; later
-the network is better (label-permuted and bursty streams, where context matters). The mixture
-follows whichever expert has predicted better *recently*: its weights are the posterior of a
-prior that lets the best expert switch at any step with probability ``share``, so its
-log-loss is at most the best switching sequence's plus ``log(M/share)`` per switch and
-``log(1/(1-share))`` (about ``share``) per example (Herbster & Warmuth, *Tracking the best
-expert*, 1998; ``tests/learners/transformer/test_mixture.py`` checks the bound).
+"""How the transformer's experts (its network and the read-outs of :mod:`.readouts`) combine
+their predictive distributions: :class:`FixedShare`, a Bayesian mixture that follows whichever
+expert has predicted better *recently* (Herbster & Warmuth 1998): its weights are the
+posterior of a prior that lets the best expert switch at any step with probability
+``share``, so its log-loss is at most the best switching sequence's plus ``log(M/share)`` per
+switch and ``log(1/(1-share))`` (about ``share``) per example
+(``tests/learners/transformer/test_mixture.py`` checks the bound); and
+:class:`LogLinearPool` (the default), a product of experts with exponents fitted online,
+which can beat every expert where their errors differ.
 
 Prequential by construction: the weights used for a chunk depend only on the labels of
-earlier chunks (:meth:`FixedShare.update` is called after the chunk has been scored).
+earlier chunks (``update`` is called after the chunk has been scored).
 """
 
 from __future__ import annotations

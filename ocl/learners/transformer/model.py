@@ -36,7 +36,7 @@ class TransformerConfig:
     lr_decay: str = "constant"  # | "inv_sqrt": lr*sqrt(warmup/t), the paper's best on 39M examples; decays too early on short streams
     weight_decay: float = 0.01  # mild AdamW decay on matrices, keeps the net plastic on long streams
     grad_clip: float = 1.0  # single-example steps are noisy; clip the global gradient norm
-    reset_rule: str = "start"  # cursors jump w.p. C/t back to 0 (uniform replay) | "prob": random point (recent-heavy)
+    reset_rule: str = "prob"  # cursors jump w.p. C/t back to 0 (uniform replay) | "prob": random point (recent-heavy)
     temperature: bool = True  # learned output temperature, updated after each chunk is scored (log-loss)
     temp_lr: float = 0.01  # Adam step size on the log-temperature (one step per chunk)
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when available)
@@ -44,13 +44,13 @@ class TransformerConfig:
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
-    pool: str = "fixed_share"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
+    pool: str = "loglinear"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
     heldout_mixture: bool = False  # evaluate() mixes the experts with weights fitted on held-out-style scores (learner.py)
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     linear_expert: bool = True  # an expert pooled with the network: an online linear read-out (mixture.py)
     share: float = 0.01  # pool=fixed_share: its rate (mixture.py), how fast the weight can move back
     linear_lr: float = 1.0  # the linear read-out's SGD step (the linear learner's default)
-    slda_expert: bool = False  # an expert pooled with the network: streaming LDA of the same features (slda.py)
+    slda_expert: bool = True  # an expert pooled with the network: streaming LDA of the same features (slda.py)
     stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
 
     def __post_init__(self) -> None:

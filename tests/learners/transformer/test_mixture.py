@@ -20,7 +20,9 @@ from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0)
+# The two-expert fixed-share mixture; the default pool (loglinear, three experts) has its own test.
+TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0, pool="fixed_share",
+            slda_expert=False)
 
 
 def _experts(T: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +119,7 @@ def test_learner_with_the_mixture_keeps_the_contract():
     """Label blindness, seeding, exact resume (the expert and the weights are checkpointed),
     a stateless evaluate, bad inputs: the whole contract, at the tiny size."""
     check_learner(functools.partial(TransformerLearner, **TINY))
-    check_learner(functools.partial(TransformerLearner, **TINY, slda_expert=True))
+    check_learner(functools.partial(TransformerLearner, **TINY | dict(slda_expert=True)))
 
 
 @pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")},
@@ -130,7 +132,7 @@ def test_bad_mixture_options_are_refused(bad):
 def test_without_the_expert_the_learner_is_the_network():
     x, y = clusters(20)
     learner = TransformerLearner(8, 3, seed=0, **TINY, linear_expert=False)
-    assert learner.linear is None and learner.mixture is None
+    assert learner.readouts is None
     alone = prequential(learner, x, y, 1)
     mixed = prequential(TransformerLearner(8, 3, seed=0, **TINY), x, y, 1)
     assert (alone - mixed).abs().max() > 0.01
@@ -147,9 +149,9 @@ def test_heldout_mixture_weighs_experts_by_how_they_score_unseen_examples():
     cfg = dict(TINY, heldout_mixture=True, eval_context="none")
     learner = TransformerLearner(8, 3, seed=0, **cfg)
     prequential(learner, x, y, 1)
-    assert learner.heldout.weights[1] < learner.mixture.weights[1] - 0.2
-    experts = learner._experts(learner._net_evaluate(x[:5]), x[:5])
-    torch.testing.assert_close(learner.evaluate(x[:5]), learner.heldout.predict(experts))
+    assert learner.readouts.heldout.weights[1] < learner.readouts.pool.weights[1] - 0.2
+    experts = learner.readouts.experts(learner._net_evaluate(x[:5]), x[:5])
+    torch.testing.assert_close(learner.evaluate(x[:5]), learner.readouts.heldout.predict(experts))
     check_learner(functools.partial(TransformerLearner, **cfg))
 
 
@@ -168,9 +170,11 @@ def test_loglinear_pool_steps_adam_on_its_log_loss():
         opt.step()
         pool.update(chunk, yc)
         torch.testing.assert_close(pool.a, a.detach())
-    learner = TransformerLearner(8, 3, seed=0, **TINY, pool="loglinear")
-    assert isinstance(learner.mixture, LogLinearPool)
-    check_learner(functools.partial(TransformerLearner, **TINY, pool="loglinear", slda_expert=True))
+    learner = TransformerLearner(8, 3, seed=0, **TINY | dict(pool="loglinear"))
+    assert isinstance(learner.readouts.pool, LogLinearPool) and len(learner.readouts.pool.weights) == 2
+    default = TransformerLearner(8, 3, seed=0)  # the defaults: network, linear and SLDA, pooled log-linearly
+    assert isinstance(default.readouts.pool, LogLinearPool) and len(default.readouts.pool.weights) == 3
+    check_learner(functools.partial(TransformerLearner, **TINY | dict(pool="loglinear", slda_expert=True)))
 
 
 def test_heldout_scores_the_network_without_its_newest_context():

@@ -1,0 +1,141 @@
+"""The read-out experts the transformer's network is pooled with, and output calibration.
+
+On frozen pretrained features a linear model learns a new class within tens of examples and
+streaming LDA (a Gaussian classifier with one shared covariance) is hard to beat on a
+stationary stream, while the network needs hundreds of steps before its in-weights and
+in-context learning pay off and then wins where context matters. So the learner predicts
+with a pool (:mod:`.mixture`) of its network and these read-outs of the same features
+(``linear_expert``, ``slda_expert``; ``pool``). The network trains exactly as it would alone.
+
+Prequential by construction: the pool's weights, SLDA's temperature and the read-outs only ever
+learn from chunks that have already been scored (:meth:`ReadOuts.update` runs in ``update``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ocl.learners.linear import LinearLearner
+from ocl.learners.slda import SLDALearner
+from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
+from ocl.learners.transformer.model import TransformerConfig
+
+
+class Temperature:
+    """Output calibration ``logits * exp(s)``, s fitted online: one Adam step per scored chunk on
+    that chunk's log-loss (the chunk was scored before, so the fit never sees a label early).
+
+    One scalar needs no autograd and no optimizer object: the gradient has a closed form,
+    ``d/ds CE(z e^s, y) = e^s * mean_i(sum_k p_ik z_ik - z_i,y_i)`` with ``p = softmax(z e^s)``,
+    and the Adam update below is ``torch.optim.Adam``'s (default betas and eps), in floats.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.log_scale = 0.0
+        self.m = self.v = 0.0  # Adam's moments
+        self.steps = 0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    def step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One step on raw logits ``(C, K)`` and labels ``(C,)``; skipped if the gradient is not finite."""
+        s = self.scale
+        z = logits.detach().float()
+        p = torch.softmax(z * s, dim=1)
+        grad = s * float(((p * z).sum(1) - z.gather(1, y[:, None])[:, 0]).mean())
+        if not math.isfinite(grad):
+            return
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        denom = math.sqrt(self.v) / math.sqrt(1 - b2**self.steps) + self.eps
+        self.log_scale -= self.lr / (1 - b1**self.steps) * self.m / denom
+
+
+class ReadOuts:
+    """Experts ``[network, linear?, slda?]`` and the pool that combines them (``M`` experts).
+
+    Args:
+        feature_dim: D.
+        num_classes: K.
+        seed: the read-outs' seed.
+        cfg: the learner's options (``linear_expert``, ``linear_lr``, ``slda_expert``, ``pool``,
+            ``share``, ``temp_lr``, ``heldout_mixture``).
+    """
+
+    #: heldout_mixture: the linear read-out is scored as it stood this many to twice as many
+    #: examples ago, and the network without its context's newest this many examples.
+    HELDOUT_LAG = 50
+
+    def __init__(self, feature_dim: int, num_classes: int, seed: int, cfg: TransformerConfig) -> None:
+        self.linear = LinearLearner(feature_dim, num_classes, seed, lr=cfg.linear_lr) if cfg.linear_expert else None
+        # SLDA's discriminants are overconfident (log-loss 1.35 nats where its accuracy beats the
+        # network's on iid CIFAR-10) and the pool weighs experts by log-loss: SLDA gets its own
+        # temperature, fitted like the network's on chunks already scored.
+        self.slda = SLDALearner(feature_dim, num_classes, seed) if cfg.slda_expert else None
+        self.slda_temperature = Temperature(cfg.temp_lr) if cfg.slda_expert else None
+        M = 1 + cfg.linear_expert + cfg.slda_expert
+
+        def pool() -> FixedShare | LogLinearPool:
+            return LogLinearPool(M) if cfg.pool == "loglinear" else FixedShare(M, cfg.share)
+
+        self.pool = pool()
+        # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
+        # example, so the expert that wins online by following the current run of labels need not
+        # win there. heldout_mixture: a second pool, fitted on how each expert scored the newest
+        # chunk *as a held-out example*: the network without its context's newest HELDOUT_LAG
+        # examples, the linear read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG examples ago (its
+        # big SGD steps follow the current run), SLDA as it is (its class means do not follow runs).
+        self.heldout = pool() if cfg.heldout_mixture else None
+        lagged = cfg.heldout_mixture and self.linear is not None
+        self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if lagged else None
+        self.t = 0  # examples learned
+
+    def experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The experts' log-probs for a chunk ``x (C, D)``, the network's ``net (C, K)`` first,
+        stacked ``(M, C, K)``."""
+        experts = [net]
+        if self.linear is not None:
+            experts.append(self.linear.predict(x).to(net))
+        if self.slda is not None:
+            experts.append(F.log_softmax(self.slda.predict(x) * self.slda_temperature.scale, dim=1).to(net))
+        return torch.stack(experts)
+
+    def predict(self, experts: torch.Tensor) -> torch.Tensor:
+        """The pool of ``experts (M, C, K)``: log-probs ``(C, K)``."""
+        return self.pool.predict(experts)
+
+    def evaluate(self, experts: torch.Tensor) -> torch.Tensor:
+        """Held-out: the held-out pool's weights (``heldout_mixture``), else the online ones."""
+        return (self.heldout or self.pool).predict(experts)
+
+    def update(self, experts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               net_heldout: Callable[[int], torch.Tensor]) -> None:
+        """After a chunk was scored with ``experts (M, C, K)``: the pools learn how each expert did,
+        then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``net_heldout(lag)``: the
+        network's held-out log-probs of the chunk with its context's newest ``lag`` examples masked."""
+        self.pool.update(experts, y)
+        if self.heldout is not None:
+            held = experts.clone()
+            held[0] = net_heldout(self.HELDOUT_LAG).to(held)
+            if self.linear is not None:
+                held[1] = self._linear_lagged.predict(x).to(held)
+            self.heldout.update(held, y)
+            C, lag = x.shape[0], self.HELDOUT_LAG
+            if self.linear is not None and (self.t + C) // lag > self.t // lag:  # a lag between 1x and 2x
+                self._linear_lagged, self._linear_next = self._linear_next, copy.deepcopy(self.linear)
+        if self.linear is not None:
+            self.linear.update(x, y)
+        if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
+            self.slda_temperature.step(self.slda.predict(x), y)
+            self.slda.update(x, y)
+        self.t += x.shape[0]
