@@ -211,7 +211,7 @@ def test_resume_refusals_change_nothing(tmp_path):
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(OCLError, match="no checkpoint to resume"):
         run_experiment(config(tmp_path, "resume=true"), tmp_path / "empty")
-    with pytest.raises(OCLError, match=r"config differs[\s\S]*learner.lr: 1.0 -> 0.5"):
+    with pytest.raises(OCLError, match=r"config differs[\s\S]*learner.lr: 0.001 -> 0.5"):
         run_experiment(config(tmp_path, "protocol.max_examples=100", "learner.lr=0.5", "resume=true"), run)
     with pytest.raises(OCLError, match=r"config differs[\s\S]*near_future.every: 20 -> None"):
         run_experiment(config(tmp_path, "protocol.max_examples=100", "near_future.every=null", "resume=true"), run)
