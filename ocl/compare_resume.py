@@ -40,6 +40,7 @@ FREE_KEYS = RESUME_FREE_KEYS | frozenset({
     "workers", "engine", "ray",  # where and how many runs go at once: a record does not depend on it
     "plots", "rank_by",  # outputs rebuilt from the records at the end
     "learners", "seeds", "seed", "learner_options",  # which runs, with which options: checked run by run
+    "learner",  # `ocl run`'s learner group, unused by compare (each run's own learner config is checked)
     # how features are computed, not which: none of these is in the feature cache's key
     "backbone.threads", "backbone.batch_size", "backbone.device", "backbone.channels_last",
 })

@@ -155,6 +155,11 @@ def test_learners_and_seeds_may_grow_and_a_changed_learner_reruns(tmp_path, runs
                            "+learner_options.recent.window=7"), run_dir)
     assert runs == [("recent", 0), ("recent", 1)]
     assert "config of recent changed" in caplog.text and "window" in caplog.text
+    runs.clear()
+    # `ocl run`'s learner group (not used by compare; its default changed once) may differ
+    run_compare(config(tmp_path, "learners=[recent,linear,ncm]", "seeds=2", "plots=false", "resume=true",
+                       "+learner_options.recent.window=7", "learner=ncm"), run_dir)
+    assert runs == []
     assert [r["learner_config"].get("window") for r in saved(run_dir)["records"][:2]] == [7, 7]
 
 
