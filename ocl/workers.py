@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -60,7 +62,17 @@ def check_workers(value: Any) -> int:
     return value
 
 
-def _init_worker(level: int) -> None:
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit (status 1, no cleanup) once the parent process is gone. A worker whose parent was
+    killed (SIGKILL, SIGTERM, a crash) would otherwise run its current job to the end (a
+    transformer run on 50,000 examples: an hour) with nobody to take its record."""
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _init_worker(level: int, parent: int | None = None) -> None:
     # A spawned worker starts without the parent's logging setup (hydra's); log to stderr as
     # the CLI does, tagged with the worker's pid.
     logging.basicConfig(level=level, stream=sys.stderr, force=True,
@@ -73,6 +85,8 @@ def _init_worker(level: int) -> None:
     # never unregisters it, and the resource tracker then warns of "leaked semaphore objects".
     # A worker's bars are off (the parent draws the only one): a thread lock does.
     tqdm.set_lock(threading.RLock())
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
 
 
 def run_parallel(cfg: DictConfig, feats: Features, learners: dict[str, DictConfig], jobs: Sequence[tuple[str, int]],
@@ -129,7 +143,7 @@ def _pool(ship: Shipment, level: int, jobs: list[tuple[str, int]], workers: int
     """One process pool over ``jobs``, yielding records. Returns ``(unstarted, started)``: the
     runs lost when the pool broke, split by whether they had begun (both empty if it did not)."""
     ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(level,))
+                             initializer=_init_worker, initargs=(level, os.getpid()))
     markers = {job: ship.scratch / f"started-{uuid.uuid4().hex}" for job in jobs}
     futures: dict[Future, tuple[str, int]] = {
         ex.submit(run_shipped, ship.plain, ship.source, ship.train, ship.test, n, s, ship.learners[n],

@@ -191,3 +191,29 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    """SIGKILL to the parent alone (no signal reaches the workers): its workers notice within a
+    second or two and exit, instead of running their jobs to the end for nobody."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "ocl.cli", "compare", "progress=false", "plots=false", f"cache_dir={tmp_path / 'c'}",
+            "learners=[linear,transformer]", "workers=2", f"hydra.run.dir={run}"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    t0 = time.monotonic()
+    while not (run / "compare.json").exists() and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.05)  # the linear record landed: the transformer's worker is mid-run
+    assert p.poll() is None
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    t0 = time.monotonic()  # the watchdog polls every second; the transformer run alone would take ~10 s more
+    while _group_alive(p.pid) and time.monotonic() - t0 < 4:
+        time.sleep(0.1)
+    alive = _group_alive(p.pid)
+    if alive:
+        os.killpg(p.pid, signal.SIGKILL)
+    assert not alive, "a worker outlived its killed parent"
