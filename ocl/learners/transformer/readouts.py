@@ -99,6 +99,7 @@ class ReadOuts:
         lagged = cfg.heldout_mixture and self.linear is not None
         self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if lagged else None
         self.t = 0  # examples learned
+        self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
 
     def experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The experts' log-probs for a chunk ``x (C, D)``, the network's ``net (C, K)`` first,
@@ -107,7 +108,9 @@ class ReadOuts:
         if self.linear is not None:
             experts.append(self.linear.predict(x).to(net))
         if self.slda is not None:
-            experts.append(F.log_softmax(self.slda.predict(x) * self.slda_temperature.scale, dim=1).to(net))
+            raw = self.slda.predict(x)
+            self._slda_scored = (x, raw)  # update() fits the temperature on these: no second predict
+            experts.append(F.log_softmax(raw * self.slda_temperature.scale, dim=1).to(net))
         return torch.stack(experts)
 
     def predict(self, experts: torch.Tensor) -> torch.Tensor:
@@ -136,6 +139,8 @@ class ReadOuts:
         if self.linear is not None:
             self.linear.update(x, y)
         if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
-            self.slda_temperature.step(self.slda.predict(x), y)
+            seen, raw = self._slda_scored or (None, None)
+            self._slda_scored = None
+            self.slda_temperature.step(raw if seen is x else self.slda.predict(x), y)
             self.slda.update(x, y)
         self.t += x.shape[0]
