@@ -25,6 +25,8 @@ Usage (from the repository root; data under ../shared/data, or set OCL_SHARED_DA
     .venv/bin/python scripts/benchmark.py --streams bench_emnist_split --learners linear transformer
     .venv/bin/python scripts/benchmark.py --max-examples 500 --learners linear ncm --seeds 1   # smoke run
     .venv/bin/python scripts/benchmark.py --combine-only        # rebuild the table from the run dirs
+                                                                # (or, where one is gone, the records kept
+                                                                # beside the table: records/<stream>.json)
     .venv/bin/python scripts/benchmark.py -- threads=1 progress=false   # extra overrides for ocl compare
 
 ``--learners`` and ``--seeds`` choose what the table shows and what must have run; a stream's
@@ -169,13 +171,14 @@ def run_streams(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- combining
 
 
-def load_stream(run_dir: Path) -> dict[str, Any] | None:
+def load_stream(path: Path) -> dict[str, Any] | None:
+    """A stream's ``compare.json`` (or its copy kept beside the table); None if absent or unreadable."""
     try:
-        return json.loads((run_dir / "compare.json").read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        print(f"[benchmark] cannot read {run_dir / 'compare.json'}: {e}", file=sys.stderr)
+        print(f"[benchmark] cannot read {path}: {e}", file=sys.stderr)
         return None
 
 
@@ -192,7 +195,15 @@ def combine(args: argparse.Namespace) -> list[dict[str, Any]]:
     for experiment in args.streams:
         title = STREAMS.get(experiment, experiment)
         run_dir = args.out / experiment
-        payload = load_stream(run_dir)
+        # Each stream's records are kept beside the table (records/<stream>.json), so that the table can
+        # be rebuilt, and streams added to it, on a machine without the run directories.
+        kept = args.results / "records" / f"{experiment}.json"
+        payload, source = load_stream(run_dir / "compare.json"), f"run directory {run_dir}"
+        if payload is not None:
+            kept.parent.mkdir(exist_ok=True)
+            write_atomic(kept, json.dumps(payload, indent=1).encode())
+        else:
+            payload, source = load_stream(kept), f"records kept in {kept.relative_to(args.results)}"
         if payload is None:
             notes.append(f"{title} (`{experiment}`): not run yet ({run_dir}/compare.json missing)")
             continue
@@ -202,7 +213,7 @@ def combine(args: argparse.Namespace) -> list[dict[str, Any]]:
         setups[experiment] = s = payload["setup"]
         tasks = s["n_tasks"]
         notes.append(f"{title} (`{experiment}`): {s['stream']} / {s['protocol']}, {s['n_examples'] or 0:,} examples, "
-                     f"{tasks} task{'' if tasks == 1 else 's'}, {s['num_classes']} classes; run directory {run_dir}"
+                     f"{tasks} task{'' if tasks == 1 else 's'}, {s['num_classes']} classes; {source}"
                      + ("" if payload.get("complete") else " (incomplete: a comparison was interrupted)"))
         for row in aggregate(records, names, RANK_BY):
             rows.append({"stream": experiment, "title": title, "rank": row["rank"], "learner": row["learner"],

@@ -4,6 +4,7 @@ own on digits (pixels), 200 examples, 2 learners, 1 seed; then again, which must
 import csv
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,9 @@ def test_benchmark_runs_combines_and_reruns_nothing(setup):
     first = bench(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     results = tmp_path / "out" / "results"  # --max-examples: never over the committed table
-    assert sorted(p.name for p in results.iterdir()) == ["benchmark.csv", "benchmark.md", "tiny_iid_curves.png",
-                                                         "tiny_split_curves.png"]
+    assert sorted(p.name for p in results.iterdir()) == ["benchmark.csv", "benchmark.md", "records",
+                                                         "tiny_iid_curves.png", "tiny_split_curves.png"]
+    assert sorted(p.name for p in (results / "records").iterdir()) == ["tiny_iid.json", "tiny_split.json"]
     with open(results / "benchmark.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["stream"], r["learner"]) for r in rows if r["learner"] == "linear"] == [("tiny_split", "linear"),
@@ -81,6 +83,14 @@ def test_benchmark_runs_combines_and_reruns_nothing(setup):
     assert third.returncode == 0 and "ocl.cli compare" not in third.stderr
     rebuilt = (results / "benchmark.md").read_text().splitlines()
     assert "--combine-only" in rebuilt[2] and rebuilt[3:] == md.splitlines()[3:]  # all but the command line
+
+    # without the run directories (a fresh clone): the same table from the records kept beside it
+    shutil.rmtree(tmp_path / "out" / "tiny_iid")
+    fourth = bench(*args[:-3], "--combine-only")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    again = (results / "benchmark.md").read_text()
+    assert "records kept in records/tiny_iid.json" in again and f"run directory {tmp_path / 'out' / 'tiny_split'}" in again
+    assert again.split("## Online accuracy")[1] == md.split("## Online accuracy")[1]
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path):
