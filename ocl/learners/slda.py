@@ -45,6 +45,12 @@ class SLDALearner(Learner):
         refresh_every: examples between precision inversions (1 = always exact; larger
             saves O(D^3) work per chunk on wide features, at the price of a precision that
             lags by up to that many examples; ``"auto"``: ``ceil(D^2 / 2^14)``).
+        precision_dtype: ``"float32"`` or ``"float64"``: the dtype in which the shrunk
+            covariance is factorised and inverted (statistics are always kept in float64).
+            float32 makes a refresh 2.3x cheaper (D = 1280: 60 ms against 140) and, with the
+            shrinkage bounding the condition number, gave the same online accuracy and
+            log-loss to 4 digits on pretrained CIFAR-10 features; float64 matches
+            scikit-learn to 1e-6.
     """
 
     name = "slda"
@@ -58,6 +64,7 @@ class SLDALearner(Learner):
         priors: bool = False,
         floor: float = 0.01,
         refresh_every: int | str = "auto",
+        precision_dtype: str = "float32",
     ) -> None:
         if refresh_every == "auto":
             # Amortise the O(D^3) inversion to O(D * 2^14) flops per example (the order of a
@@ -71,7 +78,10 @@ class SLDALearner(Learner):
                 f"slda: need 0 <= shrinkage <= 1, 0 < floor < 1, refresh_every >= 1; "
                 f"got {shrinkage}, {floor}, {refresh_every}."
             )
+        if precision_dtype not in ("float32", "float64"):
+            raise OCLError(f"slda: precision_dtype must be 'float32' or 'float64'; got {precision_dtype!r}.")
         super().__init__(feature_dim, num_classes, seed)
+        self.precision_dtype = getattr(torch, precision_dtype)
         self.shrinkage = shrinkage
         self.priors = priors
         self.floor = floor
@@ -112,7 +122,8 @@ class SLDALearner(Learner):
         return self.scatter / max(self.n, 1)
 
     def precision(self) -> torch.Tensor:
-        """``(D, D)`` inverse of the shrunk covariance, recomputed lazily."""
+        """``(D, D)`` inverse of the shrunk covariance (``precision_dtype``, or float64 where it
+        took a pseudo-inverse), recomputed lazily."""
         if self._precision is None or self._stale >= self.refresh_every:
             cov = self.covariance
             scale = float(torch.diagonal(cov).mean())
@@ -120,12 +131,12 @@ class SLDALearner(Learner):
             eye = torch.eye(self.dim, dtype=torch.float64)
             shrunk = (1 - self.shrinkage) * cov + self.shrinkage * scale * eye
             shrunk = shrunk + 1e-10 * scale * eye  # keeps shrinkage=0 invertible on dead dims
-            chol, info = torch.linalg.cholesky_ex(shrunk)
+            chol, info = torch.linalg.cholesky_ex(shrunk.to(self.precision_dtype))
             if int(info) == 0:
                 # row-major: cholesky_inverse returns column-major strides, and (D, D) @ (D, k) on those
                 # took 10-15x longer (27 ms against 2 at D = 1280) in every scores() call after a refresh
                 self._precision = torch.cholesky_inverse(chol).contiguous()
-            else:  # numerically singular (shrinkage ~0, fewer examples than D): pseudo-inverse
+            else:  # numerically singular (shrinkage ~0, fewer examples than D): pseudo-inverse, in float64
                 self._precision = torch.linalg.pinv(shrunk, hermitian=True)
             self._stale = 0
             self._w_ok[:] = False
@@ -138,7 +149,7 @@ class SLDALearner(Learner):
         prec = self.precision()
         todo = torch.nonzero(seen & ~self._w_ok).flatten()
         if todo.numel():
-            self._w[:, todo] = prec @ self.means[todo].T
+            self._w[:, todo] = (prec @ self.means[todo].T.to(prec.dtype)).double()
             self._w_ok[todo] = True
         w = self._w[:, seen]  # (D, K')
         b = -0.5 * (mu * w.T).sum(1)  # (K',)
