@@ -10,7 +10,9 @@ and CSV, and one online-accuracy plot per stream, into ``scripts/results/benchma
 
 Resumable: features are cached (``~/.cache/ocl/features``) and ``resume=true`` keeps every run
 that finished, so running the same command again redoes nothing that finished (after a
-Ctrl-C, a crash or a reboot it runs only what is missing). Streams:
+Ctrl-C, a crash or a reboot it runs only what is missing). Each stream's records are also kept
+beside the table (``records/<stream>.json``): on a machine without the run directory, a stream
+resumes from them. Streams:
 
     bench_cifar_split     CIFAR-10, 5-task class-incremental split, all 50,000 images
     bench_cifar_iid       CIFAR-10, iid order
@@ -142,10 +144,22 @@ def compare_command(args: argparse.Namespace, experiment: str) -> list[str]:
     return cmd + list(args.extra)
 
 
+def seed_from_kept_records(args: argparse.Namespace, experiment: str) -> None:
+    """A stream without a run directory whose records are kept beside the table (a fresh clone, another
+    machine) resumes from them: they become its ``compare.json``, so ``ocl compare resume=true`` keeps
+    the runs they hold (after checking the config and the data's fingerprints) and runs the rest."""
+    run_dir, kept = args.out / experiment, args.results / "records" / f"{experiment}.json"
+    if not (run_dir / "compare.json").exists() and kept.exists() and not args.dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "compare.json", kept.read_bytes())
+        print(f"[benchmark] {experiment}: resuming from the records kept in {kept}", file=sys.stderr, flush=True)
+
+
 def run_streams(args: argparse.Namespace) -> int:
     """Run every stream's comparison; returns the worst exit code (130 stops at once)."""
     worst = 0
     for experiment in args.streams:
+        seed_from_kept_records(args, experiment)
         cmd = compare_command(args, experiment)
         if args.dry_run:
             print(shlex.join(cmd))

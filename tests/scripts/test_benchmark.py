@@ -92,6 +92,12 @@ def test_benchmark_runs_combines_and_reruns_nothing(setup):
     assert "records kept in records/tiny_iid.json" in again and f"run directory {tmp_path / 'out' / 'tiny_split'}" in again
     assert again.split("## Online accuracy")[1] == md.split("## Online accuracy")[1]
 
+    # and running the benchmark there resumes from those records: nothing runs again
+    fifth = bench(*args)
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    assert "tiny_iid: resuming from the records kept in" in fifth.stderr and fifth.stderr.count("0 to run") == 2
+    assert records(tmp_path / "out") == before
+
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path):
     run = bench("--dry-run", "--out", str(tmp_path / "out"), "--learners", "linear", "transformer", "--workers", "3")
