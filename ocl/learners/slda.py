@@ -47,7 +47,7 @@ class SLDALearner(Learner):
             lags by up to that many examples; ``"auto"``: ``ceil(D^2 / 2^14)``).
         precision_dtype: ``"float32"`` or ``"float64"``: the dtype in which the shrunk
             covariance is factorised and inverted (statistics are always kept in float64).
-            float32 makes a refresh 2.3x cheaper (D = 1280: 60 ms against 140) and, with the
+            float32 makes a refresh 2.3x cheaper (D = 1280: ~60 ms against ~140) and, with the
             shrinkage bounding the condition number, gave the same online accuracy and
             log-loss to 4 digits on pretrained CIFAR-10 features; float64 matches
             scikit-learn to 1e-6.
@@ -86,7 +86,6 @@ class SLDALearner(Learner):
         self.priors = priors
         self.floor = floor
         self.refresh_every = refresh_every
-        self.dim = feature_dim
         self.counts = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
         self.means = torch.zeros(num_classes, feature_dim, dtype=torch.float64)  # (K, D)
         self.scatter = torch.zeros(feature_dim, feature_dim, dtype=torch.float64)  # (D, D) S
