@@ -3,6 +3,7 @@ Learning with Deep Streaming Linear Discriminant Analysis")."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -103,6 +104,7 @@ class SLDALearner(Learner):
         # when its terms are added).
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
+        self.is_frozen = False  # a frozen() copy: predicts, never learns
 
     #: Pending rows that trigger a flush on their own (bounds their memory to 1024 D doubles).
     MAX_PENDING_ROWS = 1024
@@ -147,11 +149,29 @@ class SLDALearner(Learner):
             self._w_ok[:] = False
         return self._precision
 
+    def frozen(self) -> SLDALearner:
+        """A copy that predicts as this learner does now and never changes (it refuses
+        ``update``): the current precision (shared, never written in place), class statistics
+        and discriminant columns, without the ``(D, D)`` scatter. For scoring the learner as it
+        stood some examples ago (the transformer's lagged held-out experts)."""
+        # Refreshed now if due, so the copy never needs the scatter: the learner's next predict
+        # would refresh it from these same statistics. Before any example there is nothing to
+        # invert (and predict needs no precision); refreshing then would change when the learner's
+        # own first refresh happens.
+        prec = self.precision() if self.n else None
+        snap = copy.copy(self)
+        snap.counts, snap.means = self.counts.clone(), self.means.clone()
+        snap._w, snap._w_ok = self._w.clone(), self._w_ok.clone()
+        snap._precision, snap._stale, snap.refresh_every = prec, 0, math.inf
+        snap.scatter, snap._pending, snap._pending_rows = None, [], 0
+        snap.is_frozen = True
+        return snap
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``(C, K_seen)`` discriminant scores of the seen classes (in class order)."""
         seen = self.counts > 0
         mu = self.means[seen]  # (K', D)
-        prec = self.precision()
+        prec = self.precision() if self.n else None
         todo = torch.nonzero(seen & ~self._w_ok).flatten()
         if todo.numel():
             self._w[:, todo] = (prec @ self.means[todo].T.to(prec.dtype)).double()
@@ -174,6 +194,8 @@ class SLDALearner(Learner):
         return p.log().float()
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.is_frozen:
+            raise OCLError("slda: a frozen() copy does not learn.")
         self.check(x, y)
         x = x.double()
         for cls in torch.unique(y).tolist():

@@ -118,3 +118,19 @@ def test_float32_precision_predicts_like_float64():
     assert not torch.equal(out["float32"], out["float64"])  # it did compute in float32
     with pytest.raises(OCLError, match="precision_dtype"):
         SLDALearner(dim, classes, precision_dtype="half")
+
+
+def test_a_frozen_copy_predicts_as_the_learner_did_and_never_learns():
+    """``frozen()`` (the transformer's lagged held-out expert): the learner's predictions at the
+    time of the copy, unchanged by what the learner learns after it, without the scatter."""
+    x, y = make_clusters(60, dim=D, classes=K, seed=1, spread=0.5)  # overlapping: predictions not saturated
+    learner = SLDALearner(D, K, refresh_every=7)
+    learner.update(x[:25], y[:25])
+    before = learner.predict(x)
+    snap = learner.frozen()
+    assert snap.scatter is None
+    learner.update(x[25:], y[25:])
+    assert not torch.allclose(learner.predict(x), before)
+    torch.testing.assert_close(snap.predict(x), before, rtol=0, atol=0)
+    with pytest.raises(OCLError, match="frozen"):
+        snap.update(x[:2], y[:2])

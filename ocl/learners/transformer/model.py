@@ -46,6 +46,7 @@ class TransformerConfig:
     eval_batch: int = 256  # held-out examples per evaluate() forward
     pool: str = "loglinear"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
     heldout_mixture: bool = False  # evaluate() mixes the experts with weights fitted on held-out-style scores (learner.py)
+    heldout_lag: int = 100  # heldout_mixture: how far ahead the held-out scores look, in examples (readouts.py)
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     linear_expert: bool = True  # an expert pooled with the network: an online linear read-out (mixture.py)
     share: float = 0.01  # pool=fixed_share: its rate (mixture.py), how fast the weight can move back
@@ -69,7 +70,7 @@ class TransformerConfig:
             raise bad("attn", f"must be one of {BACKENDS}.")
         if self.d_model % self.n_heads:
             raise bad("d_model", f"must be divisible by n_heads={self.n_heads}.")
-        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch"):
+        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch", "heldout_lag"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1.")
         for key in ("window", "warmup", "lr", "weight_decay", "grad_clip", "temp_lr"):

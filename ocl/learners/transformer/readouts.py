@@ -69,12 +69,8 @@ class ReadOuts:
         num_classes: K.
         seed: the read-outs' seed.
         cfg: the learner's options (``linear_expert``, ``linear_lr``, ``slda_expert``, ``pool``,
-            ``share``, ``temp_lr``, ``heldout_mixture``).
+            ``share``, ``temp_lr``, ``heldout_mixture``, ``heldout_lag``).
     """
-
-    #: heldout_mixture: the linear read-out is scored as it stood this many to twice as many
-    #: examples ago, and the network without its context's newest this many examples.
-    HELDOUT_LAG = 50
 
     def __init__(self, feature_dim: int, num_classes: int, seed: int, cfg: TransformerConfig) -> None:
         self.linear = LinearLearner(feature_dim, num_classes, seed, lr=cfg.linear_lr) if cfg.linear_expert else None
@@ -92,14 +88,19 @@ class ReadOuts:
         # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
         # example, so the expert that wins online by following the current run of labels need not
         # win there. heldout_mixture: a second pool, fitted on how each expert scored the newest
-        # chunk *as a held-out example*: the network without its context's newest HELDOUT_LAG
-        # examples, the linear read-out as it stood HELDOUT_LAG to 2 HELDOUT_LAG examples ago (its
-        # big SGD steps follow the current run), SLDA as it is (its class means do not follow runs).
+        # chunk *as a held-out example*, as an evaluation lag examples ahead would have scored it:
+        # the network without its context's newest `lag` examples, the read-outs as they stood
+        # lag to 2 lag examples ago (frozen copies, renewed every lag examples).
         self.heldout = pool() if cfg.heldout_mixture else None
-        lagged = cfg.heldout_mixture and self.linear is not None
-        self._linear_lagged = self._linear_next = copy.deepcopy(self.linear) if lagged else None
+        self.lag = cfg.heldout_lag
+        self._lagged = self._next = self._snapshot() if cfg.heldout_mixture else None
         self.t = 0  # examples learned
         self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
+
+    def _snapshot(self) -> tuple[LinearLearner | None, SLDALearner | None]:
+        """Frozen copies of the read-outs as they stand now."""
+        return (copy.deepcopy(self.linear) if self.linear is not None else None,
+                self.slda.frozen() if self.slda is not None else None)
 
     def experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The experts' log-probs for a chunk ``x (C, D)``, the network's ``net (C, K)`` first,
@@ -110,8 +111,11 @@ class ReadOuts:
         if self.slda is not None:
             raw = self.slda.predict(x)
             self._slda_scored = (x, raw)  # update() fits the temperature on these: no second predict
-            experts.append(F.log_softmax(raw * self.slda_temperature.scale, dim=1).to(net))
+            experts.append(self._calibrated(raw).to(net))
         return torch.stack(experts)
+
+    def _calibrated(self, slda_raw: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(slda_raw * self.slda_temperature.scale, dim=1)
 
     def predict(self, experts: torch.Tensor) -> torch.Tensor:
         """The pool of ``experts (M, C, K)``: log-probs ``(C, K)``."""
@@ -129,13 +133,16 @@ class ReadOuts:
         self.pool.update(experts, y)
         if self.heldout is not None:
             held = experts.clone()
-            held[0] = net_heldout(self.HELDOUT_LAG).to(held)
-            if self.linear is not None:
-                held[1] = self._linear_lagged.predict(x).to(held)
+            held[0] = net_heldout(self.lag).to(held)
+            linear, slda = self._lagged
+            if linear is not None:
+                held[1] = linear.predict(x).to(held)
+            if slda is not None:
+                held[-1] = self._calibrated(slda.predict(x)).to(held)
             self.heldout.update(held, y)
-            C, lag = x.shape[0], self.HELDOUT_LAG
-            if self.linear is not None and (self.t + C) // lag > self.t // lag:  # a lag between 1x and 2x
-                self._linear_lagged, self._linear_next = self._linear_next, copy.deepcopy(self.linear)
+            C = x.shape[0]
+            if (self.t + C) // self.lag > self.t // self.lag:  # copies between lag and 2 lag examples old
+                self._lagged, self._next = self._next, None
         if self.linear is not None:
             self.linear.update(x, y)
         if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
@@ -144,3 +151,5 @@ class ReadOuts:
             self.slda_temperature.step(raw if seen is x else self.slda.predict(x), y)
             self.slda.update(x, y)
         self.t += x.shape[0]
+        if self.heldout is not None and self._next is None:  # after learning the chunk, like the evaluation
+            self._next = self._snapshot()

@@ -146,7 +146,7 @@ def test_heldout_mixture_weighs_experts_by_how_they_score_unseen_examples():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(6).repeat_interleave(40) % 3  # runs of 40
     x = torch.randn(y.shape[0], 8, generator=g)  # no information about the class
-    cfg = dict(TINY, heldout_mixture=True, eval_context="none")
+    cfg = dict(TINY, heldout_mixture=True, heldout_lag=50, eval_context="none")  # lagged past a whole run
     learner = TransformerLearner(8, 3, seed=0, **cfg)
     prequential(learner, x, y, 1)
     assert learner.readouts.heldout.weights[1] < learner.readouts.pool.weights[1] - 0.2
@@ -190,3 +190,42 @@ def test_heldout_scores_the_network_without_its_newest_context():
     torch.testing.assert_close(learner._net_evaluate(xe, lag=4), blind._net_evaluate(xe), rtol=0, atol=1e-6)
     partial = learner._net_evaluate(xe, lag=2)
     assert not torch.allclose(partial, learner._net_evaluate(xe)) and not torch.allclose(partial, blind._net_evaluate(xe))
+
+
+def test_heldout_read_outs_are_scored_as_they_stood_lag_to_twice_lag_examples_ago():
+    """``heldout_lag``: the held-out pool scores each new example with frozen copies of the
+    read-outs that had learned the stream up to the last multiple of the lag before the one
+    before it (between lag and 2 lag examples old), i.e. what a learner that stood there would
+    have predicted for an example that far ahead."""
+    x, y = clusters(23)
+    lag = 5
+    learner = TransformerLearner(8, 3, seed=0, **TINY | dict(slda_expert=True, heldout_mixture=True, heldout_lag=lag))
+    prequential(learner, x, y, 1)
+    k = (23 // lag) * lag - lag  # 15: the copies' last example learned
+    linear, slda = LinearLearner(8, 3, seed=0, lr=learner.cfg.linear_lr), SLDALearner(8, 3, seed=0)
+    for i in range(k):  # one example at a time, as the learner's read-outs learned them
+        linear.update(x[i : i + 1], y[i : i + 1])
+        slda.update(x[i : i + 1], y[i : i + 1])
+    lagged_linear, lagged_slda = learner.readouts._lagged
+    torch.testing.assert_close(lagged_linear.predict(x), linear.predict(x))
+    torch.testing.assert_close(lagged_slda.predict(x), slda.predict(x))
+    torch.testing.assert_close(learner.readouts.linear.predict(x), _trained(LinearLearner(8, 3, seed=0), x, y))
+
+
+def _trained(learner, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``learner``'s log-probs of ``x`` after learning ``x``, ``y`` one example at a time."""
+    for i in range(x.shape[0]):
+        learner.update(x[i : i + 1], y[i : i + 1])
+    return learner.predict(x)
+
+
+def test_heldout_options_change_no_online_prediction():
+    """The held-out pool and its lagged copies only change ``evaluate``: the online predictions
+    are exactly those of the learner without them (its read-outs learn and refresh alike: at
+    D = 200 SLDA refreshes its precision every 3 examples, so a copy that refreshed it early
+    would show)."""
+    x, y = clusters(40, dim=200, spread=0.1)  # overlapping classes: SLDA far from saturated
+    cfg = TINY | dict(slda_expert=True, pool="loglinear")
+    plain = prequential(TransformerLearner(200, 3, seed=0, **cfg), x, y, 1)
+    held = prequential(TransformerLearner(200, 3, seed=0, **cfg, heldout_mixture=True, heldout_lag=5), x, y, 1)
+    torch.testing.assert_close(held, plain, rtol=0, atol=0)
