@@ -3,6 +3,7 @@ training step and the output temperature (see the package docstring for the meth
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -252,7 +253,7 @@ class TransformerLearner(Learner):
         if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
             experts = pending.experts if same else \
                 self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            self.readouts.update(experts, x, y, lambda lag: self._net_evaluate(xd, lag))
+            self.readouts.update(experts, x, y, self._frozen_network)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(raw, yd)
         lr = self._lr(self.t + xd.shape[0])
@@ -345,14 +346,16 @@ class TransformerLearner(Learner):
             return log_probs
         return self.readouts.evaluate(self.readouts.experts(log_probs, x))
 
-    def _net_evaluate(self, xd: torch.Tensor, lag: int = 0) -> torch.Tensor:
-        """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device);
-        ``lag``: the context's newest ``lag`` examples masked (what it held that long ago, minus
-        what has left the window since)."""
+    @torch.no_grad()
+    def heldout_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's held-out log-probs ``(N, K)`` of ``x (N, D)``, without the read-outs
+        (on ``x``'s device). No state changes."""
+        return self._net_evaluate(x.to(self.device, torch.float32)).to(x.device)
+
+    def _net_evaluate(self, xd: torch.Tensor) -> torch.Tensor:
+        """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device)."""
         self._set_training(False)
         rows, ctx_pos = self._eval_context()
-        if lag:
-            ctx_pos = ctx_pos.masked_fill(ctx_pos >= (self.t - lag) * self.model.tokens_per_example, -1)
         n = ctx_pos.shape[0]
         qpos = (ctx_pos.max(1).values + 1).clamp_min(0) if self.cfg.eval_context == "replay" else \
             torch.full((n,), self.t, device=self.device)  # (n,) each query as its stream's next example
@@ -364,6 +367,16 @@ class TransformerLearner(Learner):
             lp = F.log_softmax(logits * self._scale(), dim=2)
             out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
         return torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
+
+    def _frozen_network(self) -> TransformerLearner:
+        """A copy whose :meth:`heldout_log_probs` stay what this learner's are now: its own network,
+        caches and temperature; nothing else (no read-outs, optimizer, replay history). The
+        held-out pool scores later examples with it (``heldout_mixture``, readouts.py)."""
+        frozen = copy.copy(self)
+        frozen.model, frozen.cache = copy.deepcopy(self.model), copy.deepcopy(self.cache)
+        frozen.temperature = copy.deepcopy(self.temperature)
+        frozen.readouts = frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
+        return frozen
 
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows ``(n,)`` and slot positions ``(n, S)`` that held-out examples attend to

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,12 @@ from ocl.learners.linear import LinearLearner
 from ocl.learners.slda import SLDALearner
 from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
 from ocl.learners.transformer.model import TransformerConfig
+
+
+class NetworkCopy(Protocol):
+    """A frozen copy of the network: its held-out log-probs ``(C, K)`` of a chunk ``x (C, D)``."""
+
+    def heldout_log_probs(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class Temperature:
@@ -88,18 +94,21 @@ class ReadOuts:
         # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
         # example, so the expert that wins online by following the current run of labels need not
         # win there. heldout_mixture: a second pool, fitted on how each expert scored the newest
-        # chunk *as a held-out example*, as an evaluation lag examples ahead would have scored it:
-        # the network without its context's newest `lag` examples, the read-outs as they stood
-        # lag to 2 lag examples ago (frozen copies, renewed every lag examples).
+        # chunk as the learner's evaluate() would have scored it lag to 2 lag examples earlier (an
+        # evaluation that far ahead): frozen copies of the experts (network with its caches, both
+        # read-outs), renewed every lag examples.
         self.heldout = pool() if cfg.heldout_mixture else None
         self.lag = cfg.heldout_lag
-        self._lagged = self._next = self._snapshot() if cfg.heldout_mixture else None
+        self._lagged: tuple | None = None  # (network, linear, slda) copies, lag to 2 lag examples old
+        self._newest: tuple | None = None  # the newest copies, and the example count they were made at
+        self._frozen_at = 0
         self.t = 0  # examples learned
         self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
 
-    def _snapshot(self) -> tuple[LinearLearner | None, SLDALearner | None]:
-        """Frozen copies of the read-outs as they stand now."""
-        return (copy.deepcopy(self.linear) if self.linear is not None else None,
+    def _freeze(self, network: Callable[[], NetworkCopy]) -> tuple:
+        """Frozen copies of the experts as they stand now (``network()`` makes the network's)."""
+        self._frozen_at = self.t
+        return (network(), copy.deepcopy(self.linear) if self.linear is not None else None,
                 self.slda.frozen() if self.slda is not None else None)
 
     def experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -126,23 +135,24 @@ class ReadOuts:
         return (self.heldout or self.pool).predict(experts)
 
     def update(self, experts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-               net_heldout: Callable[[int], torch.Tensor]) -> None:
+               network: Callable[[], NetworkCopy]) -> None:
         """After a chunk was scored with ``experts (M, C, K)``: the pools learn how each expert did,
-        then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``net_heldout(lag)``: the
-        network's held-out log-probs of the chunk with its context's newest ``lag`` examples masked."""
+        then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``network()``: a frozen copy
+        of the network as it stands (made only with ``heldout_mixture``, every lag examples)."""
         self.pool.update(experts, y)
         if self.heldout is not None:
+            if self._lagged is None:  # the first chunk: nothing learned yet
+                self._lagged = self._newest = self._freeze(network)
+            elif self.t // self.lag > self._frozen_at // self.lag:  # a multiple of lag passed since the newest
+                self._lagged, self._newest = self._newest, self._freeze(network)
+            net, linear, slda = self._lagged
             held = experts.clone()
-            held[0] = net_heldout(self.lag).to(held)
-            linear, slda = self._lagged
+            held[0] = net.heldout_log_probs(x).to(held)
             if linear is not None:
                 held[1] = linear.predict(x).to(held)
             if slda is not None:
                 held[-1] = self._calibrated(slda.predict(x)).to(held)
             self.heldout.update(held, y)
-            C = x.shape[0]
-            if (self.t + C) // self.lag > self.t // self.lag:  # copies between lag and 2 lag examples old
-                self._lagged, self._next = self._next, None
         if self.linear is not None:
             self.linear.update(x, y)
         if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns
@@ -151,5 +161,3 @@ class ReadOuts:
             self.slda_temperature.step(raw if seen is x else self.slda.predict(x), y)
             self.slda.update(x, y)
         self.t += x.shape[0]
-        if self.heldout is not None and self._next is None:  # after learning the chunk, like the evaluation
-            self._next = self._snapshot()

@@ -150,7 +150,7 @@ def test_heldout_mixture_weighs_experts_by_how_they_score_unseen_examples():
     learner = TransformerLearner(8, 3, seed=0, **cfg)
     prequential(learner, x, y, 1)
     assert learner.readouts.heldout.weights[1] < learner.readouts.pool.weights[1] - 0.2
-    experts = learner.readouts.experts(learner._net_evaluate(x[:5]), x[:5])
+    experts = learner.readouts.experts(learner.heldout_log_probs(x[:5]), x[:5])
     torch.testing.assert_close(learner.evaluate(x[:5]), learner.readouts.heldout.predict(experts))
     check_learner(functools.partial(TransformerLearner, **cfg))
 
@@ -177,46 +177,26 @@ def test_loglinear_pool_steps_adam_on_its_log_loss():
     check_learner(functools.partial(TransformerLearner, **TINY | dict(pool="loglinear", slda_expert=True)))
 
 
-def test_heldout_scores_the_network_without_its_newest_context():
-    """The network's held-out score masks the newest ``lag`` examples of its context: a lag of the
-    whole window gives the prediction without context (the same network: held-out options do not
-    change training), a shorter one something in between."""
-    x, y = clusters(30)
-    learner = TransformerLearner(8, 3, seed=0, **TINY, heldout_mixture=True)  # window 4
-    prequential(learner, x, y, 1)
-    blind = TransformerLearner(8, 3, seed=0, **TINY, heldout_mixture=True, eval_context="none")
-    prequential(blind, x, y, 1)
-    xe = x[:5]
-    torch.testing.assert_close(learner._net_evaluate(xe, lag=4), blind._net_evaluate(xe), rtol=0, atol=1e-6)
-    partial = learner._net_evaluate(xe, lag=2)
-    assert not torch.allclose(partial, learner._net_evaluate(xe)) and not torch.allclose(partial, blind._net_evaluate(xe))
-
-
-def test_heldout_read_outs_are_scored_as_they_stood_lag_to_twice_lag_examples_ago():
+def test_heldout_experts_are_scored_as_they_stood_lag_to_twice_lag_examples_ago():
     """``heldout_lag``: the held-out pool scores each new example with frozen copies of the
-    read-outs that had learned the stream up to the last multiple of the lag before the one
-    before it (between lag and 2 lag examples old), i.e. what a learner that stood there would
-    have predicted for an example that far ahead."""
+    experts (the network with its caches, both read-outs) as they stood at the last multiple of
+    the lag before the one before it (between lag and 2 lag examples old): what the learner's
+    evaluate() there would have said of an example that far ahead."""
     x, y = clusters(23)
-    lag = 5
-    learner = TransformerLearner(8, 3, seed=0, **TINY | dict(slda_expert=True, heldout_mixture=True, heldout_lag=lag))
+    lag, k = 5, 15  # after 23 examples, the copies made at 15 are the lagged ones
+    cfg = TINY | dict(slda_expert=True)
+    learner = TransformerLearner(8, 3, seed=0, **cfg, heldout_mixture=True, heldout_lag=lag)
     prequential(learner, x, y, 1)
-    k = (23 // lag) * lag - lag  # 15: the copies' last example learned
-    linear, slda = LinearLearner(8, 3, seed=0, lr=learner.cfg.linear_lr), SLDALearner(8, 3, seed=0)
-    for i in range(k):  # one example at a time, as the learner's read-outs learned them
-        linear.update(x[i : i + 1], y[i : i + 1])
-        slda.update(x[i : i + 1], y[i : i + 1])
-    lagged_linear, lagged_slda = learner.readouts._lagged
-    torch.testing.assert_close(lagged_linear.predict(x), linear.predict(x))
-    torch.testing.assert_close(lagged_slda.predict(x), slda.predict(x))
-    torch.testing.assert_close(learner.readouts.linear.predict(x), _trained(LinearLearner(8, 3, seed=0), x, y))
+    then = TransformerLearner(8, 3, seed=0, **cfg)  # the same learner, stopped at k
+    prequential(then, x[:k], y[:k], 1)
+    net, linear, slda = learner.readouts._lagged
+    torch.testing.assert_close(net.heldout_log_probs(x), then.heldout_log_probs(x), rtol=0, atol=0)
+    torch.testing.assert_close(linear.predict(x), then.readouts.linear.predict(x), rtol=0, atol=0)
+    torch.testing.assert_close(slda.predict(x), then.readouts.slda.predict(x), rtol=0, atol=0)
+    assert not torch.allclose(net.heldout_log_probs(x), learner.heldout_log_probs(x))
+    assert not torch.allclose(linear.predict(x), learner.readouts.linear.predict(x))
+    check_learner(functools.partial(TransformerLearner, **cfg, heldout_mixture=True, heldout_lag=3))
 
-
-def _trained(learner, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``learner``'s log-probs of ``x`` after learning ``x``, ``y`` one example at a time."""
-    for i in range(x.shape[0]):
-        learner.update(x[i : i + 1], y[i : i + 1])
-    return learner.predict(x)
 
 
 def test_heldout_options_change_no_online_prediction():
