@@ -127,6 +127,7 @@ class TransformerLearner(Learner):
         self.skipped_updates = 0
         self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
+        self._past_rng = np.random.default_rng([seed, 1])  # heldout_scores=past: which past example
         self.graphs = StepGraphs(self) if cfg.cuda_graph else None
         # The prediction: the network pooled with read-out experts of the same features (readouts.py).
         self.readouts = ReadOuts(feature_dim, num_classes, seed, cfg) if cfg.linear_expert or cfg.slda_expert else None
@@ -253,7 +254,8 @@ class TransformerLearner(Learner):
         if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
             experts = pending.experts if same else \
                 self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            self.readouts.update(experts, x, y, self._frozen_network)
+            past = self._past_example(x.device) if self.cfg.heldout_mixture and self.cfg.heldout_scores == "past" else None
+            self.readouts.update(experts, x, y, self, past)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(raw, yd)
         lr = self._lr(self.t + xd.shape[0])
@@ -368,7 +370,7 @@ class TransformerLearner(Learner):
             out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
         return torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
 
-    def _frozen_network(self) -> TransformerLearner:
+    def frozen_network(self) -> TransformerLearner:
         """A copy whose :meth:`heldout_log_probs` stay what this learner's are now: its own network,
         caches and temperature; nothing else (no read-outs, optimizer, replay history). The
         held-out pool scores later examples with it (``heldout_mixture``, readouts.py)."""
@@ -377,6 +379,16 @@ class TransformerLearner(Learner):
         frozen.temperature = copy.deepcopy(self.temperature)
         frozen.readouts = frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
         return frozen
+
+    def _past_example(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One revealed example older than the context window, drawn uniformly: ``(1, D)``, ``(1,)``
+        on ``device`` (None while there is none). Only ever a revealed one: the history holds
+        nothing else."""
+        older = self.t - self.cfg.window
+        if older <= 0:
+            return None
+        x, y = self.history.chunks(self._past_rng.integers(0, older, size=1), 1)  # (1, 1, D), (1, 1)
+        return x[0].to(device), y[0].to(device)
 
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows ``(n,)`` and slot positions ``(n, S)`` that held-out examples attend to

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,14 @@ from ocl.learners.transformer.mixture import FixedShare, LogLinearPool
 from ocl.learners.transformer.model import TransformerConfig
 
 
-class NetworkCopy(Protocol):
-    """A frozen copy of the network: its held-out log-probs ``(C, K)`` of a chunk ``x (C, D)``."""
+class Network(Protocol):
+    """The learner's network as the held-out pool sees it (``TransformerLearner``)."""
 
-    def heldout_log_probs(self, x: torch.Tensor) -> torch.Tensor: ...
+    def heldout_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Held-out log-probs ``(C, K)`` of a chunk ``x (C, D)``."""
+
+    def frozen_network(self) -> Network:
+        """A copy whose held-out log-probs stay what they are now."""
 
 
 class Temperature:
@@ -75,7 +79,7 @@ class ReadOuts:
         num_classes: K.
         seed: the read-outs' seed.
         cfg: the learner's options (``linear_expert``, ``linear_lr``, ``slda_expert``, ``pool``,
-            ``share``, ``temp_lr``, ``heldout_mixture``, ``heldout_lag``).
+            ``share``, ``temp_lr``, ``heldout_mixture``, ``heldout_scores``, ``heldout_lag``).
     """
 
     def __init__(self, feature_dim: int, num_classes: int, seed: int, cfg: TransformerConfig) -> None:
@@ -93,11 +97,14 @@ class ReadOuts:
         self.pool = pool()
         # Held-out predictions (evaluate: test sets, near-future accuracy) are not the stream's next
         # example, so the expert that wins online by following the current run of labels need not
-        # win there. heldout_mixture: a second pool, fitted on how each expert scored the newest
-        # chunk as the learner's evaluate() would have scored it lag to 2 lag examples earlier (an
-        # evaluation that far ahead): frozen copies of the experts (network with its caches, both
-        # read-outs), renewed every lag examples.
+        # win there. heldout_mixture: a second pool for them, fitted on held-out scores of the
+        # experts (heldout_scores): "lagged", the newest chunk as the learner's evaluate() would have
+        # scored it lag to 2 lag examples earlier (an evaluation that far ahead: frozen copies of
+        # the experts, the network with its caches and both read-outs, renewed every lag
+        # examples); "past", examples of the revealed past drawn by the learner (older than its
+        # context) scored by the experts as they are (an evaluation on every class seen so far).
         self.heldout = pool() if cfg.heldout_mixture else None
+        self.lagged_scores = cfg.heldout_scores == "lagged"
         self.lag = cfg.heldout_lag
         self._lagged: tuple | None = None  # (network, linear, slda) copies, lag to 2 lag examples old
         self._newest: tuple | None = None  # the newest copies, and the example count they were made at
@@ -105,10 +112,10 @@ class ReadOuts:
         self.t = 0  # examples learned
         self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
 
-    def _freeze(self, network: Callable[[], NetworkCopy]) -> tuple:
-        """Frozen copies of the experts as they stand now (``network()`` makes the network's)."""
+    def _freeze(self, network: Network) -> tuple:
+        """Frozen copies of the experts as they stand now."""
         self._frozen_at = self.t
-        return (network(), copy.deepcopy(self.linear) if self.linear is not None else None,
+        return (network.frozen_network(), copy.deepcopy(self.linear) if self.linear is not None else None,
                 self.slda.frozen() if self.slda is not None else None)
 
     def experts(self, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +130,16 @@ class ReadOuts:
             experts.append(self._calibrated(raw).to(net))
         return torch.stack(experts)
 
+    def _scores(self, network: Network, linear: LinearLearner | None, slda: SLDALearner | None,
+                x: torch.Tensor) -> torch.Tensor:
+        """Held-out log-probs ``(M, C, K)`` of ``x (C, D)`` by these experts (SLDA calibrated)."""
+        scores = [network.heldout_log_probs(x)]
+        if linear is not None:
+            scores.append(linear.predict(x))
+        if slda is not None:
+            scores.append(self._calibrated(slda.predict(x)))
+        return torch.stack([sc.to(scores[0]) for sc in scores])
+
     def _calibrated(self, slda_raw: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(slda_raw * self.slda_temperature.scale, dim=1)
 
@@ -134,25 +151,22 @@ class ReadOuts:
         """Held-out: the held-out pool's weights (``heldout_mixture``), else the online ones."""
         return (self.heldout or self.pool).predict(experts)
 
-    def update(self, experts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-               network: Callable[[], NetworkCopy]) -> None:
+    def update(self, experts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, network: Network,
+               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """After a chunk was scored with ``experts (M, C, K)``: the pools learn how each expert did,
-        then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``network()``: a frozen copy
-        of the network as it stands (made only with ``heldout_mixture``, every lag examples)."""
+        then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``network``: the learner's
+        network (``heldout_mixture``: scored, or copied every lag examples); ``past``: examples
+        ``(P, D)``, ``(P,)`` of the revealed past (``heldout_scores=past``; None: none yet)."""
         self.pool.update(experts, y)
-        if self.heldout is not None:
+        if self.heldout is not None and self.lagged_scores:
             if self._lagged is None:  # the first chunk: nothing learned yet
                 self._lagged = self._newest = self._freeze(network)
             elif self.t // self.lag > self._frozen_at // self.lag:  # a multiple of lag passed since the newest
                 self._lagged, self._newest = self._newest, self._freeze(network)
-            net, linear, slda = self._lagged
-            held = experts.clone()
-            held[0] = net.heldout_log_probs(x).to(held)
-            if linear is not None:
-                held[1] = linear.predict(x).to(held)
-            if slda is not None:
-                held[-1] = self._calibrated(slda.predict(x)).to(held)
-            self.heldout.update(held, y)
+            self.heldout.update(self._scores(*self._lagged, x).to(experts), y)
+        elif self.heldout is not None and past is not None:
+            xo, yo = past
+            self.heldout.update(self._scores(network, self.linear, self.slda, xo).to(experts), yo)
         if self.linear is not None:
             self.linear.update(x, y)
         if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns

@@ -123,7 +123,8 @@ def test_learner_with_the_mixture_keeps_the_contract():
 
 
 @pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")},
-                                 {"heldout_mixture": True, "linear_expert": False, "slda_expert": False}, {"pool": "product"}])
+                                 {"heldout_mixture": True, "linear_expert": False, "slda_expert": False}, {"pool": "product"},
+                                 {"heldout_scores": "future"}, {"heldout_lag": 0}])
 def test_bad_mixture_options_are_refused(bad):
     with pytest.raises(OCLError, match=next(iter(bad))):
         TransformerLearner(8, 3, **bad)
@@ -209,3 +210,20 @@ def test_heldout_options_change_no_online_prediction():
     plain = prequential(TransformerLearner(200, 3, seed=0, **cfg), x, y, 1)
     held = prequential(TransformerLearner(200, 3, seed=0, **cfg, heldout_mixture=True, heldout_lag=5), x, y, 1)
     torch.testing.assert_close(held, plain, rtol=0, atol=0)
+
+
+def test_heldout_past_scores_examples_older_than_the_context():
+    """``heldout_scores=past``: the held-out pool learns from revealed examples older than the
+    context window (the experts as they are), drawn uniformly; none while there are none."""
+    x, y = clusters(30)
+    cfg = TINY | dict(slda_expert=True, pool="loglinear", heldout_mixture=True, heldout_scores="past")  # window 4
+    learner = TransformerLearner(8, 3, seed=0, **cfg)
+    prequential(learner, x, y, 1, end=4)
+    assert learner._past_example(torch.device("cpu")) is None and learner.readouts.heldout.steps == 0
+    prequential(learner, x, y, 1, start=4, end=30)
+    assert learner.readouts.heldout.steps == 30 - 5  # from the chunk at t = 5 on (t - window > 0)
+    drawn = [learner._past_example(torch.device("cpu")) for _ in range(200)]
+    index = [int(torch.nonzero((x == xo).all(1))[0]) for xo, _ in drawn]
+    assert set(index) == set(range(30 - 4))  # every older example, none in the context
+    assert all(torch.equal(yo, y[[i]]) for (_, yo), i in zip(drawn, index))
+    check_learner(functools.partial(TransformerLearner, **cfg))
