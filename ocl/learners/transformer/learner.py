@@ -254,7 +254,7 @@ class TransformerLearner(Learner):
         if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
             experts = pending.experts if same else \
                 self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            past = self._past_example(x.device) if self.cfg.heldout_mixture and self.cfg.heldout_scores == "past" else None
+            past = self._past_example(x.device) if self.cfg.heldout_mixture and self.cfg.heldout_scores != "lagged" else None
             self.readouts.update(experts, x, y, self, past)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(raw, yd)

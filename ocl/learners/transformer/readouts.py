@@ -102,9 +102,12 @@ class ReadOuts:
         # scored it lag to 2 lag examples earlier (an evaluation that far ahead: frozen copies of
         # the experts, the network with its caches and both read-outs, renewed every lag
         # examples); "past", examples of the revealed past drawn by the learner (older than its
-        # context) scored by the experts as they are (an evaluation on every class seen so far).
+        # context) scored by the experts as they are (an evaluation on every class seen so far);
+        # "mixed", those and the newest chunk as the online pool scored it, one step each (between
+        # the two: near-future accuracy wants the current task, a test set every class seen).
         self.heldout = pool() if cfg.heldout_mixture else None
         self.lagged_scores = cfg.heldout_scores == "lagged"
+        self.newest_scores = cfg.heldout_scores == "mixed"
         self.lag = cfg.heldout_lag
         self._lagged: tuple | None = None  # (network, linear, slda) copies, lag to 2 lag examples old
         self._newest: tuple | None = None  # the newest copies, and the example count they were made at
@@ -156,7 +159,7 @@ class ReadOuts:
         """After a chunk was scored with ``experts (M, C, K)``: the pools learn how each expert did,
         then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``network``: the learner's
         network (``heldout_mixture``: scored, or copied every lag examples); ``past``: examples
-        ``(P, D)``, ``(P,)`` of the revealed past (``heldout_scores=past``; None: none yet)."""
+        ``(P, D)``, ``(P,)`` of the revealed past (``heldout_scores=past|mixed``; None: none yet)."""
         self.pool.update(experts, y)
         if self.heldout is not None and self.lagged_scores:
             if self._lagged is None:  # the first chunk: nothing learned yet
@@ -164,9 +167,12 @@ class ReadOuts:
             elif self.t // self.lag > self._frozen_at // self.lag:  # a multiple of lag passed since the newest
                 self._lagged, self._newest = self._newest, self._freeze(network)
             self.heldout.update(self._scores(*self._lagged, x).to(experts), y)
-        elif self.heldout is not None and past is not None:
-            xo, yo = past
-            self.heldout.update(self._scores(network, self.linear, self.slda, xo).to(experts), yo)
+        elif self.heldout is not None:
+            if self.newest_scores:  # "mixed": the newest chunk as the online pool saw it, too
+                self.heldout.update(experts, y)
+            if past is not None:
+                xo, yo = past
+                self.heldout.update(self._scores(network, self.linear, self.slda, xo).to(experts), yo)
         if self.linear is not None:
             self.linear.update(x, y)
         if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns

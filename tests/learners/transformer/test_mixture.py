@@ -227,3 +227,16 @@ def test_heldout_past_scores_examples_older_than_the_context():
     assert set(index) == set(range(30 - 4))  # every older example, none in the context
     assert all(torch.equal(yo, y[[i]]) for (_, yo), i in zip(drawn, index))
     check_learner(functools.partial(TransformerLearner, **cfg))
+
+
+def test_heldout_mixed_scores_the_newest_chunk_and_past_examples():
+    """``heldout_scores=mixed``: one held-out step on the newest chunk as the online pool scored it
+    and one on a past example; before any past example exists it learns exactly like the online pool."""
+    x, y = clusters(12)
+    cfg = TINY | dict(slda_expert=True, pool="loglinear", heldout_mixture=True, heldout_scores="mixed")  # window 4
+    learner = TransformerLearner(8, 3, seed=0, **cfg)
+    prequential(learner, x, y, 1, end=5)
+    torch.testing.assert_close(learner.readouts.heldout.a, learner.readouts.pool.a, rtol=0, atol=0)
+    prequential(learner, x, y, 1, start=5)
+    assert learner.readouts.heldout.steps == 12 + (12 - 5) and learner.readouts.pool.steps == 12
+    assert not torch.allclose(learner.readouts.heldout.a, learner.readouts.pool.a)
