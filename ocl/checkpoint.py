@@ -62,7 +62,8 @@ FORMAT = 7  # bump when the checkpoint layout changes (2: near-future records; 3
 #            pickles the learner by its classes' module paths, so older ones are refused, not half-loaded;
 #            5: the transformer's read-out experts and Temperature moved to ocl.learners.transformer.readouts;
 #            6: SLDALearner gained precision_dtype, which an older pickled one lacks;
-#            7: SLDALearner gained is_frozen, the transformer's read-outs lagged snapshots of both read-outs)
+#            7: SLDALearner gained is_frozen; the transformer's held-out pool keeps frozen copies of every
+#            expert (heldout_scores=lagged) and the learner an RNG for past examples (past, mixed))
 MAGIC = b"OCL-CHECKPOINT "
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say
