@@ -254,7 +254,9 @@ class TransformerLearner(Learner):
         if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
             experts = pending.experts if same else \
                 self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            past = self._past_example(x.device) if self.cfg.heldout_mixture and self.cfg.heldout_scores != "lagged" else None
+            past = None  # heldout_scores=past|mixed: a revealed example older than the context
+            if self.cfg.heldout_mixture and self.cfg.heldout_scores != "lagged":
+                past = self.history.sample(self._past_rng, self.t - self.cfg.window, x.device)
             self.readouts.update(experts, x, y, self, past)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(raw, yd)
@@ -379,16 +381,6 @@ class TransformerLearner(Learner):
         frozen.temperature = copy.deepcopy(self.temperature)
         frozen.readouts = frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
         return frozen
-
-    def _past_example(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One revealed example older than the context window, drawn uniformly: ``(1, D)``, ``(1,)``
-        on ``device`` (None while there is none). Only ever a revealed one: the history holds
-        nothing else."""
-        older = self.t - self.cfg.window
-        if older <= 0:
-            return None
-        x, y = self.history.chunks(self._past_rng.integers(0, older, size=1), 1)  # (1, 1, D), (1, 1)
-        return x[0].to(device), y[0].to(device)
 
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows ``(n,)`` and slot positions ``(n, S)`` that held-out examples attend to

@@ -95,6 +95,15 @@ class History:
         y = torch.from_numpy(rec["y"].copy()).to(self.device)  # (B, length)
         return x, y
 
+    def sample(self, rng: np.random.Generator, end: int, device: torch.device | str
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One example of ``[0, end)`` drawn uniformly with ``rng``: ``(1, D)``, ``(1,)`` on ``device``;
+        None when ``end <= 0``. Only ever a revealed one (``end`` is checked like :meth:`chunks`)."""
+        if end <= 0:
+            return None
+        x, y = self.chunks(rng.integers(0, min(end, self.n), size=1), 1)  # (1, 1, D), (1, 1)
+        return x[0].to(device), y[0].to(device)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)  # the SideFile verified its bytes while unpickling
         if len(self._file) != self.n or self._file.size != self.n * self.record.itemsize:

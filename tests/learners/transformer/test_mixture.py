@@ -219,10 +219,10 @@ def test_heldout_past_scores_examples_older_than_the_context():
     cfg = TINY | dict(slda_expert=True, pool="loglinear", heldout_mixture=True, heldout_scores="past")  # window 4
     learner = TransformerLearner(8, 3, seed=0, **cfg)
     prequential(learner, x, y, 1, end=4)
-    assert learner._past_example(torch.device("cpu")) is None and learner.readouts.heldout.steps == 0
+    assert learner.readouts.heldout.steps == 0
     prequential(learner, x, y, 1, start=4, end=30)
     assert learner.readouts.heldout.steps == 30 - 5  # from the chunk at t = 5 on (t - window > 0)
-    drawn = [learner._past_example(torch.device("cpu")) for _ in range(200)]
+    drawn = [learner.history.sample(learner._past_rng, learner.t - 4, "cpu") for _ in range(200)]
     index = [int(torch.nonzero((x == xo).all(1))[0]) for xo, _ in drawn]
     assert set(index) == set(range(30 - 4))  # every older example, none in the context
     assert all(torch.equal(yo, y[[i]]) for (_, yo), i in zip(drawn, index))
