@@ -110,8 +110,8 @@ class ReadOuts:
         self.newest_scores = cfg.heldout_scores == "mixed"
         self.lag = cfg.heldout_lag
         self._lagged: tuple | None = None  # (network, linear, slda) copies, lag to 2 lag examples old
-        self._newest: tuple | None = None  # the newest copies, and the example count they were made at
-        self._frozen_at = 0
+        self._newest: tuple | None = None  # the newest copies
+        self._frozen_at = 0  # the example count they were made at
         self.t = 0  # examples learned
         self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
 

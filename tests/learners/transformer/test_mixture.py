@@ -200,7 +200,8 @@ def test_heldout_experts_are_scored_as_they_stood_lag_to_twice_lag_examples_ago(
 
 
 
-def test_heldout_options_change_no_online_prediction():
+@pytest.mark.parametrize("scores", ["lagged", "past", "mixed"])
+def test_heldout_options_change_no_online_prediction(scores):
     """The held-out pool and its lagged copies only change ``evaluate``: the online predictions
     are exactly those of the learner without them (its read-outs learn and refresh alike: at
     D = 200 SLDA refreshes its precision every 3 examples, so a copy that refreshed it early
@@ -208,7 +209,8 @@ def test_heldout_options_change_no_online_prediction():
     x, y = clusters(40, dim=200, spread=0.1)  # overlapping classes: SLDA far from saturated
     cfg = TINY | dict(slda_expert=True, pool="loglinear")
     plain = prequential(TransformerLearner(200, 3, seed=0, **cfg), x, y, 1)
-    held = prequential(TransformerLearner(200, 3, seed=0, **cfg, heldout_mixture=True, heldout_lag=5), x, y, 1)
+    held = prequential(TransformerLearner(200, 3, seed=0, **cfg, heldout_mixture=True, heldout_scores=scores,
+                                          heldout_lag=5), x, y, 1)
     torch.testing.assert_close(held, plain, rtol=0, atol=0)
 
 
