@@ -171,7 +171,7 @@ class SLDALearner(Learner):
         """``(C, K_seen)`` discriminant scores of the seen classes (in class order)."""
         seen = self.counts > 0
         mu = self.means[seen]  # (K', D)
-        prec = self.precision() if self.n else None
+        prec = self.precision()
         todo = torch.nonzero(seen & ~self._w_ok).flatten()
         if todo.numel():
             self._w[:, todo] = (prec @ self.means[todo].T.to(prec.dtype)).double()

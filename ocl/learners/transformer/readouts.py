@@ -106,8 +106,7 @@ class ReadOuts:
         # "mixed", those and the newest chunk as the online pool scored it, one step each (between
         # the two: near-future accuracy wants the current task, a test set every class seen).
         self.heldout = pool() if cfg.heldout_mixture else None
-        self.lagged_scores = cfg.heldout_scores == "lagged"
-        self.newest_scores = cfg.heldout_scores == "mixed"
+        self.heldout_scores = cfg.heldout_scores  # "lagged" | "past" | "mixed"
         self.lag = cfg.heldout_lag
         self._lagged: tuple | None = None  # (network, linear, slda) copies, lag to 2 lag examples old
         self._newest: tuple | None = None  # the newest copies
@@ -161,14 +160,14 @@ class ReadOuts:
         network (``heldout_mixture``: scored, or copied every lag examples); ``past``: examples
         ``(P, D)``, ``(P,)`` of the revealed past (``heldout_scores=past|mixed``; None: none yet)."""
         self.pool.update(experts, y)
-        if self.heldout is not None and self.lagged_scores:
+        if self.heldout is not None and self.heldout_scores == "lagged":
             if self._lagged is None:  # the first chunk: nothing learned yet
                 self._lagged = self._newest = self._freeze(network)
             elif self.t // self.lag > self._frozen_at // self.lag:  # a multiple of lag passed since the newest
                 self._lagged, self._newest = self._newest, self._freeze(network)
             self.heldout.update(self._scores(*self._lagged, x).to(experts), y)
         elif self.heldout is not None:
-            if self.newest_scores:  # "mixed": the newest chunk as the online pool saw it, too
+            if self.heldout_scores == "mixed":  # the newest chunk as the online pool saw it, too
                 self.heldout.update(experts, y)
             if past is not None:
                 xo, yo = past

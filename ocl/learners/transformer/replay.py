@@ -101,7 +101,7 @@ class History:
         None when ``end <= 0``. Only ever a revealed one (``end`` is checked like :meth:`chunks`)."""
         if end <= 0:
             return None
-        x, y = self.chunks(rng.integers(0, min(end, self.n), size=1), 1)  # (1, 1, D), (1, 1)
+        x, y = self.chunks(rng.integers(0, end, size=1), 1)  # (1, 1, D), (1, 1)
         return x[0].to(device), y[0].to(device)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
