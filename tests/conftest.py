@@ -4,6 +4,13 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run in triton's CPU interpreter, which must be chosen before
+# anything imports triton (torch may, e.g. torch.compile): here, not in the kernels' test module,
+# or whichever test imported triton first would decide it for the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests must never touch the network or the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

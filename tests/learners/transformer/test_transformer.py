@@ -314,7 +314,7 @@ def test_stream0_weight_one_learns_as_if_there_were_no_replay_streams():
     alone = prequential(TransformerLearner(8, 3, seed=0, **{**TINY, "replay_streams": 1}), x, y, 1)
     cfg = {**TINY, "replay_streams": 3}
     ignored = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=1.0), x, y, 1)
-    torch.testing.assert_close(ignored, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ignored, alone, rtol=0, atol=1e-4)  # float rounding: B = 3 vs 1 forwards
     half = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=0.5), x, y, 1)
     uniform = prequential(TransformerLearner(8, 3, seed=0, **cfg), x, y, 1)
     assert (half - alone).abs().max() > 1e-3 and (half - uniform).abs().max() > 1e-3
