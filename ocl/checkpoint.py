@@ -57,13 +57,14 @@ from ocl.runner import RunState
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 7  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
+FORMAT = 8  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
 #            side files; 4: learner classes moved, e.g. ocl.learners.transformer became a package: a checkpoint
 #            pickles the learner by its classes' module paths, so older ones are refused, not half-loaded;
 #            5: the transformer's read-out experts and Temperature moved to ocl.learners.transformer.readouts;
 #            6: SLDALearner gained precision_dtype, which an older pickled one lacks;
 #            7: SLDALearner gained is_frozen; the transformer's held-out pool keeps frozen copies of every
-#            expert (heldout_scores=lagged) and the learner an RNG for past examples (past, mixed))
+#            expert (heldout_scores=lagged) and the learner an RNG for past examples (past, mixed);
+#            8: the held-out pool scores past examples in batches and keeps the scored ones until used)
 MAGIC = b"OCL-CHECKPOINT "
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say

@@ -145,7 +145,8 @@ class TransformerLearner(Learner):
         return x.to(self.device, torch.float32), None if y is None else y.to(self.device)
 
     def _set_training(self, training: bool) -> None:
-        if self.model.training != training:  # Module.train() walks every submodule: only when it changes
+        # Module.train() walks every submodule: only when the mode changes and matters (dropout)
+        if self.cfg.dropout > 0 and self.model.training != training:
             self.model.train(training)
 
     def _stream_forward(self, x, y, pos, rows, ctx_pos=None, **kw):
@@ -254,9 +255,8 @@ class TransformerLearner(Learner):
         if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
             experts = pending.experts if same else \
                 self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            past = None  # heldout_scores=past|mixed: a revealed example older than the context
-            if self.cfg.heldout_mixture and self.cfg.heldout_scores != "lagged":
-                past = self.history.sample(self._past_rng, self.t - self.cfg.window, x.device)
+            n_past = self.readouts.past_wanted  # heldout_scores=past|mixed: revealed examples older than the context
+            past = self.history.sample(self._past_rng, self.t - self.cfg.window, x.device, n_past) if n_past else None
             self.readouts.update(experts, x, y, self, past)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(raw, yd)

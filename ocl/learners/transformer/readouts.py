@@ -107,12 +107,25 @@ class ReadOuts:
         # the two: near-future accuracy wants the current task, a test set every class seen).
         self.heldout = pool() if cfg.heldout_mixture else None
         self.heldout_scores = cfg.heldout_scores  # "lagged" | "past" | "mixed"
+        self._past: list[tuple[torch.Tensor, torch.Tensor]] = []  # scored past examples still to learn from
         self.lag = cfg.heldout_lag
         self._lagged: tuple | None = None  # (network, linear, slda) copies, lag to 2 lag examples old
         self._newest: tuple | None = None  # the newest copies
         self._frozen_at = 0  # the example count they were made at
         self.t = 0  # examples learned
         self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
+
+    #: heldout_scores=past|mixed: past examples scored per batch, then learned from one per chunk. A
+    #: network forward per example cost 15-20% of a step at C = 1; one per 16 examples costs ~1%,
+    #: and the scores the pool learns from are at most 15 examples staler (of examples drawn from the
+    #: whole revealed past, older than the context).
+    PAST_BATCH = 16
+
+    @property
+    def past_wanted(self) -> int:
+        """How many past examples :meth:`update` wants drawn for this chunk (0: none)."""
+        wants = self.heldout is not None and self.heldout_scores != "lagged" and not self._past
+        return self.PAST_BATCH if wants else 0
 
     def _freeze(self, network: Network) -> tuple:
         """Frozen copies of the experts as they stand now."""
@@ -158,7 +171,8 @@ class ReadOuts:
         """After a chunk was scored with ``experts (M, C, K)``: the pools learn how each expert did,
         then the read-outs learn the chunk ``x (C, D)``, ``y (C,)``. ``network``: the learner's
         network (``heldout_mixture``: scored, or copied every lag examples); ``past``: examples
-        ``(P, D)``, ``(P,)`` of the revealed past (``heldout_scores=past|mixed``; None: none yet)."""
+        ``(P, D)``, ``(P,)`` of the revealed past (``heldout_scores=past|mixed``, :attr:`past_wanted`
+        of them: scored now, learned from one per chunk; None: none drawn)."""
         self.pool.update(experts, y)
         if self.heldout is not None and self.heldout_scores == "lagged":
             if self._lagged is None:  # the first chunk: nothing learned yet
@@ -171,7 +185,10 @@ class ReadOuts:
                 self.heldout.update(experts, y)
             if past is not None:
                 xo, yo = past
-                self.heldout.update(self._scores(network, self.linear, self.slda, xo).to(experts), yo)
+                scores = self._scores(network, self.linear, self.slda, xo).to(experts)  # (M, P, K)
+                self._past = [(scores[:, i : i + 1], yo[i : i + 1]) for i in range(len(yo))]
+            if self._past:
+                self.heldout.update(*self._past.pop(0))
         if self.linear is not None:
             self.linear.update(x, y)
         if self.slda is not None:  # its temperature steps on the chunk as SLDA scored it, before it learns

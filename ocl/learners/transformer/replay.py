@@ -95,14 +95,15 @@ class History:
         y = torch.from_numpy(rec["y"].copy()).to(self.device)  # (B, length)
         return x, y
 
-    def sample(self, rng: np.random.Generator, end: int, device: torch.device | str
+    def sample(self, rng: np.random.Generator, end: int, device: torch.device | str, n: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One example of ``[0, end)`` drawn uniformly with ``rng``: ``(1, D)``, ``(1,)`` on ``device``;
-        None when ``end <= 0``. Only ever a revealed one (``end`` is checked like :meth:`chunks`)."""
+        """``n`` examples of ``[0, end)`` drawn uniformly (with replacement) with ``rng``: ``(n, D)``,
+        ``(n,)`` on ``device``; None when ``end <= 0``. Only ever revealed ones (``end`` is checked like
+        :meth:`chunks`)."""
         if end <= 0:
             return None
-        x, y = self.chunks(rng.integers(0, end, size=1), 1)  # (1, 1, D), (1, 1)
-        return x[0].to(device), y[0].to(device)
+        x, y = self.chunks(rng.integers(0, end, size=n), 1)  # (n, 1, D), (n, 1)
+        return x[:, 0].to(device), y[:, 0].to(device)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)  # the SideFile verified its bytes while unpickling

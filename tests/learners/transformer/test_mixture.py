@@ -4,6 +4,7 @@ against the two experts run separately."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # The two-expert fixed-share mixture; the default pool (loglinear, three experts) has its own test.
 TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0, pool="fixed_share",
-            slda_expert=False)
+            slda_expert=False, heldout_mixture=False)  # the held-out pool's tests turn it on
 
 
 def _experts(T: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +124,7 @@ def test_learner_with_the_mixture_keeps_the_contract():
 
 
 @pytest.mark.parametrize("bad", [{"share": 1.0}, {"share": -0.1}, {"linear_lr": 0.0}, {"linear_lr": float("nan")},
-                                 {"heldout_mixture": True, "linear_expert": False, "slda_expert": False}, {"pool": "product"},
+                                 {"pool": "product"},
                                  {"heldout_scores": "future"}, {"heldout_lag": 0}])
 def test_bad_mixture_options_are_refused(bad):
     with pytest.raises(OCLError, match=next(iter(bad))):
@@ -147,7 +148,7 @@ def test_heldout_mixture_weighs_experts_by_how_they_score_unseen_examples():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(6).repeat_interleave(40) % 3  # runs of 40
     x = torch.randn(y.shape[0], 8, generator=g)  # no information about the class
-    cfg = dict(TINY, heldout_mixture=True, heldout_lag=50, eval_context="none")  # lagged past a whole run
+    cfg = dict(TINY, heldout_mixture=True, heldout_scores="lagged", heldout_lag=50, eval_context="none")  # lagged past a whole run
     learner = TransformerLearner(8, 3, seed=0, **cfg)
     prequential(learner, x, y, 1)
     assert learner.readouts.heldout.weights[1] < learner.readouts.pool.weights[1] - 0.2
@@ -186,7 +187,7 @@ def test_heldout_experts_are_scored_as_they_stood_lag_to_twice_lag_examples_ago(
     x, y = clusters(23)
     lag, k = 5, 15  # after 23 examples, the copies made at 15 are the lagged ones
     cfg = TINY | dict(slda_expert=True)
-    learner = TransformerLearner(8, 3, seed=0, **cfg, heldout_mixture=True, heldout_lag=lag)
+    learner = TransformerLearner(8, 3, seed=0, **cfg | dict(heldout_mixture=True, heldout_scores="lagged", heldout_lag=lag))
     prequential(learner, x, y, 1)
     then = TransformerLearner(8, 3, seed=0, **cfg)  # the same learner, stopped at k
     prequential(then, x[:k], y[:k], 1)
@@ -196,7 +197,8 @@ def test_heldout_experts_are_scored_as_they_stood_lag_to_twice_lag_examples_ago(
     torch.testing.assert_close(slda.predict(x), then.readouts.slda.predict(x), rtol=0, atol=0)
     assert not torch.allclose(net.heldout_log_probs(x), learner.heldout_log_probs(x))
     assert not torch.allclose(linear.predict(x), learner.readouts.linear.predict(x))
-    check_learner(functools.partial(TransformerLearner, **cfg, heldout_mixture=True, heldout_lag=3))
+    check_learner(functools.partial(TransformerLearner, **cfg | dict(heldout_mixture=True, heldout_scores="lagged",
+                                                                     heldout_lag=3)))
 
 
 
@@ -209,8 +211,8 @@ def test_heldout_options_change_no_online_prediction(scores):
     x, y = clusters(40, dim=200, spread=0.1)  # overlapping classes: SLDA far from saturated
     cfg = TINY | dict(slda_expert=True, pool="loglinear")
     plain = prequential(TransformerLearner(200, 3, seed=0, **cfg), x, y, 1)
-    held = prequential(TransformerLearner(200, 3, seed=0, **cfg, heldout_mixture=True, heldout_scores=scores,
-                                          heldout_lag=5), x, y, 1)
+    held = prequential(TransformerLearner(200, 3, seed=0, **cfg | dict(heldout_mixture=True, heldout_scores=scores,
+                                                                       heldout_lag=5)), x, y, 1)
     torch.testing.assert_close(held, plain, rtol=0, atol=0)
 
 
@@ -229,6 +231,26 @@ def test_heldout_past_scores_examples_older_than_the_context():
     assert set(index) == set(range(30 - 4))  # every older example, none in the context
     assert all(torch.equal(yo, y[[i]]) for (_, yo), i in zip(drawn, index))
     check_learner(functools.partial(TransformerLearner, **cfg))
+
+
+def test_heldout_past_examples_are_scored_in_batches_and_learned_one_per_chunk():
+    """Past examples are drawn and scored ``PAST_BATCH`` at a time (one network forward), by the
+    experts as they stand when drawn; the held-out pool learns from one per chunk, in draw order."""
+    x, y = clusters(40)
+    cfg = TINY | dict(slda_expert=True, pool="loglinear", heldout_mixture=True, heldout_scores="past")  # window 4
+    learner = TransformerLearner(8, 3, seed=0, **cfg)
+    ro = learner.readouts
+    n = ro.PAST_BATCH
+    prequential(learner, x, y, 1, end=5 + n)  # the first batch was drawn at t = 5 (t - window > 0) and is used up
+    assert not ro._past and ro.past_wanted == n and ro.heldout.steps == n
+    drawn = learner.history.sample(copy.deepcopy(learner._past_rng), learner.t - 4, "cpu", n)
+    expected = ro._scores(learner, ro.linear, ro.slda, drawn[0])  # (M, n, K): the experts as they are now
+    prequential(learner, x, y, 1, start=5 + n, end=6 + n)
+    assert ro.past_wanted == 0 and len(ro._past) == n - 1 and ro.heldout.steps == n + 1
+    torch.testing.assert_close(torch.cat([sc for sc, _ in ro._past], 1), expected[:, 1:], rtol=0, atol=1e-6)
+    assert torch.equal(torch.cat([yo for _, yo in ro._past]), drawn[1][1:])
+    prequential(learner, x, y, 1, start=6 + n, end=5 + 2 * n)
+    assert not ro._past and ro.past_wanted == n and ro.heldout.steps == 2 * n
 
 
 def test_heldout_mixed_scores_the_newest_chunk_and_past_examples():
