@@ -55,9 +55,10 @@ learns new classes within tens of examples, and streaming LDA (``slda_expert``),
 stationary streams. By default the pool is a product of experts whose exponents are fitted
 online on the log-loss of scored chunks (``pool=loglinear``; ``fixed_share``: a Bayesian
 mixture that follows whichever expert predicted best recently). The network trains exactly
-as it would alone. Held-out predictions (``evaluate``: test sets, near-future accuracy) use
-the online pool's weights, or with ``heldout_mixture`` a second pool fitted on held-out
-scores (``heldout_scores``: lagged experts, past examples, or both; see :mod:`.readouts`).
+as it would alone. Held-out predictions (``evaluate``: test sets, near-future accuracy) use a
+second pool (``heldout_mixture``) fitted on held-out scores (``heldout_scores``: by default
+both the newest example and past ones; past examples only, or lagged experts; see
+:mod:`.readouts`), not the online pool's weights, which follow the current task or class run.
 
 Modules: :mod:`.model` (the options and the network), :mod:`.learner` (the learner),
 :mod:`.readouts` (the read-out experts, calibration), :mod:`.mixture` (the pools),

@@ -45,8 +45,8 @@ class TransformerConfig:
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
     pool: str = "loglinear"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
-    heldout_mixture: bool = False  # evaluate() mixes the experts with weights fitted on held-out-style scores (learner.py)
-    heldout_scores: str = "lagged"  # heldout_mixture fitted on: "lagged" experts scoring the newest example | "past" examples | "mixed": both (readouts.py)
+    heldout_mixture: bool = True  # evaluate() pools the experts with weights fitted on held-out-style scores (no experts: nothing to pool)
+    heldout_scores: str = "mixed"  # heldout_mixture fitted on: "lagged" experts scoring the newest example | "past" examples | "mixed": both (readouts.py)
     heldout_lag: int = 100  # heldout_scores=lagged: how far ahead the held-out scores look, in examples
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     linear_expert: bool = True  # an expert pooled with the network: an online linear read-out (mixture.py)
@@ -87,8 +87,6 @@ class TransformerConfig:
             raise bad("pool", "must be 'fixed_share' or 'loglinear'.")
         if self.heldout_scores not in ("lagged", "past", "mixed"):
             raise bad("heldout_scores", "must be 'lagged', 'past' or 'mixed'.")
-        if self.heldout_mixture and not (self.linear_expert or self.slda_expert):
-            raise bad("heldout_mixture", "needs an expert to weigh (linear_expert or slda_expert).")
         if self.stream0_weight is not None and not 0 < self.stream0_weight <= 1:
             raise bad("stream0_weight", "must be in (0, 1] or null.")
 
