@@ -116,9 +116,9 @@ class ReadOuts:
         self._slda_scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, SLDA's raw log-probs of x)
 
     #: heldout_scores=past|mixed: past examples scored per batch, then learned from one per chunk. A
-    #: network forward per example cost 15-20% of a step at C = 1; one per 16 examples costs ~1%,
-    #: and the scores the pool learns from are at most 15 examples staler (of examples drawn from the
-    #: whole revealed past, older than the context).
+    #: network forward per example cost 18-21% of a step at C = 1; one per 16 examples 2-7% (side by
+    #: side, scripts/bench_speed.py), and the scores the pool learns from are at most 15 examples
+    #: staler (of examples drawn from the whole revealed past, older than the context).
     PAST_BATCH = 16
 
     @property
@@ -186,7 +186,7 @@ class ReadOuts:
             if past is not None:
                 xo, yo = past
                 scores = self._scores(network, self.linear, self.slda, xo).to(experts)  # (M, P, K)
-                self._past = [(scores[:, i : i + 1], yo[i : i + 1]) for i in range(len(yo))]
+                self._past = list(zip(scores.split(1, dim=1), yo.split(1)))  # [((M, 1, K), (1,))] * P
             if self._past:
                 self.heldout.update(*self._past.pop(0))
         if self.linear is not None:
