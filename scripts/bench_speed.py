@@ -11,7 +11,9 @@ block), until each has done ``--steps``: both see the same load on the machine. 
 the examples/s of each, their ratio, and the mean log-loss of the timed examples (equal up
 to float rounding when the two compute the same thing; on random labels training is
 chaotic enough that rounding differences can grow over long runs). ``--profile`` adds
-each implementation's top ops (torch.profiler, self CPU time and calls) after the timing.
+each implementation's top ops (torch.profiler, self CPU time and calls) after the timing;
+``--phases`` the milliseconds per step spent in the learner's main methods (network forward,
+backward, AdamW, the read-outs, ...).
 
 The baseline is exported with ``git archive REF`` into a temporary directory. Each
 subprocess imports ``ocl`` from a staged package tree that mirrors the ``package-dir``
@@ -26,6 +28,7 @@ Examples::
     .venv/bin/python scripts/bench_speed.py --baseline main --dims 384 --chunks 1 --reps 5
     .venv/bin/python scripts/bench_speed.py --baseline main --option window=256   # any learner option
     .venv/bin/python scripts/bench_speed.py --baseline f1a4e19 --dims 384 --chunks 1 --profile 50  # + top ops
+    .venv/bin/python scripts/bench_speed.py --baseline main --phases 200   # + ms per step by method
     .venv/bin/python scripts/bench_speed.py --baseline a6c7c83 --learner ocl.learners.linear.LinearLearner \
         --steps 3000 --block 200   # another learner (its defaults; --option as for the transformer)
 """
@@ -122,6 +125,10 @@ def worker(args: argparse.Namespace) -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         command, steps = line.split()[0], int(line.split()[1])
+        if command == "phases":  # where the time of `steps` more steps goes, by method (see PHASES)
+            extra = torch.randn(steps * C, D, generator=g), torch.randint(0, K, (steps * C,), generator=g)
+            print(json.dumps(phase_times(learner, extra, C, steps)), flush=True)
+            continue
         if command == "profile":  # the ops of `steps` more steps (on the examples after the timed ones)
             from torch.profiler import ProfilerActivity, profile
 
@@ -141,6 +148,65 @@ def worker(args: argparse.Namespace) -> None:
         print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "nll": nll,
                           "examples": steps * C}), flush=True)
         at += steps * C
+
+
+#: --phases: the methods timed (inclusive: a method's time contains that of the methods it calls), as
+#: (module, class, method); those a tree lacks (an older baseline) are left out of its column.
+PHASES = [
+    ("ocl.learners.transformer.learner", "TransformerLearner", "predict"),
+    ("ocl.learners.transformer.learner", "TransformerLearner", "update"),
+    ("ocl.learners.transformer.learner", "TransformerLearner", "_forward"),
+    ("torch", "Tensor", "backward"),
+    ("ocl.learners.transformer.flat_adamw", "FlatAdamW", "step"),
+    ("ocl.learners.transformer.flat_adamw", "FlatAdamW", "zero_grad"),
+    ("ocl.learners.transformer.readouts", "ReadOuts", "experts"),
+    ("ocl.learners.transformer.readouts", "ReadOuts", "update"),
+    ("ocl.learners.slda", "SLDALearner", "predict"),
+    ("ocl.learners.slda", "SLDALearner", "update"),
+    ("ocl.learners.linear", "LinearLearner", "predict"),
+    ("ocl.learners.linear", "LinearLearner", "update"),
+    ("ocl.learners.transformer.readouts", "Temperature", "step"),
+    ("ocl.learners.transformer.learner", "TransformerLearner", "_batch"),
+    ("ocl.learners.transformer.learner", "TransformerLearner", "_finish"),
+]
+
+
+def phase_times(learner, extra, C: int, steps: int) -> dict[str, float]:
+    """Milliseconds per step spent in each of :data:`PHASES` over ``steps`` steps of ``extra``
+    (examples, labels), and in all (``"step"``): each method is wrapped in a timer for the run."""
+    import functools
+    import importlib
+
+    totals: dict[str, float] = {}
+    undo = []
+    for module, cls_name, meth in PHASES:
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+            f = getattr(cls, meth)
+        except (ImportError, AttributeError):
+            continue
+        name = f"{cls_name}.{meth}"
+        totals[name] = 0.0
+
+        def timed(*a, _f=f, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                totals[_name] += time.perf_counter() - t
+
+        setattr(cls, meth, functools.wraps(f)(timed))
+        undo.append((cls, meth, f))
+    t0 = time.perf_counter()
+    try:
+        for s in range(0, steps * C, C):
+            learner.predict(extra[0][s : s + C])
+            learner.update(extra[0][s : s + C], extra[1][s : s + C])
+    finally:
+        for cls, meth, f in undo:
+            setattr(cls, meth, f)
+    totals["step"] = time.perf_counter() - t0
+    return {name: 1e3 * sec / steps for name, sec in totals.items()}
 
 
 class Worker:
@@ -197,6 +263,15 @@ def compare(trees: dict[str, tuple[Path, Path]], D: int, C: int, args: argparse.
             steps = min(args.block, args.steps - done)
             recs = {name: workers[name].run(steps) for name in (names if i % 2 == 0 else names[::-1])}
             workers["current"].ratios.append(recs["baseline"]["wall"] / recs["current"]["wall"])
+        if args.phases:
+            recs = {name: w.ask("phases", args.phases) for name, w in workers.items()}
+            keys = list(dict.fromkeys(k for rec in recs.values() for k in rec))
+            from ocl.report import format_table
+
+            print(f"\nD={D} C={C}: ms per step by method over {args.phases} steps (inclusive: a method's time "
+                  "contains that of the methods it calls; timers add a little)")
+            print(format_table([[k] + [f"{recs[n][k]:.3f}" if k in recs[n] else "-" for n in recs] for k in keys],
+                               ["method", *recs]))
         if args.profile:
             for name, w in workers.items():
                 rec = w.ask("profile", args.profile)
@@ -221,6 +296,8 @@ def main() -> None:
     ap.add_argument("--option", action="append", default=[], help="learner option KEY=VALUE (repeatable)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the timing, print each implementation's top ops (torch.profiler) over STEPS steps")
+    ap.add_argument("--phases", type=int, default=0, metavar="STEPS",
+                    help="after the timing, print each implementation's ms per step by method over STEPS steps")
     ap.add_argument("--profile-rows", type=int, default=15, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
