@@ -13,7 +13,8 @@ to float rounding when the two compute the same thing; on random labels training
 chaotic enough that rounding differences can grow over long runs). ``--profile`` adds
 each implementation's top ops (torch.profiler, self CPU time and calls) after the timing;
 ``--phases`` the milliseconds per step spent in the learner's main methods (network forward,
-backward, AdamW, the read-outs, ...).
+backward, AdamW, the read-outs, ...); ``--floor`` the current step's AdamW and matrix products
+timed alone (what no implementation of the same step avoids).
 
 The baseline is exported with ``git archive REF`` into a temporary directory. Each
 subprocess imports ``ocl`` from a staged package tree that mirrors the ``package-dir``
@@ -29,6 +30,7 @@ Examples::
     .venv/bin/python scripts/bench_speed.py --baseline main --option window=256   # any learner option
     .venv/bin/python scripts/bench_speed.py --baseline f1a4e19 --dims 384 --chunks 1 --profile 50  # + top ops
     .venv/bin/python scripts/bench_speed.py --baseline main --phases 200   # + ms per step by method
+    .venv/bin/python scripts/bench_speed.py --baseline main --floor 500    # + its AdamW and matmuls alone
     .venv/bin/python scripts/bench_speed.py --baseline a6c7c83 --learner ocl.learners.linear.LinearLearner \
         --steps 3000 --block 200   # another learner (its defaults; --option as for the transformer)
 """
@@ -129,6 +131,9 @@ def worker(args: argparse.Namespace) -> None:
             extra = torch.randn(steps * C, D, generator=g), torch.randint(0, K, (steps * C,), generator=g)
             print(json.dumps(phase_times(learner, extra, C, steps)), flush=True)
             continue
+        if command == "floor":  # the step's unavoidable kernels, timed alone (see kernel_floor)
+            print(json.dumps(kernel_floor(learner, C, steps)), flush=True)
+            continue
         if command == "profile":  # the ops of `steps` more steps (on the examples after the timed ones)
             from torch.profiler import ProfilerActivity, profile
 
@@ -209,6 +214,42 @@ def phase_times(learner, extra, C: int, steps: int) -> dict[str, float]:
     return {name: 1e3 * sec / steps for name, sec in totals.items()}
 
 
+def kernel_floor(learner, C: int, reps: int) -> dict[str, float]:
+    """Milliseconds of the transformer step's compute, each kernel timed alone in a loop (warm
+    caches, no Python between ops beyond the loop): the fused AdamW step over all its parameters,
+    and the network's matrix products (per linear layer: the forward product and the backward's
+    two, over ``R * C`` rows: every stream's chunk). A lower bound on what any implementation of
+    the same step pays for these; attention, norms, the read-outs and the rest come on top."""
+    import torch
+    from torch.optim.adamw import adamw
+
+    def per_rep(f) -> float:
+        for _ in range(max(reps // 10, 3)):
+            f()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return 1e3 * (time.perf_counter() - t) / reps
+
+    n = sum(p.numel() for p in learner.model.parameters())
+    p, grad, m, v = (torch.randn(n) for _ in range(4))
+    v.abs_()
+    step = torch.zeros(())
+    adam = per_rep(lambda: adamw([p], [grad], [m], [v], [], [step], fused=True, amsgrad=False, beta1=0.9,
+                                 beta2=0.99, lr=1e-4, weight_decay=0.01, eps=1e-8, maximize=False,
+                                 grad_scale=None, found_inf=None))
+    rows = learner.R * C * learner.model.tokens_per_example
+    layers = [(torch.randn(rows, mod.in_features), mod.weight.detach().clone(), torch.randn(rows, mod.out_features))
+              for name, mod in learner.model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and not name.startswith("label")]  # label terms: no gradient at C = 1
+
+    def products():
+        for x, w, gy in layers:
+            x @ w.T, gy @ w, gy.T @ x  # forward, input gradient, weight gradient
+
+    return {"parameters": n, "adamw_ms": adam, "matmul_ms": per_rep(products), "linear_layers": len(layers)}
+
+
 class Worker:
     """A worker subprocess of one implementation for one (D, C), driven step block by block."""
 
@@ -272,6 +313,11 @@ def compare(trees: dict[str, tuple[Path, Path]], D: int, C: int, args: argparse.
                   "contains that of the methods it calls; timers add a little)")
             print(format_table([[k] + [f"{recs[n][k]:.3f}" if k in recs[n] else "-" for n in recs] for k in keys],
                                ["method", *recs]))
+        if args.floor:
+            rec = workers["current"].ask("floor", args.floor)
+            print(f"\ncurrent, D={D} C={C}: kernels alone, {rec['parameters']:,} parameters: fused AdamW step "
+                  f"{rec['adamw_ms']:.3f} ms, the {rec['linear_layers']} linear layers' forward + backward products "
+                  f"{rec['matmul_ms']:.3f} ms (a lower bound on those parts of a step)")
         if args.profile:
             for name, w in workers.items():
                 rec = w.ask("profile", args.profile)
@@ -298,6 +344,8 @@ def main() -> None:
                     help="after the timing, print each implementation's top ops (torch.profiler) over STEPS steps")
     ap.add_argument("--phases", type=int, default=0, metavar="STEPS",
                     help="after the timing, print each implementation's ms per step by method over STEPS steps")
+    ap.add_argument("--floor", type=int, default=0, metavar="REPS",
+                    help="after the timing, time the current step's AdamW and matrix products alone (REPS repetitions)")
     ap.add_argument("--profile-rows", type=int, default=15, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -327,7 +375,8 @@ def main() -> None:
                 for key in ("wall", "cpu"):
                     eb, ec = b["examples"] / b[key], c["examples"] / c[key]
                     row += [f"{eb:.0f}", f"{ec:.0f}", f"{ec / eb:.2f}x"]
-                q = statistics.quantiles(w["current"].ratios, n=4)
+                ratios = w["current"].ratios
+                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3  # one block: no spread
                 rows.append(row + [f"{q[0]:.2f}-{q[2]:.2f}", f"{b['nll'] / b['examples']:.6f}",
                                    f"{c['nll'] / c['examples']:.6f}"])
                 print(f"D={D} C={C} done", file=sys.stderr, flush=True)
