@@ -223,6 +223,9 @@ def kernel_floor(learner, C: int, reps: int) -> dict[str, float]:
     import torch
     from torch.optim.adamw import adamw
 
+    if not hasattr(learner, "model"):
+        raise SystemExit("--floor times the transformer learner's step only")
+
     def per_rep(f) -> float:
         for _ in range(max(reps // 10, 3)):
             f()
