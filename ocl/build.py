@@ -139,7 +139,18 @@ def make_stream(cfg: DictConfig, source: Source, seed: int) -> Stream:
     stream: Stream = build(cfg, "protocol", source, seed=seed)
     if len(stream) == 0:
         raise OCLError(f"the stream built from {source.name} is empty; nothing to learn from.")
+    check_chunk_size(cfg, len(stream))
     return stream
+
+
+def check_chunk_size(cfg: DictConfig, n_examples: int) -> None:
+    """Refuse ``chunk_size`` larger than the stream: the whole stream would be one chunk, every
+    prediction made before any learning (online accuracy 0 or chance), with no sign why."""
+    chunk = cfg.get("chunk_size")
+    if isinstance(chunk, int) and chunk > n_examples:
+        raise OCLError(f"chunk_size={chunk} is larger than the stream ({n_examples:,} examples): every example "
+                       f"would be predicted before anything was learned. Set chunk_size=C with C <= {n_examples:,} "
+                       "(1, the default, is the per-example protocol).")
 
 
 def extract(cfg: DictConfig, source: Source) -> Features:

