@@ -511,3 +511,27 @@ def test_sigterm_before_learning_is_a_clean_stop(tmp_path, monkeypatch, capsys, 
     assert e.value.code == 130 and "interrupted" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) == before  # put back
     assert not (tmp_path / "r").exists()  # made for this run, nothing kept: removed with its lock file
+
+
+def test_image_folder_with_symbolic_link_cycles(tmp_path, previous, monkeypatch, capsys):
+    """`cyc -> .` plus `x/up -> ..` used to hang with no output."""
+    root = folder(tmp_path / "imgs")
+    os.symlink(".", root / "cyc")
+    os.symlink("..", root / "a" / "up")
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={root}", "protocol=iid")
+    assert f"{root / 'a' / 'up'}: a symbolic link cycle" in err or f"{root / 'cyc'}: a symbolic link cycle" in err
+
+
+def test_image_whose_header_claims_20000x20000(tmp_path, previous, monkeypatch, capsys):
+    """It ended in PIL's DecompressionBombError traceback."""
+    root = folder(tmp_path / "imgs")
+    big = root / "b" / "0.png"
+    Image.new("1", (20000, 20000)).save(big)  # 1 bit per pixel: a small file with a huge header
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={root}", "protocol=iid")
+    assert f"{big}: too large to decode: Image size (400000000 pixels) exceeds limit" in err
+
+
+def test_missing_image_folder_is_named_by_its_option(tmp_path, previous, monkeypatch, capsys):
+    """It used to be named after the folder's last path part: "data: data not found"."""
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={tmp_path / 'data'}")
+    assert err.startswith(f"error: image folder (stream.root={tmp_path / 'data'}): data not found.")
