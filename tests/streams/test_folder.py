@@ -138,7 +138,8 @@ def test_bad_options(tmp_path):
         FileImageSet(str(root), [("cat/0.png", 0)], image_size=0)
 
 
-def test_zip_of_folder(tmp_path):
+def test_zip_of_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("OCL_EXTRACT_DIR", str(tmp_path / "unpacked"))
     root = _flat(tmp_path / "src", per=1)
     z = tmp_path / "pets.zip"
     with zipfile.ZipFile(z, "w") as zf:
@@ -147,6 +148,7 @@ def test_zip_of_folder(tmp_path):
     src = load_imagefolder(str(z))
     assert src.name == "pets" and src.classes == ["cat", "dog"] and len(src.train) == 2
     assert src.train.get(np.array([1])).shape == (1, 4, 6, 3)
+    assert sorted(os.listdir(tmp_path)) == ["pets.zip", "src", "unpacked"]  # nothing beside the zip
 
 
 # ------------------------------------------------------------------------ symbolic links, bit depth, huge headers
