@@ -239,6 +239,8 @@ def _setup(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[in
         "chunk_size": int(cfg.chunk_size),
         "near_future": None if nf is None else {"offset": nf.offset, "every": nf.every,
                                                 "evaluations": first["near_future_evaluations"] if first else None},
+        # sparse label ids renumbered to classes 0..K-1: class i was label label_map[i]
+        **({} if feats.source.label_map is None else {"label_map": feats.source.label_map}),
     }
 
 

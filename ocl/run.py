@@ -159,6 +159,8 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
             "host": platform.node(),
             "config": config,
         })
+        if source.label_map is not None:  # sparse label ids renumbered: class i was label label_map[i]
+            res["label_map"] = source.label_map
         write_json_atomic(out_dir / "results.json", res)
         write_steps_csv(out_dir / "steps.csv", result.tracker)
         if result.near_future is not None:
