@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -373,7 +374,8 @@ def _check_override_keys(config_name: str, overrides: list[str]) -> None:
             except ConfigCompositionException as e:
                 if not isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)):
                     return  # not an unknown key: hydra says what it is
-                bad = next((o for o in kept if o in str(e)), None)
+                found = re.match(r"Could not override '([^']+)'", str(e))
+                bad = next((o for o in kept if found and o.split("=", 1)[0] == found.group(1)), None)
                 if bad is None:
                     return
             except Exception:  # any other problem: hydra reports it

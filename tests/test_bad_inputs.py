@@ -447,6 +447,7 @@ def test_compare_refuses_a_nan_learning_rate_before_running(tmp_path, monkeypatc
     # 0 used to run silently at 224 px (results.json: 0 in the config, 224 in the backbone); -5 was a traceback
     ("backbone.image_size=0", "backbone.image_size=0: must be a positive integer. Set it as backbone.image_size=VALUE"),
     ("backbone.image_size=-5", "backbone.image_size=-5: must be a positive integer."),
+    ("backbone.batch_size=0", "backbone.batch_size=0: must be a positive integer."),
 ])
 def test_backbone_image_size_must_be_positive(previous, monkeypatch, capsys, override, expect):
     assert expect in user_error(previous, monkeypatch, capsys, "backbone=efficientnet_lite0", override)
