@@ -153,9 +153,10 @@ def check_options(node: Any, what: str, runner_args: Sequence[str] = (), n_args:
         valid = sorted(set(names) - set(runner_args) - set(positional))
         close = difflib.get_close_matches(unknown[0], valid, n=1, cutoff=0.6)
         hint = f"did you mean {what}.{close[0]}? " if close else ""
+        example = close[0] if close else valid[0] if valid else "x"
         raise OCLError(
             f"{what}: unknown option(s) {unknown} for {getattr(target, '__qualname__', target)}; {hint}"
-            f"valid options: {valid}. Fix the spelling of the override (e.g. {what}.{close[0] if close else valid[0] if valid else 'x'}=...)."
+            f"valid options: {valid}. Fix the spelling of the override (e.g. {what}.{example}=...)."
         )
     for key in given:
         _check_value(what, key, node[key], hints.get(key))

@@ -153,7 +153,8 @@ def test_extract_zip_from_a_read_only_folder(tmp_path, monkeypatch):
 def test_extract_zip_without_room(tmp_path, unpacked, monkeypatch):
     z = _zip(tmp_path / "d.zip", {"f.txt": b"x" * 5000})
     monkeypatch.setattr(download, "free_bytes", lambda p: 1000)
-    with pytest.raises(OCLError, match=r"unpacking it needs 0 MB in .*unpacked, which has 0 MB free; set OCL_EXTRACT_DIR"):
+    with pytest.raises(OCLError, match=r"unpacking it needs 0 MB in .*unpacked, which has 0 MB free; "
+                                       "set OCL_EXTRACT_DIR"):
         extract_zip(z)
     assert not list(unpacked.iterdir())
 
