@@ -268,8 +268,8 @@ def _extract(cfg: DictConfig) -> None:
         rows = run_extract(cfg)
     except OCLError as e:
         _fail(e)
-    except KeyboardInterrupt:  # the shards written so far stay (engine=ray); no traceback for a deliberate stop
-        msg = "interrupted: run the same command again to continue (engine=ray keeps the shards it has written)"
+    except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM: the shards written so far stay; no traceback for a deliberate stop
+        msg = str(e) or "interrupted: run the same command again to continue from the shards written so far"
         log.warning("%s", msg)
         print(msg, file=sys.stderr)
         sys.exit(130)
