@@ -210,7 +210,10 @@ class Prefetcher:
 
     def _run(self) -> None:
         try:
-            torch.set_num_threads(int(self.threads))  # this thread's own setting: the learner keeps its own
+            # This thread's own setting (the learner keeps its own): torch initialises a thread's
+            # count from the last one set anywhere on its first parallel op, so initialise first.
+            torch.get_num_threads()
+            torch.set_num_threads(int(self.threads))
             for store, images, order in self.jobs:
                 fill(store, images, self.extractor, order, self.batch_size, self._stop, self._on_batch)
             for store in {id(s): s for s, _, _ in self.jobs}.values():
@@ -254,9 +257,10 @@ class Prefetcher:
         if self._thread.is_alive() or self._thread.ident is not None:
             self._thread.join()
         self._bar.close()
-        log.info("extracted %d images in %.1f s in the background (%.1f images/s)%s", self.extracted, self.seconds,
-                 self.extracted / self.seconds if self.seconds > 0 else float("nan"),
-                 "" if self.error is None else f", then failed: {self.error}")
+        if self.extracted or self.error is not None:
+            log.info("extracted %d images in %.1f s in the background (%.1f images/s)%s", self.extracted,
+                     self.seconds, self.extracted / self.seconds if self.seconds > 0 else float("nan"),
+                     "" if self.error is None else f", then failed: {self.error}")
         for store in {id(s): s for s, _, _ in self.jobs}.values():
             if store.rows_dir.exists():
                 log.info("feature cache: %s", _kept(store))

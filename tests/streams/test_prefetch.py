@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -287,3 +288,28 @@ def test_ocl_extract_stopped_by_a_signal_says_what_it_kept(tmp_path, sig) -> Non
     assert proc.returncode == 130, err
     assert "interrupted: " in err and "images are kept in" in err and "run the same command again" in err
     assert "Traceback" not in err
+
+
+def test_the_extraction_thread_has_its_own_torch_threads_and_leaves_the_learners_alone(tmp_path) -> None:
+    gate = threading.Event()
+
+    class Threads(Recording):
+        threads = 2  # what backbone.threads sets
+
+        def __call__(self, batch):
+            gate.wait(30)
+            self.inside = torch.get_num_threads()
+            return super().__call__(batch)
+
+    src = source()
+    before = torch.get_num_threads()
+    try:
+        ex = Threads()
+        feats, prefetch = lazy(src, split(src, seed=0, n_tasks=2, max_examples=20), ex, tmp_path, test=False)
+        time.sleep(0.3)  # the thread is up and has set its count ...
+        torch.set_num_threads(1)  # ... when the learner sets its threads=1, as ocl run does
+        gate.set()
+        drain(feats, prefetch)
+        assert ex.inside == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
