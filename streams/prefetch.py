@@ -238,8 +238,8 @@ class Prefetcher:
         with self._cond:
             while store.dim is None if idx is None else (store.shard_of[idx] < 0).any():
                 if self.error is not None:
-                    if isinstance(self.error, OCLError):
-                        raise OCLError(str(self.error)) from self.error
+                    if isinstance(self.error, OCLError):  # a bad batch, a full disk: as it is (its type too)
+                        raise self.error
                     raise OCLError(f"feature extraction failed: {type(self.error).__name__}: "
                                    f"{self.error}") from self.error
                 if self.finished:
