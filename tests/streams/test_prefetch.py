@@ -22,7 +22,7 @@ from ocl.runner import run_stream
 from ocl.streams.base import ArrayImageSet, Source
 from ocl.streams.cache import cache_key
 from ocl.streams.features import Extractor
-from ocl.streams.prefetch import ExtractionInterrupted, LazyFeatures, extract_features, stream_features, stream_plan
+from ocl.streams.prefetch import ExtractionInterrupted, extract_features, stream_features, stream_plan
 from ocl.streams.protocols import split
 
 K = 4
