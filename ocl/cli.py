@@ -292,8 +292,8 @@ def _extract(cfg: DictConfig) -> None:
         rows = run_extract(cfg)
     except OCLError as e:
         _fail(e)
-    except KeyboardInterrupt:  # the shards written so far stay (engine=ray); no traceback for a deliberate stop
-        _say("interrupted: run the same command again to continue (engine=ray keeps the shards it has written)",
+    except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM: the shards written so far stay; no traceback for a deliberate stop
+        _say(str(e) or "interrupted: run the same command again to continue from the shards written so far",
              level=logging.WARNING)
         sys.exit(130)
     print(extract_table(rows))
