@@ -31,9 +31,9 @@ from ocl.errors import OCLError, describe_os_error
 from ocl.learners.base import Learner
 from ocl.options import HYDRA_KEYS, LEARNER_ARGS, check_options, option_defaults
 from ocl.streams.base import ImageSet, Source
-from ocl.streams.cache import extract_features
 from ocl.streams.custom import to_source
 from ocl.streams.features import Extractor
+from ocl.streams.prefetch import Prefetcher, extract_features, stream_features
 from ocl.streams.protocols import Stream
 from ocl.threads import torch_threads
 
@@ -120,9 +120,19 @@ class Features:
 
 @dataclass
 class Prepared(Features):
-    """:class:`Features` plus the stream of one run (``stream``: the protocol over ``source``)."""
+    """:class:`Features` plus the stream of one run (``stream``: the protocol over ``source``).
+
+    ``prefetch``: the background extraction of the features the run reads, when the cache
+    had no complete entry (``train``/``test`` are then :class:`~ocl.streams.prefetch.LazyFeatures`);
+    :meth:`close` it when the run ends."""
 
     stream: Stream
+    prefetch: Prefetcher | None = None
+
+    def close(self) -> None:
+        """Stop the background extraction, if any (its finished shards stay in the cache)."""
+        if self.prefetch is not None:
+            self.prefetch.close()
 
 
 def load_source(cfg: DictConfig) -> Source:
@@ -139,24 +149,40 @@ def make_stream(cfg: DictConfig, source: Source, seed: int) -> Stream:
     stream: Stream = build(cfg, "protocol", source, seed=seed)
     if len(stream) == 0:
         raise OCLError(f"the stream built from {source.name} is empty; nothing to learn from.")
+    check_chunk_size(cfg, len(stream))
     return stream
 
 
-def extract(cfg: DictConfig, source: Source) -> Features:
+def check_chunk_size(cfg: DictConfig, n_examples: int) -> None:
+    """Refuse ``chunk_size`` larger than the stream: the whole stream would be one chunk, every
+    prediction made before any learning (online accuracy 0 or chance), with no sign why."""
+    chunk = cfg.get("chunk_size")
+    if isinstance(chunk, int) and chunk > n_examples:
+        raise OCLError(f"chunk_size={chunk} is larger than the stream ({n_examples:,} examples): every example "
+                       f"would be predicted before anything was learned. Set chunk_size=C with C <= {n_examples:,} "
+                       "(1, the default, is the per-example protocol).")
+
+
+def extract(cfg: DictConfig, source: Source, extractor: Extractor | None = None) -> Features:
     """Extract (or load cached) features of both splits of ``source`` with ``cfg.backbone``
-    (the test split only with ``eval_test=true``)."""
+    (the test split only with ``eval_test=true``; ``extractor``: that backbone, if built already)."""
     t0 = time.perf_counter()
-    extractor: Extractor = build(cfg, "backbone")
+    if extractor is None:
+        extractor = build(cfg, "backbone")
     cache = cfg.get("cache_dir")
     cache = os.path.expanduser(str(cache)) if cache else None
     progress = bool(cfg.get("progress", True))
     dtype = str(cfg.get("cache_dtype", "float32"))
     feats = {split: extract_features(images, extractor, cache, progress=progress, dtype=dtype)
              for split, images in feature_splits(cfg, source)}
+    _no_test_note(cfg, source)
+    return Features(source, extractor, feats["train"], feats.get("test"), time.perf_counter() - t0)
+
+
+def _no_test_note(cfg: DictConfig, source: Source) -> None:
     if cfg.get("eval_test", True) and source.test is None:
         log.info("%s has no test split: skipping task-boundary evaluation (no accuracy matrix, forgetting or "
                  "final accuracy).", source.name)
-    return Features(source, extractor, feats["train"], feats.get("test"), time.perf_counter() - t0)
 
 
 def feature_splits(cfg: DictConfig, source: Source) -> list[tuple[str, ImageSet]]:
@@ -169,12 +195,28 @@ def feature_splits(cfg: DictConfig, source: Source) -> list[tuple[str, ImageSet]
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Build the source and its stream (seed ``cfg.seed``), then extract (or load cached) the
-    features: a protocol that refuses its options fails before the slow extraction."""
+    """Build the source and its stream (seed ``cfg.seed``), then find its features: a protocol
+    that refuses its options fails before any extraction.
+
+    With a cache and a cached backbone, a complete cache entry is read as it is; otherwise
+    only the images the stream reads (and the test images it evaluates) are extracted, in
+    stream order, by a background thread ahead of the learner (:mod:`ocl.streams.prefetch`),
+    into the cache's shards. The caller must :meth:`Prepared.close` the result."""
     source = load_source(cfg)
     stream = make_stream(cfg, source, int(cfg.seed))
-    feats = extract(cfg, source)
-    return Prepared(feats.source, feats.extractor, feats.train, feats.test, feats.seconds, stream)
+    cache = cfg.get("cache_dir")
+    if not cache:
+        feats = extract(cfg, source)
+        return Prepared(feats.source, feats.extractor, feats.train, feats.test, feats.seconds, stream)
+    t0 = time.perf_counter()
+    extractor: Extractor = build(cfg, "backbone")
+    if not extractor.cacheable:
+        feats = extract(cfg, source, extractor)
+        return Prepared(feats.source, feats.extractor, feats.train, feats.test, feats.seconds, stream)
+    found, prefetch = stream_features(feature_splits(cfg, source), stream, extractor, os.path.expanduser(str(cache)),
+                                      str(cfg.get("cache_dtype", "float32")), bool(cfg.get("progress", True)))
+    _no_test_note(cfg, source)
+    return Prepared(source, extractor, found["train"], found.get("test"), time.perf_counter() - t0, stream, prefetch)
 
 
 def with_defaults(node: DictConfig) -> DictConfig:

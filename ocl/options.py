@@ -9,6 +9,7 @@ one clear :class:`~ocl.errors.OCLError`, before any data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -34,6 +35,12 @@ HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_a
 def _nonnegative(key: str) -> bool:
     """Options that must not be negative whatever the target: step sizes and penalties."""
     return key in ("lr", "weight_decay", "momentum") or key.endswith("_lr")
+
+
+def _positive(key: str) -> bool:
+    """Integer options that must be >= 1 whatever the target: sizes and counts (an image side
+    of 0 used to run silently at the model's default size, -5 was a traceback)."""
+    return key in ("image_size", "batch_size")
 
 
 def _target_of(node: Any) -> Any:
@@ -73,6 +80,9 @@ def _check_value(what: str, key: str, value: Any, hint: Any) -> None:
         ok = False
     if ok and _nonnegative(key) and isinstance(value, (int, float)) and value < 0:
         raise OCLError(f"{what}.{key}={value!r}: must be >= 0.")
+    if ok and _positive(key) and isinstance(value, (int, float)) and value < 1:
+        raise OCLError(f"{what}.{key}={value!r}: must be a positive integer"
+                       f"{' or null' if type(None) in allowed else ''}. Set it as {what}.{key}=VALUE.")
     if not ok:
         kinds = [k for t, k in ((float, "a finite number"), (int, "an integer"), (bool, "true or false"))
                  if t in allowed and not (t is int and number)]
@@ -141,9 +151,12 @@ def check_options(node: Any, what: str, runner_args: Sequence[str] = (), n_args:
     if unknown:
         positional = [k for k in params if k != "self"][:n_args]
         valid = sorted(set(names) - set(runner_args) - set(positional))
+        close = difflib.get_close_matches(unknown[0], valid, n=1, cutoff=0.6)
+        hint = f"did you mean {what}.{close[0]}? " if close else ""
+        example = close[0] if close else valid[0] if valid else "x"
         raise OCLError(
-            f"{what}: unknown option(s) {unknown} for {getattr(target, '__qualname__', target)}; "
-            f"valid options: {valid}. Fix the spelling of the override (e.g. {what}.{valid[0] if valid else 'x'}=...)."
+            f"{what}: unknown option(s) {unknown} for {getattr(target, '__qualname__', target)}; {hint}"
+            f"valid options: {valid}. Fix the spelling of the override (e.g. {what}.{example}=...)."
         )
     for key in given:
         _check_value(what, key, node[key], hints.get(key))

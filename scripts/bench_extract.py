@@ -37,7 +37,7 @@ from ocl.build import build
 from ocl.extract import extract_sharded
 from ocl.report import format_table
 from ocl.streams.cifar10 import load_cifar10
-from ocl.streams.cache import extract_features
+from ocl.streams.prefetch import extract_features
 from ocl.streams.folder import FileImageSet
 
 ROOT = Path(__file__).resolve().parents[1]

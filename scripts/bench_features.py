@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ocl.streams.base import ArrayImageSet
-from ocl.streams.cache import extract_features
+from ocl.streams.prefetch import extract_features
 from ocl.streams.features import PRECISIONS, TimmExtractor
 
 

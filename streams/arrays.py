@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ocl.errors import OCLError, storage_error
-from ocl.streams.base import ArrayImageSet, Source
+from ocl.streams.base import ArrayImageSet, Source, dense_classes
 from ocl.streams.download import missing_files
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,9 @@ def load_arrays(
             (+ ``x_test.npy``/``y_test.npy``) or ``x.npy``/``y.npy``; or an ``.npy`` of
             images, whose labels come from ``y``.
         x, y, x_test, y_test: arrays (numpy, torch, lists) or paths of ``.npy`` files.
-        classes: class names; default ``str(i)`` for ``i`` up to the largest label.
+        classes: class names; default ``str(i)`` for ``i`` up to the largest label, or, when
+            the labels leave indices unused (0 and 1,000,000), the labels renumbered to
+            ``0..K-1`` and named by their values (:func:`~ocl.streams.base.dense_classes`).
         name: source name.
     """
     arrays = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test}
@@ -160,10 +162,10 @@ def load_arrays(
             f"{name}: train items have shape {sets['train'].data.shape[1:]} but test items "
             f"{sets['test'].data.shape[1:]}."
         )
+    label_map = None
     if classes is None:
-        top = max((int(s.labels.max()) for s in sets.values() if s is not None and len(s)), default=0)
-        classes = [str(i) for i in range(top + 1)]
-    return Source(name=name, train=sets["train"], test=sets["test"], classes=classes)
+        classes, label_map = dense_classes(sets, name)
+    return Source(name=name, train=sets["train"], test=sets["test"], classes=classes, label_map=label_map)
 
 
 def _pick(stored: dict[str, Any], path: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""The on-disk feature cache: :func:`extract_features` runs an extractor
-(:class:`~ocl.streams.features.Extractor`) over a whole :class:`ImageSet` and caches the
-result under ``cache_dir/<key>/``::
+"""The on-disk feature cache: the features of a whole :class:`ImageSet` under one extractor
+(:class:`~ocl.streams.features.Extractor`) live under ``cache_dir/<key>/``
+(:func:`ocl.streams.prefetch.extract_features` fills and reads it)::
 
     features.npy   (n, D) in the storage dtype, read back as a read-only np.memmap
     meta.json      shape, dtype, sha1 of the feature bytes, fingerprint, extractor key
@@ -11,13 +11,14 @@ miss. The storage dtype is ``float32`` (default) or ``float16`` (half the disk a
 cache; the runner reads rows back as float32, so learners always get float32). Files are
 written to a temp file, fsynced and renamed (atomic), meta.json last; on load every check
 (meta present and matching, file size, sha1) must pass, otherwise a WARNING says why and
-the cache is rebuilt. :mod:`ocl.streams.shards` builds the same entry from shards written
-by several workers (``ocl extract engine=ray``).
+the cache is rebuilt. While an entry is incomplete, :mod:`ocl.streams.rows` keeps what was
+extracted of it shard by shard (an interrupted extraction keeps its finished shards; a run
+extracts only the images it uses, :mod:`ocl.streams.prefetch`); :mod:`ocl.streams.shards`
+builds the same entry from shards written by several workers (``ocl extract engine=ray``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ocl.errors import OCLError, storage_error
-from ocl.files import atomic_path, preallocate, write_atomic
+from ocl.errors import OCLError
+from ocl.files import preallocate, write_atomic
 from ocl.streams.features import Extractor
 
 log = logging.getLogger(__name__)
@@ -58,69 +59,6 @@ def check_dtype(dtype: str) -> str:
         raise OCLError(f"cache_dtype={dtype!r}: must be one of {', '.join(STORAGE_DTYPES)} "
                        "(float16 halves the cache; learners still get float32).")
     return dtype
-
-
-def extract_features(
-    images: Any,
-    extractor: Extractor,
-    cache_dir: str | os.PathLike | None,
-    batch_size: int = 256,
-    progress: bool = True,
-    dtype: str = "float32",
-) -> np.ndarray:
-    """Features of every item of ``images`` (an :class:`ImageSet`), cached on disk.
-
-    Args:
-        images: the ImageSet, read in order in batches of ``batch_size``.
-        extractor: maps ``(b, H, W, C)`` uint8 to ``(b, D)`` float32.
-        cache_dir: cache root; ``None`` (or a non-cacheable extractor) computes in memory.
-        batch_size: images read per step.
-        progress: show a tqdm bar (only on a terminal).
-        dtype: storage dtype of the cache, ``"float32"`` or ``"float16"`` (rounded once,
-            when written; without a cache the features stay float32).
-
-    Returns:
-        ``(n, D)``: a read-only ``np.memmap`` in the storage dtype when cached (read rows
-        with ``np.asarray(x[idx], dtype=np.float32)``, as the runner does), else a float32
-        array.
-
-    Raises:
-        OCLError: the extractor produced NaN/inf, or values float16 cannot hold (nothing
-            is cached), or a bad shape.
-    """
-    if batch_size < 1:
-        raise OCLError(f"batch_size must be >= 1; got {batch_size}.")
-    check_dtype(dtype)
-    if cache_dir is None or not extractor.cacheable:
-        return compute(images, extractor, None, batch_size, progress)[0]
-
-    fp, ekey = images.fingerprint(), extractor.key()
-    entry = Path(cache_dir) / cache_key(fp, ekey, dtype)
-    feats = _load_cached(entry, fp, ekey, len(images), dtype)
-    if feats is not None:
-        log.info("feature cache hit: %s (%d x %d)", entry, *feats.shape)
-        return feats
-
-    meta_path, feat_path = entry / "meta.json", entry / "features.npy"
-    try:
-        entry.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # an old meta must never vouch for new features
-    except OSError as e:
-        raise storage_error(e, entry, "creating a feature cache entry (cache_dir=null runs without the cache)") from e
-    try:
-        with atomic_path(feat_path, "writing the feature cache; nothing was cached (cache_dir=null runs without "
-                                    "the cache)") as tmp:
-            written, sha1, shape = compute(images, extractor, tmp, batch_size, progress, dtype)
-            del written  # close the writable memmap; the caller gets a read-only one
-        write_meta(entry, shape, dtype, sha1, fp, ekey)
-    except BaseException:
-        if not meta_path.exists():  # features without their meta are never trusted: remove them
-            with contextlib.suppress(OSError):
-                feat_path.unlink()
-        _rmdir_if_empty(entry)  # a failed first build leaves nothing behind
-        raise
-    log.info("feature cache written: %s", entry)
-    return np.load(feat_path, mmap_mode="r")
 
 
 def write_meta(entry: Path, shape: tuple[int, int], dtype: str, sha1: str, fingerprint: str,
@@ -156,25 +94,8 @@ def compute(
     try:
         for s in range(0, n, batch_size):
             idx = np.arange(s, min(s + batch_size, n))
-            f = extractor(images.get(idx))
-            f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
-            f = f.astype(np.float32, copy=False)  # (b, D)
-            if f.ndim != 2 or f.shape[0] != len(idx) or (out is not None and f.shape[1] != out.shape[1]):
-                raise OCLError(
-                    f"extractor {extractor.key()} returned shape {f.shape} for {len(idx)} images.")
-            if not np.isfinite(f).all():
-                bad = offset + s + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
-                raise OCLError(
-                    f"the feature extractor produced NaN/inf (first at image {bad}); nothing was "
-                    f"cached. Extractor: {extractor.key()}. Check the weights and the input images."
-                )
-            if out_path is not None and dtype != "float32":
-                with np.errstate(over="ignore"):  # checked right below, with a message
-                    f = f.astype(dtype)
-                if not np.isfinite(f).all():  # |x| > 65504 overflows float16
-                    bad = offset + s + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
-                    raise OCLError(f"features of image {bad} exceed the range of cache_dtype={dtype}; nothing "
-                                   "was cached. Use cache_dtype=float32.")
+            f = extract_batch(images, idx, extractor, "float32" if out_path is None else dtype,
+                              None if out is None else out.shape[1], offset)
             if out is None:  # D is known only after the first batch
                 shape = (n, f.shape[1])
                 if out_path is not None:
@@ -200,15 +121,34 @@ def compute(
     return out, h.hexdigest(), (n, int(out.shape[1]))
 
 
-def _load_cached(entry: Path, fp: str, ekey: str, n: int, dtype: str = "float32") -> np.ndarray | None:
-    """The cached features if every check passes; else None (with a WARNING if an entry existed)."""
-    if not (entry / "meta.json").exists() and not (entry / "features.npy").exists():
-        return None  # nothing there yet: a plain miss
-    why = cache_problem(entry, fp, ekey, n, dtype)
-    if why is None:
-        return np.load(entry / "features.npy", mmap_mode="r")
-    log.warning("feature cache %s is invalid (%s); rebuilding it.", entry, why)
-    return None
+def extract_batch(images: Any, idx: np.ndarray, extractor: Extractor, dtype: str = "float32",
+                  dim: int | None = None, offset: int = 0) -> np.ndarray:
+    """Features of ``images.get(idx)`` as a checked ``(len(idx), D)`` array in ``dtype``.
+    ``dim``: the D the batch must have, if known; ``offset``: added to the indices that
+    error messages name (the position of ``images[0]`` in a larger set).
+
+    Raises:
+        OCLError: a bad shape, NaN/inf, or values ``dtype`` (float16) cannot hold.
+    """
+    f = extractor(images.get(idx))
+    f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+    f = f.astype(np.float32, copy=False)  # (b, D)
+    if f.ndim != 2 or f.shape[0] != len(idx) or (dim is not None and f.shape[1] != dim):
+        raise OCLError(f"extractor {extractor.key()} returned shape {f.shape} for {len(idx)} images.")
+    if not np.isfinite(f).all():
+        bad = offset + int(idx[np.flatnonzero(~np.isfinite(f).all(axis=1))[0]])
+        raise OCLError(
+            f"the feature extractor produced NaN/inf (first at image {bad}); its batch was not cached. "
+            f"Extractor: {extractor.key()}. Check the weights and the input images."
+        )
+    if dtype != "float32":
+        with np.errstate(over="ignore"):  # checked right below, with a message
+            f = f.astype(dtype)
+        if not np.isfinite(f).all():  # |x| > 65504 overflows float16
+            bad = offset + int(idx[np.flatnonzero(~np.isfinite(f).all(axis=1))[0]])
+            raise OCLError(f"features of image {bad} exceed the range of cache_dtype={dtype}; its batch was not "
+                           "cached. Use cache_dtype=float32.")
+    return np.ascontiguousarray(f)
 
 
 def cache_problem(entry: Path, fp: str, ekey: str, n: int, dtype: str = "float32") -> str | None:
@@ -246,11 +186,3 @@ def cache_problem(entry: Path, fp: str, ekey: str, n: int, dtype: str = "float32
     if h.hexdigest() != sha1:
         return "sha1 of features.npy does not match meta.json (corrupted bytes)"
     return None
-
-
-def _rmdir_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
-

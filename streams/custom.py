@@ -12,7 +12,7 @@ import numpy as np
 
 from ocl.errors import OCLError
 from ocl.streams.arrays import _as_array, _labels
-from ocl.streams.base import ArrayImageSet, ImageSet, Source
+from ocl.streams.base import ArrayImageSet, ImageSet, Source, dense_classes
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ def to_source(obj: Any, name: str = "custom") -> Source:
     ``(image, label)`` pairs or batches, where an image is a PIL image, a numpy
     ``(H, W[, C])`` uint8 array, or a torch ``(C, H, W)`` tensor (float in [0, 1] or uint8).
     Classes default to the dataset's ``classes`` attribute, else ``str(i)`` up to the
-    largest label.
+    largest label; labels that leave indices unused (0 and 1,000,000) are renumbered to
+    ``0..K-1`` (:func:`~ocl.streams.base.dense_classes`; ``Source.label_map``).
     """
     if isinstance(obj, Source):
         return obj
@@ -187,7 +188,7 @@ def to_source(obj: Any, name: str = "custom") -> Source:
     else:
         train, test = _to_imageset(obj, name), None
         classes = _declared_classes(obj)
+    label_map = None
     if classes is None:
-        top = max((int(s.labels.max()) for s in (train, test) if s is not None and len(s)), default=0)
-        classes = [str(i) for i in range(top + 1)]
-    return Source(name=name, train=train, test=test, classes=classes)
+        classes, label_map = dense_classes({"train": train, "test": test}, name)
+    return Source(name=name, train=train, test=test, classes=classes, label_map=label_map)

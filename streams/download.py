@@ -8,6 +8,7 @@ an :class:`OCLError` that names the exact paths the loader expected.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import logging
 import os
 import shutil
@@ -18,13 +19,14 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 
-from ocl.errors import OCLError
+from ocl.errors import OCLError, free_bytes, storage_error
 
 log = logging.getLogger(__name__)
 
 #: Where loaders without an explicit ``root`` look for (and download) data.
 DEFAULT_ROOT = "~/.cache/ocl/data"
-#: Fallback place for zip extractions when the zip's own folder is read-only.
+#: Where zips are unpacked (``<here>/<zip stem>``), never beside the user's zip; the
+#: environment variable ``OCL_EXTRACT_DIR`` moves it.
 EXTRACT_CACHE = "~/.cache/ocl/extracted"
 _MARKER = ".ocl-extracted"  # written last, so its presence means "extraction complete"
 
@@ -103,11 +105,23 @@ def _stamp(zip_path: str) -> str:
 
 
 def _is_complete(target: str, stamp: str) -> bool:
+    """Whether ``target`` holds a finished extraction of the zip of ``stamp``: same size and
+    mtime, and a recorded path naming the same file (``../shared/x.zip`` and its resolved path
+    are one zip, not a reason to unpack it again)."""
     try:
         with open(os.path.join(target, _MARKER)) as f:
-            return f.read() == stamp
+            found = f.read()
     except OSError:
         return False
+    if found == stamp:
+        return True
+    path, _, rest = found.partition("\n")
+    want_path, _, want_rest = stamp.partition("\n")
+    return rest == want_rest and os.path.realpath(path) == os.path.realpath(want_path)
+
+
+def _extract_dir() -> str:
+    return os.path.expanduser(os.environ.get("OCL_EXTRACT_DIR") or EXTRACT_CACHE)
 
 
 def _extract_into(zip_path: str, tmp: str) -> None:
@@ -124,50 +138,80 @@ def _extract_into(zip_path: str, tmp: str) -> None:
         raise OCLError(f"{zip_path}: not a readable zip archive ({e}). Re-download or re-create it.") from e
 
 
-def extract_zip(zip_path: str) -> str:
-    """Extract ``zip_path`` once and return the folder holding its contents.
+def _members(zip_path: str) -> tuple[int, int]:
+    """``(files, bytes once unpacked)`` of a zip."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise OCLError(f"{zip_path}: not a readable zip archive ({e}). Re-download or re-create it.") from e
+    return len(infos), sum(i.file_size for i in infos)
 
-    The folder is ``<dirname(zip)>/.<zipstem>-extracted/``, or
-    ``~/.cache/ocl/extracted/<zipstem>`` when the zip's folder is read-only. A marker
-    file (written last, recording the zip's path, size and mtime) makes later calls
-    reuse a complete extraction and redo a partial or stale one.
+
+def extract_zip(zip_path: str) -> str:
+    """Unpack ``zip_path`` once into the data cache and return the folder holding its contents.
+
+    The folder is ``~/.cache/ocl/extracted/<zipstem>`` (``$OCL_EXTRACT_DIR/<zipstem>``; a
+    different zip of the same name gets ``<zipstem>-<hash of its path>``), never beside the
+    zip: the user's folder may be read-only, and 60,000 files appearing there unannounced
+    are not wanted. A one-line notice says where and how large; a complete extraction made by
+    an earlier version beside the zip (``.<zipstem>-extracted``) is still reused. A marker file
+    (written last, recording the zip's path, size and mtime) makes later calls reuse a complete
+    extraction and redo a partial or stale one. The archive's timestamps are kept, so the
+    image folder's fingerprint (and its feature cache entries) does not depend on where or
+    when it was unpacked.
+
+    Raises:
+        OCLError: the zip is missing or unreadable, or the cache folder cannot take it (not
+            writable, or too little free space: the message gives the size).
     """
     zip_path = os.path.abspath(os.path.expanduser(zip_path))
     if not os.path.isfile(zip_path):
         raise missing_files("zip", [zip_path], "check the path to the .zip file.")
     stem = os.path.splitext(os.path.basename(zip_path))[0]
-    targets = [
-        os.path.join(os.path.dirname(zip_path), f".{stem}-extracted"),
-        os.path.join(os.path.expanduser(EXTRACT_CACHE), stem),
-    ]
+    cache = _extract_dir()
+    own = os.path.join(cache, stem)
+    other = f"{own}-{hashlib.sha1(os.path.realpath(zip_path).encode()).hexdigest()[:8]}"
+    legacy = os.path.join(os.path.dirname(zip_path), f".{stem}-extracted")
     stamp = _stamp(zip_path)
-    for target in targets:
+    for target in (own, other, legacy):
         if _is_complete(target, stamp):
             return target
-    for target in targets:
-        parent = os.path.dirname(target)
-        if not _writable_dir(parent):
-            log.info("%s is not writable; trying the next extraction folder", parent)
-            continue
-        tmp = tempfile.mkdtemp(prefix=f".{stem}-partial-", dir=parent)
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the extraction is ordinary data
-            log.info("extracting %s into %s (once)", zip_path, target)
-            _extract_into(zip_path, tmp)
-            with open(os.path.join(tmp, _MARKER), "w") as f:
-                f.write(stamp)
-            if _is_complete(target, stamp):  # another process finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return target
-            if os.path.lexists(target):  # partial or stale extraction
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
+    # a stem already taken by another zip's finished extraction: this zip gets its own folder
+    try:
+        with open(os.path.join(own, _MARKER)) as f:
+            taken = os.path.realpath(f.readline().rstrip("\n")) != os.path.realpath(zip_path)
+    except OSError:
+        taken = False
+    target = other if taken else own
+    parent = os.path.dirname(target)
+    if not _writable_dir(parent):
+        raise OCLError(f"{zip_path}: cannot unpack it into {parent} (not writable); set OCL_EXTRACT_DIR=DIR to a "
+                       "writable folder, or unpack the zip yourself and pass the folder as root.")
+    files, size = _members(zip_path)
+    free = free_bytes(parent)
+    if free is not None and free < size:
+        raise OCLError(f"{zip_path}: unpacking it needs {size / 1e6:,.0f} MB in {parent}, which has "
+                       f"{free / 1e6:,.0f} MB free; set OCL_EXTRACT_DIR=DIR to a folder with room, or unpack the "
+                       "zip yourself and pass the folder as root.")
+    log.info("unpacking %s (%s files, %.0f MB) into %s, once (later runs reuse it; OCL_EXTRACT_DIR moves it)",
+             zip_path, f"{files:,}", size / 1e6, target)
+    tmp = tempfile.mkdtemp(prefix=f".{stem}-partial-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the extraction is ordinary data
+        _extract_into(zip_path, tmp)
+        with open(os.path.join(tmp, _MARKER), "w") as f:
+            f.write(stamp)
+        if _is_complete(target, stamp):  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
-    raise OCLError(
-        f"{zip_path}: cannot extract; none of these folders is writable: "
-        + ", ".join(os.path.dirname(t) for t in targets)
-        + ". Extract the zip yourself and pass the extracted folder as root."
-    )
+            return target
+        if os.path.lexists(target):  # partial or stale extraction
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(e, target, f"unpacking {zip_path}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class FileImageSet(ImageSet):
         if channels not in (1, 3):
             raise OCLError(f"{root}: channels must be 1 (grayscale) or 3 (RGB); got {channels}.")
         if image_size is not None and (int(image_size) != image_size or image_size <= 0):
-            raise OCLError(f"{root}: image_size must be a positive integer or None; got {image_size!r}.")
+            raise OCLError(f"{root}: stream.image_size must be a positive integer or null; got {image_size!r}.")
         self.root = root
         self.paths = [p for p, _ in files]
         self.labels = np.asarray([y for _, y in files], dtype=np.int64)
@@ -60,9 +60,11 @@ class FileImageSet(ImageSet):
         try:
             with Image.open(path) as img:
                 img.load()  # force decoding here so truncation surfaces as an error now
-                img = img.convert("RGB" if self.channels == 3 else "L")
+                img = to_8bit(img, path).convert("RGB" if self.channels == 3 else "L")
+        except Image.DecompressionBombError as e:  # not an OSError: it would end in a traceback
+            raise OCLError(too_large(path, e)) from e
         except FileNotFoundError as e:
-            raise OCLError(f"{path}: image file disappeared after the folder was listed.") from e
+            raise OCLError(gone(path)) from e
         except PermissionError as e:
             raise storage_error(e, path, "reading an image") from e
         except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "bad file"
@@ -110,9 +112,49 @@ class FileImageSet(ImageSet):
             try:
                 st = os.stat(path)
             except OSError as e:
-                raise OCLError(f"{path}: image file disappeared after the folder was listed.") from e
+                raise OCLError(gone(path)) from e
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{y}\n".encode())
         return h.hexdigest()
+
+
+#: PIL modes of 16-bit integer images (PNG, TIFF): their values are 0..65535.
+_MODES_16BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_8bit(img, path: str):
+    """A PIL image with 8 bits per channel. PIL's ``convert`` clips a 16-bit image at 255 (a
+    16-bit PNG came out 99.6% white), so 16-bit values are scaled down instead: ``v >> 8``, the
+    top 8 bits (0 -> 0, 65535 -> 255, order kept). Mode ``I`` (32-bit integers, how PIL opens
+    some 16-bit formats) is scaled the same when its values fit 16 bits; float images are refused.
+
+    Raises:
+        OCLError: a mode that has no faithful 8-bit reading here (float, 32-bit values).
+    """
+    from PIL import Image
+
+    if img.mode in _MODES_16BIT or img.mode == "I":
+        a = np.asarray(img)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise OCLError(f"{path}: a 32-bit integer image (PIL mode {img.mode}, values {int(a.min())}.."
+                           f"{int(a.max())}); save it with 8 or 16 bits per channel.")
+        return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    if img.mode == "F" or img.mode.startswith("I;"):
+        raise OCLError(f"{path}: a {'32-bit float' if img.mode == 'F' else img.mode} image (PIL mode {img.mode}); "
+                       "save it as an 8- or 16-bit integer image (PNG, JPEG).")
+    return img
+
+
+def too_large(path: str, e: Exception) -> str:
+    """The message for an image PIL refuses to open as a possible decompression bomb (its
+    message gives the image's pixels and the limit, twice ``PIL.Image.MAX_IMAGE_PIXELS``)."""
+    return f"{path}: too large to decode: {str(e).rstrip('.')}. Resize the file or remove it from the folder."
+
+
+def gone(path: str) -> str:
+    """The message for an image that cannot be found where the folder listing put it."""
+    if os.path.islink(path):
+        return f"{path}: a dangling symbolic link (to {os.readlink(path)}, which does not exist); remove or fix it."
+    return f"{path}: image file disappeared after the folder was listed."
 
 
 def _class_dirs(directory: str) -> list[str]:
@@ -127,19 +169,56 @@ def _class_dirs(directory: str) -> list[str]:
     return [c for c in classes if not c.startswith(".") and c not in _IGNORED_DIRS]
 
 
-def _check_listable(directory: str) -> None:
-    """Refuse a folder under ``directory`` that cannot be listed: ``os.walk``, which torchvision's
-    ``make_dataset`` uses, skips it silently, and its class would look empty."""
-    def fail(e: OSError) -> None:
-        raise storage_error(e, e.filename or directory, "listing the images of a class folder") from e
+def _walk(directory: str, seen: dict[str, str], keep: Callable[[str], bool],
+          above: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
+    """``(folder, file names)`` of every folder under ``directory``, following symbolic links as
+    ``os.walk(followlinks=True)`` (torchvision's ``make_dataset``) does, but refusing what it
+    gets wrong: a link cycle (``cyc -> .``, ``x/up -> ..``; os.walk loops until the path is
+    too long: 10 images became 410, or hung), a folder reached twice (its images would be
+    streamed twice, under two labels), a dangling link, and a folder that cannot be listed
+    (os.walk skips it silently: its class would look empty).
 
-    for _ in os.walk(directory, onerror=fail, followlinks=True):
-        pass
+    Args:
+        directory: the folder to walk.
+        seen: real path -> path of every folder walked so far (shared by the class folders of
+            one split); updated.
+        keep: which file paths to list (the others are not looked at).
+        above: real paths of the folders above ``directory`` (a link to one is a cycle).
+    """
+    out: list[tuple[str, list[str]]] = []
+    stack = [(directory, (*above, os.path.realpath(directory)))]
+    while stack:
+        folder, chain = stack.pop()
+        real = chain[-1]
+        if real in seen:
+            if real in chain[:-1]:
+                raise OCLError(f"{folder}: a symbolic link cycle ({folder} is {seen[real]}, a folder above it); "
+                               "remove the link.")
+            raise OCLError(f"{folder} and {seen[real]} are the same folder (through a symbolic link): its images "
+                           "would be streamed twice, under two labels or paths; remove the link.")
+        seen[real] = folder
+        names: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():  # follows links
+                        sub = os.path.join(folder, entry.name)
+                        stack.append((sub, (*chain, os.path.realpath(sub))))
+                    elif keep(entry.path):
+                        if entry.is_symlink() and not os.path.exists(entry.path):
+                            raise OCLError(gone(entry.path))
+                        names.append(entry.name)
+        except OSError as e:
+            raise storage_error(e, e.filename or folder, "listing the images of a class folder") from e
+        out.append((folder, names))
+    return out
 
 
 def _list_files(directory: str, classes: list[str]) -> list[tuple[str, int]]:
-    """``(path relative to directory, class index)`` for every image under ``directory/<class>``."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+    """``(path relative to directory, class index)`` for every image under ``directory/<class>``,
+    in torchvision's ``make_dataset`` order (class names sorted, then ``sorted(os.walk(...))``,
+    file names sorted; then a stable sort by class index), which the fingerprint depends on."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     def valid(path: str) -> bool:
         rel = os.path.relpath(path, directory)
@@ -150,9 +229,12 @@ def _list_files(directory: str, classes: list[str]) -> list[tuple[str, int]]:
     class_to_idx = {c: i for i, c in enumerate(classes) if c in present}
     if not class_to_idx:
         return []
-    for c in class_to_idx:
-        _check_listable(os.path.join(directory, c))
-    samples = make_dataset(directory, class_to_idx, is_valid_file=valid, allow_empty=True)
+    top = os.path.realpath(directory)
+    seen = {top: directory}  # a link back to the split folder is a cycle too
+    samples: list[tuple[str, int]] = []
+    for c in sorted(class_to_idx):
+        for folder, names in sorted(_walk(os.path.join(directory, c), seen, valid, (top,))):
+            samples += [(os.path.join(folder, n), class_to_idx[c]) for n in sorted(names)]
     samples.sort(key=lambda s: s[1])  # stable: class index order, files sorted within a class
     return [(os.path.relpath(p, directory), y) for p, y in samples]
 
@@ -187,13 +269,13 @@ def load_imagefolder(
     if root.lower().endswith(".zip"):
         name = name or os.path.splitext(os.path.basename(root))[0]
         root = extract_zip(root)
-    name = name or os.path.basename(root.rstrip(os.sep))
     if not os.path.isdir(root):
         raise missing_files(
-            name,
+            f"{name or 'image folder'} (stream.root={root})",
             [os.path.join(root, "<class>", "<image>"), os.path.join(root, "train", "<class>", "<image>")],
             "point root at a folder with one sub-folder per class (optionally under train/ and test/).",
         )
+    name = name or os.path.basename(root.rstrip(os.sep))
     split = _is_split_layout(root)
     train_dir = os.path.join(root, "train") if split else root
     test_dir = os.path.join(root, "test") if split else None

@@ -3,7 +3,7 @@
 ``ocl extract engine=ray`` splits an :class:`ImageSet` into contiguous shards of
 ``shard_size`` images; each worker writes the features of the shards it gets, and the
 entry is assembled only when every shard is there. The finished entry is exactly what
-:func:`ocl.streams.cache.extract_features` writes (``features.npy`` + ``meta.json``,
+:func:`ocl.streams.prefetch.extract_features` writes (``features.npy`` + ``meta.json``,
 read by the same checks), so the learners never know how it was made. While it is being
 built the entry holds::
 

@@ -180,17 +180,40 @@ def test_missing_test_split_runs_without_evaluation(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("override,expect", [
-    ("learner.lrr=0.1", "Key 'lrr' is not in struct"),  # hydra: mistyped key
-    ("chunk_sise=2", "Key 'chunk_sise' is not in struct"),
-    ("learner=linearr", "Could not find 'learner/linearr'"),
+    ("learner=linearr", "Could not find 'learner/linearr'"),  # hydra's own message lists the options
 ])
-def test_unknown_or_mistyped_config_keys(previous, monkeypatch, capsys, override, expect):
+def test_unknown_config_group_option(previous, monkeypatch, capsys, override, expect):
     code, err = ocl(previous, monkeypatch, capsys, override)
     assert code != 0 and expect in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("overrides,expect", [
+    # hydra used to answer these with exit code 1 and "To append to your config use +learner.lrr=0.1"
+    (["learner.lrr=0.1"], "unknown config key `learner.lrr` (in learner.lrr=0.1); did you mean `learner.lr`?"),
+    (["chunk_sise=2"], "unknown config key `chunk_sise` (in chunk_sise=2); did you mean `chunk_size`?"),
+    (["notakey=1"], "unknown config key `notakey` (in notakey=1); keys at the top level: stream, protocol,"),
+    (["lerner.lr=1"], "unknown config key `lerner` (in lerner.lr=1); did you mean `learner`?"),
+    # an option of the learner's class that its config file does not list: then + is the answer
+    (["learner=linear", "learner.weight_decay=0.1"],
+     "learner.weight_decay: an option of LinearLearner that its config does not list; add it with a leading +: "
+     "+learner.weight_decay=0.1"),
+    (["learner=linear", "learner.weight_decy=0.1"], "did you mean `learner.weight_decay`? (+learner.weight_decay=0.1)"),
+])
+def test_mistyped_config_key_names_the_nearest_valid_one(previous, monkeypatch, capsys, overrides, expect):
+    err = user_error(previous, monkeypatch, capsys, *overrides)
+    assert expect in err and len(err.strip().splitlines()) == 1 and "+learner.lrr" not in err, err
+
+
+def test_extra_learner_option_with_plus_still_works(tmp_path, monkeypatch):
+    """README: `+learner.KEY=V` sets an option the learner's config does not list."""
+    _run_ok(tmp_path, monkeypatch, "learner=linear", "+learner.weight_decay=0.01", "protocol.max_examples=30")
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["config"]["learner"]["weight_decay"] == 0.01
+
+
 @pytest.mark.parametrize("override,expect", [
-    ("+learner.lrr=0.1", "learner: unknown option(s) ['lrr'] for TransformerLearner; valid options: ['attn', 'compile'"),
+    ("+learner.lrr=0.1", "learner: unknown option(s) ['lrr'] for TransformerLearner; did you mean learner.lr? "
+                         "valid options: ['attn', 'compile'"),
     ("chunk_size=abc", "chunk_size='abc': must be an integer >= 1"),
     ("checkpoint_every=-5", "checkpoint_every=-5: must be a number of examples >= 1, or null"),
     ("eval_test=maybe", "eval_test='maybe': must be true or false"),
@@ -220,7 +243,18 @@ def test_non_writable_output_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     with pytest.raises(SystemExit) as e:
         main(["run", f"hydra.run.dir={ro / 'run'}"])
-    assert e.value.code == 2 and "cannot write to the run directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot create the run directory {ro / 'run'}: its parent {ro} does not accept" in err
+
+
+def test_run_directory_under_proc_says_it_cannot_be_created(monkeypatch, capsys):
+    """It used to say "/proc: No such file or directory", as if /proc were missing."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:
+        main(["run", "hydra.run.dir=/proc/ocl-test-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(
+        "error: cannot create the run directory /proc/ocl-test-run: its parent /proc does not accept new files")
 
 
 # ------------------------------------------------------------------------ non-finite training loss
@@ -405,3 +439,119 @@ def test_compare_refuses_a_nan_learning_rate_before_running(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert e.value.code == 2 and "learner_options.linear.lr=nan: must be a finite number" in err
     assert not (tmp_path / "cmp").exists()
+
+
+# ------------------------------------------------------------------------ found by a probe of bad inputs
+
+@pytest.mark.parametrize("override,expect", [
+    # 0 used to run silently at 224 px (results.json: 0 in the config, 224 in the backbone); -5 was a traceback
+    ("backbone.image_size=0", "backbone.image_size=0: must be a positive integer. Set it as backbone.image_size=VALUE"),
+    ("backbone.image_size=-5", "backbone.image_size=-5: must be a positive integer."),
+    ("backbone.batch_size=0", "backbone.batch_size=0: must be a positive integer."),
+])
+def test_backbone_image_size_must_be_positive(previous, monkeypatch, capsys, override, expect):
+    assert expect in user_error(previous, monkeypatch, capsys, "backbone=efficientnet_lite0", override)
+
+
+def test_stream_image_size_is_named_by_its_full_key(tmp_path, previous, monkeypatch, capsys):
+    root = folder(tmp_path / "imgs")
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={root}", "stream.image_size=0")
+    assert "stream.image_size=0: must be a positive integer or null" in err
+
+
+def test_chunk_larger_than_the_stream(previous, monkeypatch, capsys):
+    """It used to run as one chunk: online accuracy 0.0 and no warning."""
+    err = user_error(previous, monkeypatch, capsys, "chunk_size=100000")
+    assert "chunk_size=100000 is larger than the stream (1,437 examples)" in err
+
+
+def test_compare_refuses_a_chunk_larger_than_the_stream(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "progress=false", f"hydra.run.dir={tmp_path / 'cmp'}", f"cache_dir={tmp_path / 'c'}",
+              "learners=[linear]", "chunk_size=2000"])
+    assert e.value.code == 2 and "chunk_size=2000 is larger than the stream" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_an_error_is_printed_once(tmp_path, previous, monkeypatch, capsys):
+    """It used to be printed twice: as a log line and as `error: ...`."""
+    err = user_error(previous, monkeypatch, capsys, "stream=arrays", f"stream.path={tmp_path / 'none.npz'}")
+    assert err.count("data not found") == 1 and "[ERROR]" not in err
+
+
+def test_help_names_the_configured_default_learner(capsys):
+    from ocl.cli import default_groups
+
+    main(["--help"])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("ocl run  "))
+    defaults = default_groups()
+    assert defaults["learner"] == "transformer" and line.rstrip().endswith(", ".join(defaults.values()))
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_sigterm_before_learning_is_a_clean_stop(tmp_path, monkeypatch, capsys, command):
+    """SIGTERM (kill, a scheduler) used to kill the process where it stood (default action);
+    now it ends like Ctrl-C: one message, exit code 130, no traceback, the lock released."""
+    import signal
+
+    from ocl import build
+
+    def load(cfg):  # while loading data, before the run loop (whose checkpointer handles signals itself)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(build, "load_source", load)
+    monkeypatch.setattr("ocl.compare.load_source", load)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        main([command, "progress=false", f"hydra.run.dir={tmp_path / 'r'}", f"cache_dir={tmp_path / 'c'}",
+              *(["learners=[linear]"] if command == "compare" else [])])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == before  # put back
+    assert not (tmp_path / "r").exists()  # made for this run, nothing kept: removed with its lock file
+
+
+def test_image_folder_with_symbolic_link_cycles(tmp_path, previous, monkeypatch, capsys):
+    """`cyc -> .` plus `x/up -> ..` used to hang with no output."""
+    root = folder(tmp_path / "imgs")
+    os.symlink(".", root / "cyc")
+    os.symlink("..", root / "a" / "up")
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={root}", "protocol=iid")
+    assert f"{root / 'a' / 'up'}: a symbolic link cycle" in err or f"{root / 'cyc'}: a symbolic link cycle" in err
+
+
+def test_image_whose_header_claims_20000x20000(tmp_path, previous, monkeypatch, capsys):
+    """It ended in PIL's DecompressionBombError traceback."""
+    root = folder(tmp_path / "imgs")
+    big = root / "b" / "0.png"
+    Image.new("1", (20000, 20000)).save(big)  # 1 bit per pixel: a small file with a huge header
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={root}", "protocol=iid")
+    assert f"{big}: too large to decode: Image size (400000000 pixels) exceeds limit" in err
+
+
+def test_missing_image_folder_is_named_by_its_option(tmp_path, previous, monkeypatch, capsys):
+    """It used to be named after the folder's last path part: "data: data not found"."""
+    err = user_error(previous, monkeypatch, capsys, "stream=imagefolder", f"stream.root={tmp_path / 'data'}")
+    assert err.startswith(f"error: image folder (stream.root={tmp_path / 'data'}): data not found.")
+
+
+@pytest.mark.parametrize("top", [1_000_000, 10**9])
+def test_sparse_label_ids_are_renumbered(tmp_path, monkeypatch, top):
+    """Labels 0 and 1,000,000 used to make a 1,000,001-class run (a 68 MB checkpoint, 14.5 ex/s);
+    0 and 10**9 a MemoryError. They are renumbered to classes 0..K-1 in label order, named by
+    their ids, and results.json records the map."""
+    rng = np.random.default_rng(0)
+    y = np.where(np.arange(40) < 20, 0, top)
+    x = (rng.normal(size=(40, 4)) + (y[:, None] > 0) * 3).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x_train=x, y_train=y, x_test=x[:4], y_test=np.array([0, top, top, 0]))
+    _run_ok(tmp_path, monkeypatch, "stream=arrays", f"stream.path={tmp_path / 'x.npz'}", "protocol=split",
+            "protocol.n_tasks=2", "learner=linear")
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["num_classes"] == 2 and res["label_map"] == [0, top] and res["n_tasks"] == 2
+    ckpt = (tmp_path / "r" / "checkpoint.pt").stat().st_size
+    assert ckpt < 1_000_000  # a 2-class learner, not a 1,000,001-class one
+    labels = [int(r.split(",")[2]) for r in (tmp_path / "r" / "steps.csv").read_text().splitlines()[1:]]
+    assert labels == [0] * 20 + [1] * 20  # class-incremental: task 0 is label 0, task 1 label `top`

@@ -45,3 +45,55 @@ def test_ocl_run_records_every_option_of_its_learner(tmp_path):
     res = run_experiment(cfg, tmp_path / "r")
     assert res["config"]["learner"] == {**OmegaConf.to_container(learner_config("knn")), "k": 3}
     assert "normalize" not in cfg.learner  # the caller's config is left as it was
+
+
+MEANS_BACKBONE = '''
+import numpy as np
+import torch
+from ocl.streams.features import Extractor
+
+class RowMeans(Extractor):
+    """A cached backbone, exact per image: (n, H, W) -> (n, 8) row means."""
+    feature_dim = 8
+
+    def key(self):
+        return "rowmeans/v1"
+
+    def __call__(self, batch):
+        return torch.from_numpy(np.asarray(batch, np.float32).reshape(len(batch), 8, -1).mean(axis=2))
+'''
+
+
+def test_a_run_extracting_its_features_as_it_goes_equals_a_run_on_a_complete_cache(tmp_path, monkeypatch):
+    """ocl run on an empty cache extracts only its stream (and its tasks' test images), in the
+    background; its results, step by step, are those of the same run on a complete cache entry."""
+    import json
+
+    import numpy as np
+
+    from ocl.build import build, load_source
+    from ocl.streams.prefetch import extract_features
+
+    (tmp_path / "rowmeans_backbone.py").write_text(MEANS_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    over = ["progress=false", "learner=ncm", "protocol.max_examples=300", "protocol.n_tasks=3",
+            "backbone._target_=rowmeans_backbone.RowMeans", f"cache_dir={tmp_path / 'cache'}"]
+    with initialize_config_module(config_module="ocl.configs", version_base=None):
+        cfg = compose(config_name="run", overrides=over)
+        full = compose(config_name="run", overrides=[*over[:-1], f"cache_dir={tmp_path / 'full'}"])
+    run_experiment(cfg, tmp_path / "lazy")
+    entries = list((tmp_path / "cache").iterdir())
+    assert all((e / "rows").is_dir() and not (e / "features.npy").exists() for e in entries)  # partial: shards only
+    src = load_source(full)
+    ex = build(full, "backbone")
+    for images in (src.train, src.test):
+        extract_features(images, ex, tmp_path / "full", progress=False)  # complete entries, as ocl extract writes
+    run_experiment(full, tmp_path / "complete")
+    volatile = {"examples_per_second", "learn_seconds", "eval_seconds", "feature_seconds", "near_future_seconds",
+                "config"}
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("lazy", "complete"))
+    assert a["accuracy_matrix"] and {k: v for k, v in a.items() if k not in volatile} == {
+        k: v for k, v in b.items() if k not in volatile}
+    np.testing.assert_array_equal(np.load(tmp_path / "lazy" / "steps.npy"), np.load(tmp_path / "complete" / "steps.npy"))
+    n_rows = sum(len(json.loads(p.read_text())["indices"]) for p in (tmp_path / "cache").glob("*/rows/*.json"))
+    assert n_rows < len(src.train) + len(src.test)  # not the whole source

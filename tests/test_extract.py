@@ -18,7 +18,7 @@ from ocl.cli import extract_table
 from ocl.errors import OCLError
 from ocl.build import build
 from ocl.extract import extract_sharded, run_extract
-from ocl.streams.cache import extract_features
+from ocl.streams.prefetch import extract_features
 from ocl.streams.shards import ShardedEntry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_sharded_extraction_equals_the_single_process_one(cluster, cifar, tmp_pa
     # ocl run / ocl compare read the entry like one they wrote: a cache hit
     src = __import__("extract_helpers").cifar_subset(cifar)
     ex = build(OmegaConf.create({"backbone": RESNET}), "backbone")
-    with caplog.at_level(logging.INFO, logger="ocl.streams.cache"):
+    with caplog.at_level(logging.INFO, logger="ocl.streams"):
         again = extract_features(src.train, ex, tmp_path / "ray" / "cache", progress=False)
     assert "feature cache hit" in caplog.text
     np.testing.assert_array_equal(again, ray_feats)

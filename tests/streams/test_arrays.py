@@ -72,3 +72,20 @@ def test_shape_errors():
         load_arrays(x=x, y=y, x_test=x)
     with pytest.raises(OCLError, match="outside the declared 2 classes"):
         load_arrays(x=x, y=y, classes=["a", "b"])
+
+
+def test_sparse_labels_are_renumbered_in_label_order():
+    y = np.array([7, 1_000_000, 7, 3])
+    src = load_arrays(x=np.zeros((4, 2), np.float32), y=y, x_test=np.zeros((1, 2), np.float32), y_test=[10**9])
+    assert src.classes == ["3", "7", "1000000", "1000000000"] and src.label_map == [3, 7, 1_000_000, 10**9]
+    assert src.train.labels.tolist() == [1, 2, 1, 0] and src.test.labels.tolist() == [3]
+    dense = load_arrays(x=np.zeros((3, 2), np.float32), y=[0, 2, 1])
+    assert dense.classes == ["0", "1", "2"] and dense.label_map is None and dense.train.labels.tolist() == [0, 2, 1]
+    given = load_arrays(x=np.zeros((2, 2), np.float32), y=[0, 5], classes=[str(i) for i in range(6)])
+    assert given.num_classes == 6 and given.label_map is None  # declared classes are kept as they are
+
+
+def test_fingerprint_of_renumbered_labels_is_that_of_dense_ones():
+    a = load_arrays(x=np.zeros((2, 2), np.float32), y=[0, 9])
+    b = load_arrays(x=np.zeros((2, 2), np.float32), y=[0, 1])
+    assert a.train.fingerprint() == b.train.fingerprint()  # the same data and classes once renumbered

@@ -127,14 +127,15 @@ def test_imagefolder_wrong_classes(tmp_path):
         load_cifar10(str(root), layout="imagefolder", download=False)
 
 
-def test_zip_of_imagefolder_and_pickles(tmp_path):
+def test_zip_of_imagefolder_and_pickles(tmp_path, monkeypatch):
+    monkeypatch.setenv("OCL_EXTRACT_DIR", str(tmp_path / "unpacked"))
     root = _write_folder(tmp_path / "c10")
     z = tmp_path / "c10.zip"
     with zipfile.ZipFile(z, "w") as zf:
         for p in sorted(root.rglob("*.png")):
             zf.write(p, os.path.relpath(p, root))
     src = load_cifar10(str(z), download=False)
-    assert len(src.train) == 10 and src.train.root == str(tmp_path / ".c10-extracted" / "train")
+    assert len(src.train) == 10 and src.train.root == str(tmp_path / "unpacked" / "c10" / "train")
     assert load_cifar10(str(z)).train.fingerprint() == src.train.fingerprint()  # reused
 
     _write_pickles(tmp_path / "p" / "cifar-10-batches-py")

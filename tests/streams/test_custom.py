@@ -109,3 +109,16 @@ def test_bad_objects():
         to_source({"x": 1})
     with pytest.raises(OCLError, match="outside the declared"):
         to_source({"train": (np.zeros((2, 3, 3), np.uint8), np.array([0, 5])), "classes": ["a"]})
+
+
+def test_sparse_labels_of_pairs_are_renumbered_but_a_given_image_set_is_not_rewritten():
+    from ocl.streams.base import ImageSet
+
+    src = to_source([(np.zeros((2, 2), np.uint8), 5), (np.zeros((2, 2), np.uint8), 1_000_000)])
+    assert src.classes == ["5", "1000000"] and src.label_map == [5, 1_000_000] and src.train.labels.tolist() == [0, 1]
+
+    class Mine(ImageSet):
+        labels = np.array([0, 1_000_000])
+
+    with pytest.raises(OCLError, match=r"labels are not 0..K-1 \(2 distinct values up to 1000000\) in a Mine"):
+        to_source(Mine())

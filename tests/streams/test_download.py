@@ -1,4 +1,5 @@
 import calendar
+import logging
 import os
 import socket
 import zipfile
@@ -72,57 +73,99 @@ def _zip(path, files):
     return str(path)
 
 
-def test_extract_zip_once_and_reuse(tmp_path, monkeypatch):
+@pytest.fixture
+def unpacked(tmp_path, monkeypatch):
+    """The folder zips are unpacked into (OCL_EXTRACT_DIR), not the user's cache."""
+    monkeypatch.setenv("OCL_EXTRACT_DIR", str(tmp_path / "unpacked"))
+    return tmp_path / "unpacked"
+
+
+def test_extract_zip_once_and_reuse(tmp_path, unpacked, monkeypatch, caplog):
     z = _zip(tmp_path / "d.zip", {"train/a/1.txt": b"hello", "top.txt": b"x"})
-    out = extract_zip(z)
-    assert out == str(tmp_path / ".d-extracted")
-    assert (tmp_path / ".d-extracted" / "train" / "a" / "1.txt").read_bytes() == b"hello"
+    with caplog.at_level(logging.INFO, logger="ocl.streams.download"):
+        out = extract_zip(z)
+    assert out == str(unpacked / "d")
+    assert sorted(os.listdir(tmp_path)) == ["d.zip", "unpacked"]  # nothing beside the user's zip
+    assert (unpacked / "d" / "train" / "a" / "1.txt").read_bytes() == b"hello"
+    # one notice: where, and how large
+    assert f"unpacking {z} (2 files, 0 MB) into {out}, once" in caplog.text
     # archive timestamps are kept, so fingerprints survive re-extraction
     mtime = os.stat(os.path.join(out, "top.txt")).st_mtime
     assert mtime == calendar.timegm((2020, 5, 17, 12, 30, 0, 0, 0, 0))
-    # second call reuses: extraction must not run again
+    # second call reuses: extraction must not run again, also when the zip is named by another path
     monkeypatch.setattr(download, "_extract_into", lambda *a: pytest.fail("re-extracted"))
     assert extract_zip(z) == out
+    os.symlink(tmp_path, tmp_path / "link")
+    assert extract_zip(str(tmp_path / "link" / "d.zip")) == out
 
 
-def test_extract_zip_redoes_partial(tmp_path):
+def test_extract_zip_reuses_an_extraction_beside_the_zip(tmp_path, unpacked, monkeypatch):
+    """Made by earlier versions: still used, nothing unpacked again."""
+    z = _zip(tmp_path / "d.zip", {"f.txt": b"x"})
+    legacy = tmp_path / ".d-extracted"
+    legacy.mkdir()
+    (legacy / ".ocl-extracted").write_text(download._stamp(z))
+    monkeypatch.setattr(download, "_extract_into", lambda *a: pytest.fail("re-extracted"))
+    assert extract_zip(z) == str(legacy)
+
+
+def test_extract_zip_redoes_partial(tmp_path, unpacked):
     z = _zip(tmp_path / "d.zip", {"f.txt": b"full"})
-    partial = tmp_path / ".d-extracted"
-    partial.mkdir()
+    partial = unpacked / "d"
+    partial.mkdir(parents=True)
     (partial / "junk.txt").write_text("left by a crash")  # no marker file
     out = extract_zip(z)
-    assert sorted(os.listdir(out)) == [".ocl-extracted", "f.txt"]
+    assert out == str(partial) and sorted(os.listdir(out)) == [".ocl-extracted", "f.txt"]
 
 
-def test_extract_zip_redoes_when_zip_changes(tmp_path):
+def test_extract_zip_redoes_when_zip_changes(tmp_path, unpacked):
     z = _zip(tmp_path / "d.zip", {"f.txt": b"old"})
-    extract_zip(z)
+    first = extract_zip(z)
     z = _zip(tmp_path / "d.zip", {"f.txt": b"new, longer"})
     out = extract_zip(z)
-    assert open(os.path.join(out, "f.txt"), "rb").read() == b"new, longer"
+    assert out == first and open(os.path.join(out, "f.txt"), "rb").read() == b"new, longer"
 
 
-def test_extract_zip_falls_back_to_cache_when_readonly(tmp_path, monkeypatch):
+def test_two_zips_of_one_name_do_not_share_a_folder(tmp_path, unpacked):
+    a = _zip((tmp_path / "a").mkdir() or tmp_path / "a" / "d.zip", {"f.txt": b"a"})
+    b = _zip((tmp_path / "b").mkdir() or tmp_path / "b" / "d.zip", {"f.txt": b"b"})
+    out_a, out_b = extract_zip(a), extract_zip(b)
+    assert out_a != out_b and out_b.startswith(str(unpacked / "d-"))
+    assert extract_zip(a) == out_a and open(os.path.join(out_a, "f.txt")).read() == "a"
+
+
+def test_extract_zip_from_a_read_only_folder(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     z = _zip(ro / "d.zip", {"f.txt": b"x"})
     ro.chmod(0o555)
+    monkeypatch.delenv("OCL_EXTRACT_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     try:
         out = extract_zip(z)
     finally:
         ro.chmod(0o755)
     assert out == str(tmp_path / "home" / ".cache" / "ocl" / "extracted" / "d")
-    assert not (ro / ".d-extracted").exists()
+    assert sorted(os.listdir(ro)) == ["d.zip"]
     assert open(os.path.join(out, "f.txt"), "rb").read() == b"x"
 
 
-def test_extract_zip_corrupt(tmp_path):
+def test_extract_zip_without_room(tmp_path, unpacked, monkeypatch):
+    z = _zip(tmp_path / "d.zip", {"f.txt": b"x" * 5000})
+    monkeypatch.setattr(download, "free_bytes", lambda p: 1000)
+    with pytest.raises(OCLError, match=r"unpacking it needs 0 MB in .*unpacked, which has 0 MB free; "
+                                       "set OCL_EXTRACT_DIR"):
+        extract_zip(z)
+    assert not list(unpacked.iterdir())
+
+
+def test_extract_zip_corrupt(tmp_path, unpacked):
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(OCLError, match="bad.zip"):
         extract_zip(str(bad))
     assert not any(p.name.startswith(".bad-partial") for p in tmp_path.iterdir())
+    assert not list(unpacked.iterdir())
 
 
 def test_extract_zip_missing(tmp_path):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet
-from ocl.streams.cache import cache_key, extract_features
+from ocl.streams.cache import cache_key
+from ocl.streams.prefetch import extract_features
 from ocl.streams.features import Extractor, PixelExtractor, TimmExtractor, make_extractor
 
 TINY = dict(embed_dim=24, depth=1, num_heads=2)
@@ -157,11 +158,17 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog, corrupt, why) -
     assert ex.calls == 2 and not caplog.records  # the rebuilt cache is clean
 
 
-def test_nan_features_raise_and_cache_nothing(tmp_path) -> None:
+def test_nan_features_raise_and_cache_only_the_batches_before(tmp_path) -> None:
     ims = images()
-    with pytest.raises(OCLError, match="NaN/inf .*image 6"):
+    with pytest.raises(OCLError, match="NaN/inf .*image 6.*its batch was not cached"):
         extract_features(ims, Counting(nan_at=6), tmp_path, batch_size=4, progress=False)
-    assert list(tmp_path.rglob("*")) == []
+    entry = entry_of(tmp_path, ims, Counting())
+    assert not (entry / "features.npy").exists() and not (entry / "meta.json").exists()
+    assert len(list((entry / "rows").glob("*.json"))) == 1  # images 0-3, finished before the bad batch
+    good = Counting()
+    out = extract_features(ims, good, tmp_path, batch_size=4, progress=False)
+    assert good.seen == 6  # only the images no shard held
+    np.testing.assert_array_equal(out, expected(ims))
     with pytest.raises(OCLError, match="NaN"):
         extract_features(ims, Counting(nan_at=0), None, progress=False)
 
@@ -175,7 +182,7 @@ def test_no_cache_dir_computes_in_memory(tmp_path) -> None:
 
 
 def test_throughput_is_logged(tmp_path, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="ocl.streams.cache"):
+    with caplog.at_level(logging.INFO, logger="ocl.streams"):
         extract_features(images(), Counting(), tmp_path, progress=False)
     assert any("images/s" in r.getMessage() for r in caplog.records)
 

@@ -138,7 +138,8 @@ def test_bad_options(tmp_path):
         FileImageSet(str(root), [("cat/0.png", 0)], image_size=0)
 
 
-def test_zip_of_folder(tmp_path):
+def test_zip_of_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("OCL_EXTRACT_DIR", str(tmp_path / "unpacked"))
     root = _flat(tmp_path / "src", per=1)
     z = tmp_path / "pets.zip"
     with zipfile.ZipFile(z, "w") as zf:
@@ -147,3 +148,106 @@ def test_zip_of_folder(tmp_path):
     src = load_imagefolder(str(z))
     assert src.name == "pets" and src.classes == ["cat", "dog"] and len(src.train) == 2
     assert src.train.get(np.array([1])).shape == (1, 4, 6, 3)
+    assert sorted(os.listdir(tmp_path)) == ["pets.zip", "src", "unpacked"]  # nothing beside the zip
+
+
+# ------------------------------------------------------------------------ symbolic links, bit depth, huge headers
+
+def _five_each(root):
+    for c in "xy":
+        for k in range(5):
+            _write(root / c / f"{k}.png", _img(40 * k))
+    return root
+
+
+@pytest.mark.parametrize("links,expect", [
+    ({"cyc": "."}, "cyc: a symbolic link cycle"),  # used to hang (with x/up) or add a class "cyc"
+    ({"x/up": ".."}, "x/up: a symbolic link cycle"),  # used to stream 410 images, y's labelled x
+    ({"x/yy": "../y"}, "are the same folder (through a symbolic link)"),  # y's images twice, once as x
+])
+def test_symbolic_link_cycles_and_repeats_are_refused(tmp_path, links, expect):
+    root = _five_each(tmp_path / "d")
+    for link, target in links.items():
+        os.symlink(target, root / link)
+    with pytest.raises(OCLError, match="remove the link") as e:
+        load_imagefolder(str(root))
+    assert expect in str(e.value)
+
+
+def test_both_cycles_at_once_do_not_hang(tmp_path):
+    root = _five_each(tmp_path / "d")
+    os.symlink(".", root / "cyc")
+    os.symlink("..", root / "x" / "up")
+    with pytest.raises(OCLError, match="symbolic link cycle"):
+        load_imagefolder(str(root))
+
+
+def test_linked_class_folder_and_linked_file_are_followed(tmp_path):
+    elsewhere = _five_each(tmp_path / "elsewhere")
+    root = tmp_path / "d"
+    root.mkdir()
+    os.symlink(elsewhere / "x", root / "x")
+    (root / "y").mkdir()
+    os.symlink(elsewhere / "y" / "0.png", root / "y" / "0.png")
+    src = load_imagefolder(str(root))
+    assert src.classes == ["x", "y"] and src.train.labels.tolist() == [0] * 5 + [1]
+
+
+def test_dangling_link_is_named_as_such(tmp_path):
+    root = _five_each(tmp_path / "d")
+    os.symlink(tmp_path / "nowhere.png", root / "y" / "9.png")
+    with pytest.raises(OCLError, match=r"y/9.png: a dangling symbolic link \(to .*nowhere.png, which does not exist\)"):
+        load_imagefolder(str(root))
+    os.remove(root / "y" / "9.png")
+    (root / "notes.txt").symlink_to(tmp_path / "nowhere.txt")  # not an image: not listed, not refused
+    src = load_imagefolder(str(root))
+    os.symlink(tmp_path / "gone.png", root / "y" / "late.png")  # a link that dangles after listing
+    src = FileImageSet(str(root), [("y/late.png", 0)])
+    with pytest.raises(OCLError, match="late.png: a dangling symbolic link"):
+        src.get(np.array([0]))
+
+
+def test_16_bit_grayscale_images_are_scaled_not_saturated(tmp_path):
+    """PIL's convert clipped 16-bit values at 255: 99.6% of pixels came out white."""
+    root = tmp_path / "g16"
+    rng = np.random.default_rng(0)
+    for c, level in (("dark", 10_000), ("bright", 50_000)):
+        for k in range(3):
+            a = (level + rng.integers(-2000, 2000, (8, 8))).astype(np.uint16)
+            (root / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(root / c / f"{k}.png")
+    for channels in (1, 3):
+        src = load_imagefolder(str(root), channels=channels)
+        x = src.train.get(np.arange(len(src.train))).astype(int)
+        bright, dark = x[src.train.labels == 0], x[src.train.labels == 1]  # classes sorted: bright, dark
+        assert (x < 255).mean() > 0.99  # not saturated
+        assert abs(dark.mean() - 10_000 / 256) < 3 and abs(bright.mean() - 50_000 / 256) < 3
+        assert dark.max() < bright.min()  # the order of brightness is kept
+
+
+def test_float_image_is_refused(tmp_path):
+    root = tmp_path / "f"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.ones((4, 4), np.float32)).save(root / "a" / "0.tif")
+    src = load_imagefolder(str(root))
+    with pytest.raises(OCLError, match="0.tif: a 32-bit float image"):
+        src.train.get(np.array([0]))
+
+
+def test_image_whose_header_claims_a_huge_size_is_refused_by_name(tmp_path):
+    """A PNG header saying 20000x20000 ended in PIL's DecompressionBombError traceback."""
+    import struct
+    import zlib
+
+    root = tmp_path / "big"
+    (root / "a").mkdir(parents=True)
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    (root / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    src = load_imagefolder(str(root))
+    with pytest.raises(OCLError) as e:
+        src.train.get(np.array([0]))
+    msg = str(e.value)
+    assert "0.png: too large to decode: Image size (400000000 pixels) exceeds limit of" in msg
+    assert "Resize the file or remove it" in msg

@@ -10,7 +10,7 @@ import pytest
 
 from ocl.errors import OCLError
 from ocl.streams.base import ArrayImageSet
-from ocl.streams.cache import extract_features
+from ocl.streams.prefetch import extract_features
 from ocl.streams.features import PixelExtractor
 from ocl.streams.shards import Shard, ShardedEntry, SliceImageSet, plan_shards
 
