@@ -22,7 +22,7 @@ resumes from them. Streams:
 
 Usage (from the repository root; data under ../shared/data, or set OCL_SHARED_DATA=DIR):
 
-    .venv/bin/python scripts/benchmark.py                       # everything (a long run: see README)
+    .venv/bin/python scripts/benchmark.py                       # everything (a long run: see docs/benchmark.md)
     .venv/bin/python scripts/benchmark.py --dry-run             # the commands it would run
     .venv/bin/python scripts/benchmark.py --streams bench_emnist_split --learners linear transformer
     .venv/bin/python scripts/benchmark.py --max-examples 500 --learners linear ncm --seeds 1   # smoke run

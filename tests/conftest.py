@@ -45,20 +45,59 @@ def ray_cluster(tmp_path_factory):
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def readme_example():
-    """``readme_example(name)``: the code block of README.md marked ``<!-- readme-example: name -->``."""
-    import re
+def doc_pages() -> list:
+    """The user documentation whose examples the tests run: README.md and the pages of docs/
+    (not docs/research/, the measurement logs)."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
-    def block(name: str) -> str:
-        m = re.search(rf"<!-- readme-example: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.S)
-        assert m, f"README.md has no code block marked readme-example: {name}"
-        return m.group(1)
 
-    return block
+def doc_example(name: str) -> str:
+    """The code block marked ``<!-- readme-example: name -->`` in README.md or a docs/ page
+    (exactly one of them)."""
+    import re
+
+    found = [m.group(1) for page in doc_pages()
+             for m in re.finditer(rf"<!-- readme-example: {re.escape(name)} -->\s*```\w*\n(.*?)```", page.read_text(), re.S)]
+    assert len(found) == 1, f"{len(found)} code blocks marked readme-example: {name} in README.md and docs/*.md (want 1)"
+    return found[0]
+
+
+def doc_commands() -> list:
+    """Every command of the code blocks marked ``<!-- test-commands -->`` in README.md and the
+    docs/ pages, as ``(page name, argv)`` (backslash continuations joined)."""
+    import re
+    import shlex
+
+    out = []
+    for page in doc_pages():
+        for m in re.finditer(r"<!-- test-commands -->\s*```\w*\n(.*?)```", page.read_text(), re.S):
+            for line in m.group(1).replace("\\\n", " ").splitlines():
+                if line.strip():
+                    out.append((page.name, shlex.split(line)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def docs_commands():
+    """:func:`doc_commands`: every ``(page, argv)`` of the docs' ``test-commands`` blocks."""
+    return doc_commands()
+
+
+def pytest_generate_tests(metafunc):
+    """``doc_command``: one test per command of the docs' ``test-commands`` blocks."""
+    if "doc_command" in metafunc.fixturenames:
+        cmds = doc_commands()
+        metafunc.parametrize("doc_command", cmds, ids=[f"{page}:{' '.join(argv[1:])}" for page, argv in cmds])
+
+
+@pytest.fixture(scope="session")
+def readme_example():
+    """``readme_example(name)``: the code block marked ``<!-- readme-example: name -->`` in
+    README.md or a docs/ page (see :func:`doc_example`)."""
+    return doc_example
 
 
 @pytest.fixture
