@@ -1,0 +1,200 @@
+"""Streaming ridge regression onto one-hot labels, exact after every chunk, with the ridge
+strength chosen prequentially from a grid (RanPAC's read-out, :mod:`ocl.learners.ranpac`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch.linalg import solve_triangular
+
+from ocl.errors import OCLError
+
+
+class StreamingRidge:
+    """``W = (G + lam I)^-1 C`` with ``G = sum h h^T`` (M, M) and ``C = sum h onehot(y)^T`` (M, K)
+    over every example learned so far: after any prefix of the stream, :meth:`logits` are those of
+    batch ridge regression on that prefix (float64, to rounding).
+
+    How, at O(M^2) per example. At a *refresh* the Gram matrix is eigendecomposed,
+    ``G_0 = Q diag(e) Q^T``; the ``r`` rows learned since, ``Z = H Q`` (r, M) in that basis, enter
+    through Woodbury's identity (``d = 1 / (e + lam)``, ``D = diag(d)``, ``C^ = Q^T C`` current)::
+
+        h W = z D C^ - (z D Z^T) S^-1 (Z D C^),   z = h Q,   S = I_r + Z D Z^T
+
+    kept as the Cholesky factor ``L`` of ``S`` (grown by one block per chunk) and ``T = L^-1 Z D C^``
+    (updated in place when labels arrive), so a prediction costs ``M^2 + r M + r^2`` and learning a
+    row ``r M + r^2``; the ``(M, M)`` products of the rows are queued and added to ``G`` as one
+    matrix product at the next refresh (as :class:`~ocl.learners.slda.SLDALearner` does). Refreshes
+    come after ``first_refresh``, then twice as many, ... examples, then every ``refresh_every``
+    (each an O(M^3) eigendecomposition: ~2.6 s at M = 2048, one thread).
+
+    The ridge strength: at each refresh, every ``lam`` of the grid scores the rows learned since
+    the previous refresh with the model as it stood *before* them (block-wise prequential
+    accuracy: only labels already revealed, never a test split), added up over the stream; the
+    best total wins (ties: the larger ``lam``). The eigenbasis makes this cheap (``L r M K``).
+    Until the first refresh, ``lambdas[initial]``.
+
+    Args:
+        dim: M, the feature size.
+        num_classes: K.
+        lambdas: the grid of ridge strengths (> 0).
+        initial: index into ``lambdas`` of the strength used before the first choice.
+        refresh_every: examples between refreshes once the doubling has reached it (>= 1).
+        first_refresh: examples before the first refresh (>= 1).
+    """
+
+    def __init__(self, dim: int, num_classes: int, lambdas: Sequence[float], initial: int,
+                 refresh_every: int, first_refresh: int = 64) -> None:
+        lam = torch.tensor([float(v) for v in lambdas], dtype=torch.float64)
+        if lam.numel() == 0 or not bool((lam > 0).all()) or not 0 <= initial < lam.numel():
+            raise OCLError(f"ridge: lambdas must be a non-empty list of values > 0 and initial an index into it; "
+                           f"got {list(lambdas)}, {initial}.")
+        if refresh_every < 1 or first_refresh < 1:
+            raise OCLError(f"ridge: refresh_every and first_refresh must be >= 1; got {refresh_every}, {first_refresh}.")
+        self.dim, self.num_classes = dim, num_classes
+        self.lambdas, self.index = lam, initial
+        self.hits = torch.zeros(lam.numel(), dtype=torch.float64)  # prequential correct answers per lambda
+        self.refresh_every, self.first_refresh = refresh_every, first_refresh
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)  # G_0: rows up to the last refresh
+        self.targets = torch.zeros(dim, num_classes, dtype=torch.float64)  # C: every row
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+        self.n = self.n0 = 0  # examples learned; of them, before the last refresh
+        # The eigenbasis of G_0 (Q = I, e = 0 before any refresh: no decomposition of zeros).
+        self.basis = torch.eye(dim, dtype=torch.float64)  # Q (M, M)
+        self.eig = torch.zeros(dim, dtype=torch.float64)  # e (M,)
+        self.rotated = torch.zeros(dim, num_classes, dtype=torch.float64)  # C^ = Q^T C
+        self.rotated0 = self.rotated.clone()  # Q^T C_0 at the last refresh (scores the block for the grid)
+        self.counts0 = self.counts.clone()
+        # Rows since the last refresh: raw (float32, exact: queued for G), rotated Z, labels, L, T.
+        cap = self.refresh_every
+        self._raw = torch.zeros(cap, dim)
+        self._z = torch.zeros(cap, dim, dtype=torch.float64)
+        self._y = torch.zeros(cap, dtype=torch.int64)
+        self._chol = torch.zeros(cap, cap, dtype=torch.float64)
+        self._t = torch.zeros(cap, num_classes, dtype=torch.float64)
+        self.r = 0
+        self._kept: tuple | None = None  # (h, z, L^-1 Z D z^T, version) of the last keep=True logits
+        self._version = 0  # changes whenever the state _kept depends on changes
+
+    @property
+    def lam(self) -> float:
+        """The ridge strength in use."""
+        return float(self.lambdas[self.index])
+
+    def _d(self) -> torch.Tensor:
+        return 1.0 / (self.eig + self.lambdas[self.index])  # (M,)
+
+    def _parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``z = h Q`` (C, M) and ``L^-1 Z D z^T`` (r, C) (None while no rows are pending)."""
+        z = h.double() @ self.basis
+        if not self.r:
+            return z, None
+        r = self.r
+        return z, solve_triangular(self._chol[:r, :r], self._z[:r] @ (z * self._d()).T, upper=False)
+
+    def logits(self, h: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """``(C, K)`` float64 ``h W`` for features ``h (C, M)`` (every class; unseen ones score 0).
+        ``keep``: ``h`` is learned next: keep the work that :meth:`update` can reuse."""
+        z, v = self._parts(h)
+        out = (z * self._d()) @ self.rotated
+        if v is not None:
+            out -= v.T @ self._t[: self.r]
+        self._kept = (h, z, v, self._version) if keep else None
+        return out
+
+    def weights(self) -> torch.Tensor:
+        """``(M, K)`` float64 ``W = (G + lam I)^-1 C`` (for tests and inspection; O(M^2 K))."""
+        d, r = self._d(), self.r
+        inner = d[:, None] * self.rotated
+        if r:
+            z = self._z[:r]
+            inner -= (d[:, None] * z.T) @ solve_triangular(self._chol[:r, :r].T, self._t[:r], upper=True)
+        return self.basis @ inner
+
+    def update(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Learn rows ``h (C, M)`` float32 with labels ``y (C,)`` int64."""
+        kept, self._kept = self._kept, None
+        for s in range(0, h.shape[0], self.refresh_every):  # a chunk larger than the buffers: in pieces
+            hb, yb = h[s : s + self.refresh_every], y[s : s + self.refresh_every]
+            if self.r + hb.shape[0] > self.refresh_every:
+                self.refresh()
+            # the work logits(keep=True) did for exactly these rows, if nothing changed since
+            ok = kept is not None and kept[0] is h and kept[3] == self._version and hb.shape[0] == h.shape[0]
+            z, v = (kept[1], kept[2]) if ok else self._parts(hb)
+            self._append(hb, z, v, yb)
+            if self.r >= min(self.refresh_every, max(self.first_refresh, self.n0)):
+                self.refresh()
+
+    def _append(self, h: torch.Tensor, z: torch.Tensor, v: torch.Tensor | None, y: torch.Tensor) -> None:
+        """Grow the Woodbury block by the rows ``h`` (rotated ``z``; ``v = L^-1 Z D z^T``)."""
+        r, c = self.r, h.shape[0]
+        onehot = torch.zeros(c, self.num_classes, dtype=torch.float64)
+        onehot[torch.arange(c), y] = 1.0
+        zd = z * self._d()
+        s22 = zd @ z.T
+        s22.diagonal().add_(1.0)  # I_c + Z_n D Z_n^T
+        if v is not None:
+            s22 -= v.T @ v
+            self._t[:r] += v @ onehot  # the old rows' Z D C^ gains Z D z^T onehot
+            self._chol[r : r + c, :r] = v.T
+        self.rotated += z.T @ onehot
+        self.targets += h.double().T @ onehot
+        self.counts += onehot.sum(0)
+        l22 = torch.linalg.cholesky(s22)
+        b = zd @ self.rotated  # the new rows' Z D C^, C^ already current
+        if v is not None:
+            b -= v.T @ self._t[:r]
+        self._chol[r : r + c, r : r + c] = l22
+        self._t[r : r + c] = solve_triangular(l22, b, upper=False)
+        self._raw[r : r + c], self._z[r : r + c], self._y[r : r + c] = h, z, y
+        self.r += c
+        self.n += c
+        self._version += 1
+
+    def refresh(self) -> None:
+        """Score the pending rows for the grid, fold them into ``G``, eigendecompose it."""
+        r = self.r
+        if not r:
+            return
+        seen = self.counts0 > 0
+        if bool(seen.any()):  # the model at the block's start had classes to score: a vote for each lambda
+            d = 1.0 / (self.eig[None, :] + self.lambdas[:, None])  # (L, M)
+            scores = torch.einsum("rm,lm,mk->lrk", self._z[:r], d, self.rotated0[:, seen])
+            truth = (torch.cumsum(seen, 0) - 1)[self._y[:r]]
+            right = (scores.argmax(2) == truth) & seen[self._y[:r]]
+            self.hits += right.sum(1).double()
+            best = self.hits == self.hits.max()
+            self.index = int(torch.nonzero(best).max())  # ties: the strongest ridge
+        raw = self._raw[:r].double()
+        self.gram.addmm_(raw.T, raw)
+        eig, basis = torch.linalg.eigh(self.gram)
+        self.eig, self.basis = eig.clamp_min(0.0), basis  # G is PSD: negative eigenvalues are rounding
+        self.rotated = self.basis.T @ self.targets
+        self.rotated0, self.counts0 = self.rotated.clone(), self.counts.clone()
+        self.n0, self.r = self.n, 0
+        self._version += 1
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        r = self.r  # only the filled part of the buffers (a full one is ~4 M^2 doubles)
+        state["_raw"], state["_z"], state["_y"] = self._raw[:r].clone(), self._z[:r].clone(), self._y[:r].clone()
+        state["_chol"], state["_t"] = self._chol[:r, :r].clone(), self._t[:r].clone()
+        state["_kept"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        cap, r = self.refresh_every, self.r
+        for name, shape in (("_raw", (cap, self.dim)), ("_z", (cap, self.dim)), ("_y", (cap,)),
+                            ("_chol", (cap, cap)), ("_t", (cap, self.num_classes))):
+            part = state[name]
+            full = torch.zeros(shape, dtype=part.dtype)
+            full[tuple(slice(0, r) for _ in shape)] = part
+            setattr(self, name, full)
+
+
+def log_grid(lo: int, hi: int) -> list[float]:
+    """``[10^lo, 10^(lo+1), ..., 10^hi]``."""
+    return [math.pow(10.0, p) for p in range(lo, hi + 1)]
