@@ -186,12 +186,12 @@ class StreamingRidge:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        cap, r = self.refresh_every, self.r
+        cap = self.refresh_every
         for name, shape in (("_raw", (cap, self.dim)), ("_z", (cap, self.dim)), ("_y", (cap,)),
                             ("_chol", (cap, cap)), ("_t", (cap, self.num_classes))):
             part = state[name]
             full = torch.zeros(shape, dtype=part.dtype)
-            full[tuple(slice(0, r) for _ in shape)] = part
+            full[tuple(slice(0, n) for n in part.shape)] = part
             setattr(self, name, full)
 
 
