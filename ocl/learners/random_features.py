@@ -136,7 +136,8 @@ class RandomFeatureLearner(Learner):
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.check(x, y)
         scored, self._scored = self._scored, None
-        h, seen, scores = scored[1:] if scored is not None and scored[0] is x else self._score(x, for_update=True)
+        same = scored is not None and (scored[0] is x or (scored[0].shape == x.shape and torch.equal(scored[0], x)))
+        h, seen, scores = scored[1:] if same else self._score(x, for_update=True)
         known = seen[y]  # examples of classes seen when they were scored
         if bool(known.any()):
             column = torch.cumsum(seen, 0) - 1  # class -> its column among the seen ones

@@ -28,7 +28,13 @@ class StreamingRidge:
     row ``r M + r^2``; the ``(M, M)`` products of the rows are queued and added to ``G`` as one
     matrix product at the next refresh (as :class:`~ocl.learners.slda.SLDALearner` does). Refreshes
     come after ``first_refresh``, then twice as many, ... examples, then every ``refresh_every``
-    (each an O(M^3) eigendecomposition: ~2.6 s at M = 2048, one thread).
+    (each an O(M^3) eigendecomposition: at M = 2048, one thread, ~1 s in float32, ~2.6 s in float64).
+
+    ``precision_dtype`` is the dtype of the eigendecomposition, of ``Q`` and of ``Z``, i.e. of the
+    O(M^2) and O(M^3) work; ``G``, ``C``, ``L``, ``T`` and every small product are float64. float64:
+    equal to a direct float64 solve to ~1e-9; float32: about twice as fast, equal to it to the
+    float32 rounding of ``G``'s eigendecomposition (relative error ~1e-7 times the condition number
+    of ``G + lam I``).
 
     The ridge strength: at each refresh, every ``lam`` of the grid scores the rows learned since
     the previous refresh with the model as it stood *before* them (block-wise prequential
@@ -43,16 +49,20 @@ class StreamingRidge:
         initial: index into ``lambdas`` of the strength used before the first choice.
         refresh_every: examples between refreshes once the doubling has reached it (>= 1).
         first_refresh: examples before the first refresh (>= 1).
+        precision_dtype: ``"float32"`` or ``"float64"`` (above).
     """
 
     def __init__(self, dim: int, num_classes: int, lambdas: Sequence[float], initial: int,
-                 refresh_every: int, first_refresh: int = 64) -> None:
+                 refresh_every: int, first_refresh: int = 64, precision_dtype: str = "float64") -> None:
         lam = torch.tensor([float(v) for v in lambdas], dtype=torch.float64)
         if lam.numel() == 0 or not bool((lam > 0).all()) or not 0 <= initial < lam.numel():
             raise OCLError(f"ridge: lambdas must be a non-empty list of values > 0 and initial an index into it; "
                            f"got {list(lambdas)}, {initial}.")
         if refresh_every < 1 or first_refresh < 1:
             raise OCLError(f"ridge: refresh_every and first_refresh must be >= 1; got {refresh_every}, {first_refresh}.")
+        if precision_dtype not in ("float32", "float64"):
+            raise OCLError(f"ridge: precision_dtype must be 'float32' or 'float64'; got {precision_dtype!r}.")
+        self.dtype = dt = getattr(torch, precision_dtype)
         self.dim, self.num_classes = dim, num_classes
         self.lambdas, self.index = lam, initial
         self.hits = torch.zeros(lam.numel(), dtype=torch.float64)  # prequential correct answers per lambda
@@ -62,7 +72,7 @@ class StreamingRidge:
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
         self.n = self.n0 = 0  # examples learned; of them, before the last refresh
         # The eigenbasis of G_0 (Q = I, e = 0 before any refresh: no decomposition of zeros).
-        self.basis = torch.eye(dim, dtype=torch.float64)  # Q (M, M)
+        self.basis = torch.eye(dim, dtype=dt)  # Q (M, M)
         self.eig = torch.zeros(dim, dtype=torch.float64)  # e (M,)
         self.rotated = torch.zeros(dim, num_classes, dtype=torch.float64)  # C^ = Q^T C
         self.rotated0 = self.rotated.clone()  # Q^T C_0 at the last refresh (scores the block for the grid)
@@ -70,7 +80,7 @@ class StreamingRidge:
         # Rows since the last refresh: raw (float32, exact: queued for G), rotated Z, labels, L, T.
         cap = self.refresh_every
         self._raw = torch.zeros(cap, dim)
-        self._z = torch.zeros(cap, dim, dtype=torch.float64)
+        self._z = torch.zeros(cap, dim, dtype=dt)
         self._y = torch.zeros(cap, dtype=torch.int64)
         self._chol = torch.zeros(cap, cap, dtype=torch.float64)
         self._t = torch.zeros(cap, num_classes, dtype=torch.float64)
@@ -88,17 +98,18 @@ class StreamingRidge:
 
     def _parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``z = h Q`` (C, M) and ``L^-1 Z D z^T`` (r, C) (None while no rows are pending)."""
-        z = h.double() @ self.basis
+        z = h.to(self.dtype) @ self.basis
         if not self.r:
             return z, None
         r = self.r
-        return z, solve_triangular(self._chol[:r, :r], self._z[:r] @ (z * self._d()).T, upper=False)
+        zdz = self._z[:r] @ (z * self._d().to(self.dtype)).T
+        return z, solve_triangular(self._chol[:r, :r], zdz.double(), upper=False)
 
     def logits(self, h: torch.Tensor, keep: bool = False) -> torch.Tensor:
         """``(C, K)`` float64 ``h W`` for features ``h (C, M)`` (every class; unseen ones score 0).
         ``keep``: ``h`` is learned next: keep the work that :meth:`update` can reuse."""
         z, v = self._parts(h)
-        out = (z * self._d()) @ self.rotated
+        out = (z.double() * self._d()) @ self.rotated
         if v is not None:
             out -= v.T @ self._t[: self.r]
         self._kept = (h, z, v, self._version) if keep else None
@@ -109,9 +120,9 @@ class StreamingRidge:
         d, r = self._d(), self.r
         inner = d[:, None] * self.rotated
         if r:
-            z = self._z[:r]
+            z = self._z[:r].double()
             inner -= (d[:, None] * z.T) @ solve_triangular(self._chol[:r, :r].T, self._t[:r], upper=True)
-        return self.basis @ inner
+        return self.basis.double() @ inner
 
     def update(self, h: torch.Tensor, y: torch.Tensor) -> None:
         """Learn rows ``h (C, M)`` float32 with labels ``y (C,)`` int64."""
@@ -132,14 +143,15 @@ class StreamingRidge:
         r, c = self.r, h.shape[0]
         onehot = torch.zeros(c, self.num_classes, dtype=torch.float64)
         onehot[torch.arange(c), y] = 1.0
-        zd = z * self._d()
-        s22 = zd @ z.T
+        z64 = z.double()
+        zd = z64 * self._d()
+        s22 = zd @ z64.T
         s22.diagonal().add_(1.0)  # I_c + Z_n D Z_n^T
         if v is not None:
             s22 -= v.T @ v
             self._t[:r] += v @ onehot  # the old rows' Z D C^ gains Z D z^T onehot
             self._chol[r : r + c, :r] = v.T
-        self.rotated += z.T @ onehot
+        self.rotated += z64.T @ onehot
         self.targets += h.double().T @ onehot
         self.counts += onehot.sum(0)
         l22 = torch.linalg.cholesky(s22)
@@ -161,7 +173,7 @@ class StreamingRidge:
         seen = self.counts0 > 0
         if bool(seen.any()):  # the model at the block's start had classes to score: a vote for each lambda
             d = 1.0 / (self.eig[None, :] + self.lambdas[:, None])  # (L, M)
-            scores = torch.einsum("rm,lm,mk->lrk", self._z[:r], d, self.rotated0[:, seen])
+            scores = torch.einsum("rm,lm,mk->lrk", self._z[:r].double(), d, self.rotated0[:, seen])
             truth = (torch.cumsum(seen, 0) - 1)[self._y[:r]]
             right = (scores.argmax(2) == truth) & seen[self._y[:r]]
             self.hits += right.sum(1).double()
@@ -169,9 +181,9 @@ class StreamingRidge:
             self.index = int(torch.nonzero(best).max())  # ties: the strongest ridge
         raw = self._raw[:r].double()
         self.gram.addmm_(raw.T, raw)
-        eig, basis = torch.linalg.eigh(self.gram)
-        self.eig, self.basis = eig.clamp_min(0.0), basis  # G is PSD: negative eigenvalues are rounding
-        self.rotated = self.basis.T @ self.targets
+        eig, basis = torch.linalg.eigh(self.gram.to(self.dtype))
+        self.eig, self.basis = eig.double().clamp_min(0.0), basis  # G is PSD: negative eigenvalues are rounding
+        self.rotated = basis.double().T @ self.targets
         self.rotated0, self.counts0 = self.rotated.clone(), self.counts.clone()
         self.n0, self.r = self.n, 0
         self._version += 1
