@@ -23,12 +23,15 @@ class StreamingRidge:
 
         h W = z D C^ - (z D Z^T) S^-1 (Z D C^),   z = h Q,   S = I_r + Z D Z^T
 
-    kept as the Cholesky factor ``L`` of ``S`` (grown by one block per chunk) and ``T = L^-1 Z D C^``
-    (updated in place when labels arrive), so a prediction costs ``M^2 + r M + r^2`` and learning a
-    row ``r M + r^2``; the ``(M, M)`` products of the rows are queued and added to ``G`` as one
-    matrix product at the next refresh (as :class:`~ocl.learners.slda.SLDALearner` does). Refreshes
-    come after ``first_refresh``, then twice as many, ... examples, then every ``refresh_every``
-    (each an O(M^3) eigendecomposition: at M = 2048, one thread, ~1 s in float32, ~2.6 s in float64).
+    kept as the inverse ``L^-1`` of the Cholesky factor of ``S`` (grown by one block per chunk;
+    ``S >= I``, so ``||L^-1|| <= 1``: an explicit inverse is stable, and a matrix-vector product with
+    a block of a preallocated buffer is ~50x faster than a triangular solve on it, which copies it)
+    and ``T = L^-1 Z D C^`` (updated in place when labels arrive), so a prediction costs
+    ``M^2 + r M + r^2`` and learning a row ``r M + r^2``; the ``(M, M)`` products of the rows are
+    queued and added to ``G`` as one matrix product at the next refresh (as
+    :class:`~ocl.learners.slda.SLDALearner` does). A refresh comes every ``refresh_every`` examples
+    (an O(M^3) eigendecomposition: at M = 2048, one thread, ~1 s in float32, ~2.6 s in float64);
+    until the first one, ``G_0 = 0``, ``Q = I``, and every row is a Woodbury row.
 
     ``precision_dtype`` is the dtype of the eigendecomposition, of ``Q`` and of ``Z``, i.e. of the
     O(M^2) and O(M^3) work; ``G``, ``C``, ``L``, ``T`` and every small product are float64. float64:
@@ -37,18 +40,22 @@ class StreamingRidge:
     of ``G + lam I``).
 
     The ridge strength: at each refresh, every ``lam`` of the grid scores the rows learned since
-    the previous refresh with the model as it stood *before* them (block-wise prequential
+    the previous choice with the model as it stood *before* them (block-wise prequential
     accuracy: only labels already revealed, never a test split), added up over the stream; the
-    best total wins (ties: the larger ``lam``). The eigenbasis makes this cheap (``L r M K``).
-    Until the first refresh, ``lambdas[initial]``.
+    best total wins (ties: the current ``lam`` if it is one of them, else the nearest in the grid).
+    The eigenbasis makes this cheap (``L r M K``).
+    Before the first refresh, choices come after ``first_refresh`` examples, then after twice as
+    many, ..., each from the eigendecomposition of the ``n x n`` kernel matrix ``H H^T`` of the rows
+    so far (cheap: n < M; a changed ``lam`` rebuilds ``L^-1`` and ``T`` from it). Until the first
+    choice, ``lambdas[initial]``.
 
     Args:
         dim: M, the feature size.
         num_classes: K.
         lambdas: the grid of ridge strengths (> 0).
         initial: index into ``lambdas`` of the strength used before the first choice.
-        refresh_every: examples between refreshes once the doubling has reached it (>= 1).
-        first_refresh: examples before the first refresh (>= 1).
+        refresh_every: examples between refreshes (>= 1; the Woodbury buffers hold that many rows).
+        first_refresh: examples before the first choice of ``lam`` (>= 1).
         precision_dtype: ``"float32"`` or ``"float64"`` (above).
     """
 
@@ -77,14 +84,15 @@ class StreamingRidge:
         self.rotated = torch.zeros(dim, num_classes, dtype=torch.float64)  # C^ = Q^T C
         self.rotated0 = self.rotated.clone()  # Q^T C_0 at the last refresh (scores the block for the grid)
         self.counts0 = self.counts.clone()
-        # Rows since the last refresh: raw (float32, exact: queued for G), rotated Z, labels, L, T.
+        # Rows since the last refresh: raw (float32, exact: queued for G), rotated Z, labels, L^-1, T.
         cap = self.refresh_every
         self._raw = torch.zeros(cap, dim)
         self._z = torch.zeros(cap, dim, dtype=dt)
         self._y = torch.zeros(cap, dtype=torch.int64)
-        self._chol = torch.zeros(cap, cap, dtype=torch.float64)
+        self._linv = torch.zeros(cap, cap, dtype=torch.float64)
         self._t = torch.zeros(cap, num_classes, dtype=torch.float64)
         self.r = 0
+        self._mark, self._next = 0, first_refresh  # before the first refresh: the block being scored, next choice
         self._kept: tuple | None = None  # (h, z, L^-1 Z D z^T, version) of the last keep=True logits
         self._version = 0  # changes whenever the state _kept depends on changes
 
@@ -98,12 +106,12 @@ class StreamingRidge:
 
     def _parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``z = h Q`` (C, M) and ``L^-1 Z D z^T`` (r, C) (None while no rows are pending)."""
-        z = h.to(self.dtype) @ self.basis
+        z = h.to(self.dtype) @ self.basis if self.n0 else h.to(self.dtype)  # Q = I until the first refresh
         if not self.r:
             return z, None
         r = self.r
         zdz = self._z[:r] @ (z * self._d().to(self.dtype)).T
-        return z, solve_triangular(self._chol[:r, :r], zdz.double(), upper=False)
+        return z, self._linv[:r, :r] @ zdz.double()
 
     def logits(self, h: torch.Tensor, keep: bool = False) -> torch.Tensor:
         """``(C, K)`` float64 ``h W`` for features ``h (C, M)`` (every class; unseen ones score 0).
@@ -121,7 +129,7 @@ class StreamingRidge:
         inner = d[:, None] * self.rotated
         if r:
             z = self._z[:r].double()
-            inner -= (d[:, None] * z.T) @ solve_triangular(self._chol[:r, :r].T, self._t[:r], upper=True)
+            inner -= (d[:, None] * z.T) @ (self._linv[:r, :r].T @ self._t[:r])
         return self.basis.double() @ inner
 
     def update(self, h: torch.Tensor, y: torch.Tensor) -> None:
@@ -135,8 +143,10 @@ class StreamingRidge:
             ok = kept is not None and kept[0] is h and kept[3] == self._version and hb.shape[0] == h.shape[0]
             z, v = (kept[1], kept[2]) if ok else self._parts(hb)
             self._append(hb, z, v, yb)
-            if self.r >= min(self.refresh_every, max(self.first_refresh, self.n0)):
+            if self.r >= self.refresh_every:
                 self.refresh()
+            elif not self.n0 and self.r >= self._next:
+                self._choose_early()
 
     def _append(self, h: torch.Tensor, z: torch.Tensor, v: torch.Tensor | None, y: torch.Tensor) -> None:
         """Grow the Woodbury block by the rows ``h`` (rotated ``z``; ``v = L^-1 Z D z^T``)."""
@@ -150,7 +160,6 @@ class StreamingRidge:
         if v is not None:
             s22 -= v.T @ v
             self._t[:r] += v @ onehot  # the old rows' Z D C^ gains Z D z^T onehot
-            self._chol[r : r + c, :r] = v.T
         self.rotated += z64.T @ onehot
         self.targets += h.double().T @ onehot
         self.counts += onehot.sum(0)
@@ -158,12 +167,58 @@ class StreamingRidge:
         b = zd @ self.rotated  # the new rows' Z D C^, C^ already current
         if v is not None:
             b -= v.T @ self._t[:r]
-        self._chol[r : r + c, r : r + c] = l22
-        self._t[r : r + c] = solve_triangular(l22, b, upper=False)
+        l22inv = solve_triangular(l22, torch.eye(c, dtype=torch.float64), upper=False)
+        if v is not None:  # the new block row of L^-1: [-L22^-1 L21 L11^-1, L22^-1] with L21 = v^T
+            self._linv[r : r + c, :r] = -l22inv @ (self._linv[:r, :r].T @ v).T  # (L^-T v)^T: 2x faster than v^T L^-1 here
+        self._linv[r : r + c, r : r + c] = l22inv
+        self._linv[:r, r : r + c] = 0.0  # (a rebuilt L^-1 is dense: the buffer may hold old values there)
+        self._t[r : r + c] = l22inv @ b
         self._raw[r : r + c], self._z[r : r + c], self._y[r : r + c] = h, z, y
         self.r += c
         self.n += c
         self._version += 1
+
+    def _vote(self, scores: torch.Tensor, y: torch.Tensor, seen: torch.Tensor) -> None:
+        """Add each lambda's right answers (``scores (L, b, K_seen)`` of a block with labels ``y (b,)``,
+        ``seen``: the classes the scoring model knew) and choose the best total."""
+        truth = (torch.cumsum(seen, 0) - 1)[y]
+        self.hits += ((scores.argmax(2) == truth) & seen[y]).sum(1).double()
+        best = torch.nonzero(self.hits == self.hits.max()).flatten()
+        # ties (early, all of a coarse grid often are): the current lambda if it is one of them, else the nearest
+        self.index = int(best[(best - self.index).abs().argmin()])
+
+    def _onehot(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(y, self.num_classes).double()
+
+    def _kernel_vote(self) -> None:
+        """Before the first refresh (``G_0 = 0``): score rows ``[mark, r)`` with ridge on rows
+        ``[0, mark)`` for every lambda, in kernel form ``h H^T (H H^T + lam I)^-1 Y``."""
+        a, b = self._mark, self.r
+        seen = torch.bincount(self._y[:a], minlength=self.num_classes) > 0
+        if a and b > a:
+            h = self._raw[:a].double()
+            e, v = torch.linalg.eigh(h @ h.T)
+            near = (self._raw[a:b].double() @ h.T) @ v  # (b - a, a)
+            scores = (near[None] / (e.clamp_min(0.0)[None, None] + self.lambdas[:, None, None])) @ (
+                v.T @ self._onehot(self._y[:a])[:, seen])
+            self._vote(scores, self._y[a:b], seen)
+        self._mark = b
+
+    def _choose_early(self) -> None:
+        """A choice of lambda before the first refresh; if it changed, rebuild ``L^-1`` and ``T``:
+        with ``Q = I``, ``S = I + H H^T / lam = V (I + E / lam) V^T``, so ``L^-1 = (I + E / lam)^-1/2 V^T``."""
+        before = self.index
+        self._kernel_vote()
+        self._next = 2 * self.r
+        if self.index != before:
+            r, lam = self.r, self.lam
+            h = self._raw[:r].double()
+            kernel = h @ h.T
+            e, v = torch.linalg.eigh(kernel)
+            linv = (1.0 + e.clamp_min(0.0) / lam).rsqrt()[:, None] * v.T
+            self._linv[:r, :r] = linv
+            self._t[:r] = linv @ (kernel @ self._onehot(self._y[:r]) / lam)  # L^-1 Z D C^ = L^-1 H H^T Y / lam
+            self._version += 1
 
     def refresh(self) -> None:
         """Score the pending rows for the grid, fold them into ``G``, eigendecompose it."""
@@ -171,14 +226,12 @@ class StreamingRidge:
         if not r:
             return
         seen = self.counts0 > 0
-        if bool(seen.any()):  # the model at the block's start had classes to score: a vote for each lambda
+        if not self.n0:
+            self._kernel_vote()
+        elif bool(seen.any()):  # the model at the block's start had classes to score: a vote for each lambda
             d = 1.0 / (self.eig[None, :] + self.lambdas[:, None])  # (L, M)
-            scores = torch.einsum("rm,lm,mk->lrk", self._z[:r].double(), d, self.rotated0[:, seen])
-            truth = (torch.cumsum(seen, 0) - 1)[self._y[:r]]
-            right = (scores.argmax(2) == truth) & seen[self._y[:r]]
-            self.hits += right.sum(1).double()
-            best = self.hits == self.hits.max()
-            self.index = int(torch.nonzero(best).max())  # ties: the strongest ridge
+            scores = self._z[:r].double() @ (d[:, :, None] * self.rotated0[None, :, seen])  # (L, r, K_seen)
+            self._vote(scores, self._y[:r], seen)
         raw = self._raw[:r].double()
         self.gram.addmm_(raw.T, raw)
         eig, basis = torch.linalg.eigh(self.gram.to(self.dtype))
@@ -192,7 +245,7 @@ class StreamingRidge:
         state = self.__dict__.copy()
         r = self.r  # only the filled part of the buffers (a full one is ~4 M^2 doubles)
         state["_raw"], state["_z"], state["_y"] = self._raw[:r].clone(), self._z[:r].clone(), self._y[:r].clone()
-        state["_chol"], state["_t"] = self._chol[:r, :r].clone(), self._t[:r].clone()
+        state["_linv"], state["_t"] = self._linv[:r, :r].clone(), self._t[:r].clone()
         state["_kept"] = None
         return state
 
@@ -200,7 +253,7 @@ class StreamingRidge:
         self.__dict__.update(state)
         cap = self.refresh_every
         for name, shape in (("_raw", (cap, self.dim)), ("_z", (cap, self.dim)), ("_y", (cap,)),
-                            ("_chol", (cap, cap)), ("_t", (cap, self.num_classes))):
+                            ("_linv", (cap, cap)), ("_t", (cap, self.num_classes))):
             part = state[name]
             full = torch.zeros(shape, dtype=part.dtype)
             full[tuple(slice(0, n) for n in part.shape)] = part

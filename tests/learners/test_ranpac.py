@@ -29,18 +29,20 @@ def batch_ridge(h, y, lam):
 @pytest.mark.parametrize("chunk", [1, 3, 7])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-9), ("float32", 1e-3)])
 def test_ridge_equals_batch_ridge_after_every_prefix(chunk, dtype, tol):
-    h, y = rows(90)
+    h, y = rows(95)
     q, _ = rows(5, seed=1)
-    ridge = StreamingRidge(M, K, [0.01, 1.0, 100.0], 1, refresh_every=10, first_refresh=4, precision_dtype=dtype)
-    refreshes = 0
-    for s in range(0, 90, chunk):
-        before = ridge.n0
+    ridge = StreamingRidge(M, K, [0.01, 1.0, 100.0], 2, refresh_every=32, first_refresh=2, precision_dtype=dtype)
+    refreshes = early_changes = 0
+    for s in range(0, 95, chunk):
+        before, index = ridge.n0, ridge.index
         ridge.update(h[s : s + chunk], y[s : s + chunk])
         refreshes += ridge.n0 != before
+        early_changes += ridge.index != index and not ridge.n0
         w = batch_ridge(h[: s + chunk], y[: s + chunk], ridge.lam)
         torch.testing.assert_close(ridge.weights(), w, rtol=tol, atol=tol / 10)
         torch.testing.assert_close(ridge.logits(q), q.double() @ w, rtol=tol, atol=tol / 10)
-    assert refreshes >= 5 and 0 < ridge.r  # the Woodbury rows and several eigendecompositions both exercised
+    # the Woodbury rows, several eigendecompositions and a lambda changed before the first one all exercised
+    assert refreshes >= 2 and 0 < ridge.r and early_changes
 
 
 def test_ridge_reuses_its_prediction_work_exactly():
@@ -54,22 +56,35 @@ def test_ridge_reuses_its_prediction_work_exactly():
 
 
 def test_lambda_is_chosen_by_blockwise_prequential_accuracy():
-    # blocks of 6 rows: each lambda's votes are the rows of blocks 2.. that batch ridge on the
-    # rows before the block, with that lambda, classifies right (ties: the largest lambda)
+    # choices after 4 and 8 rows (in kernel form), then a refresh every 16: each lambda's votes are
+    # the rows of each block that batch ridge on the rows before the block, with that lambda,
+    # classifies right
     h, y = rows(48, seed=2)
     grid = [1e-3, 1.0, 1e3, 1e6]
-    ridge = StreamingRidge(M, K, grid, 0, refresh_every=6, first_refresh=6)
-    ridge.update(h, y)
+    ridge = StreamingRidge(M, K, grid, 0, refresh_every=16, first_refresh=4)
+    for s in range(0, 48, 2):
+        ridge.update(h[s : s + 2], y[s : s + 2])
     hits = torch.zeros(len(grid), dtype=torch.float64)
-    for start in range(6, 48, 6):
+    bounds = [4, 8, 16, 32, 48]
+    for start, end in zip(bounds, bounds[1:]):
         seen = torch.bincount(y[:start], minlength=K) > 0
         for i, lam in enumerate(grid):
-            scores = (h[start : start + 6].double() @ batch_ridge(h[:start], y[:start], lam))[:, seen]
-            truth = (torch.cumsum(seen, 0) - 1)[y[start : start + 6]]
-            hits[i] += ((scores.argmax(1) == truth) & seen[y[start : start + 6]]).sum()
+            scores = (h[start:end].double() @ batch_ridge(h[:start], y[:start], lam))[:, seen]
+            truth = (torch.cumsum(seen, 0) - 1)[y[start:end]]
+            hits[i] += ((scores.argmax(1) == truth) & seen[y[start:end]]).sum()
     torch.testing.assert_close(ridge.hits, hits)
-    assert ridge.index == max(i for i in range(len(grid)) if hits[i] == hits.max())
+    assert hits[ridge.index] == hits.max()
     assert len(set(hits.tolist())) > 1  # the grid really differs on this stream
+
+
+def test_lambda_ties_keep_the_current_one_or_the_nearest():
+    ridge = StreamingRidge(M, K, [1e-3, 1.0, 1e3, 1e6], 1, refresh_every=8)
+    seen, y = torch.ones(K, dtype=torch.bool), torch.tensor([0, 1])
+    right, wrong = torch.tensor([[9.0, 0, 0], [0, 9.0, 0]]), torch.tensor([[0, 0, 9.0], [0, 0, 9.0]])
+    ridge._vote(torch.stack([right] * 4), y, seen)  # all tie: the current stays
+    assert ridge.index == 1
+    ridge._vote(torch.stack([wrong, wrong, right, right]), y, seen)  # 2 and 3 best: the nearer to 1
+    assert ridge.index == 2 and ridge.hits.tolist() == [2, 2, 4, 4]
 
 
 def test_lambda_choice_never_sees_labels_not_yet_learned():
@@ -94,7 +109,7 @@ def test_ridge_pickles_its_filled_buffers_only_and_resumes_exactly():
     ridge.update(h[:30], y[:30])
     assert 0 < ridge.r < 8
     state = ridge.__getstate__()
-    assert state["_z"].shape == (ridge.r, M) and state["_chol"].shape == (ridge.r, ridge.r)
+    assert state["_z"].shape == (ridge.r, M) and state["_linv"].shape == (ridge.r, ridge.r)
     copy = pickle.loads(pickle.dumps(ridge))
     for r in (ridge, copy):
         r.update(h[30:], y[30:])
