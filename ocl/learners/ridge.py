@@ -120,7 +120,8 @@ class StreamingRidge:
         out = (z.double() * self._d()) @ self.rotated
         if v is not None:
             out -= v.T @ self._t[: self.r]
-        self._kept = (h, z, v, self._version) if keep else None
+        if keep:  # (not cleared otherwise: an evaluate between a predict and its update leaves it)
+            self._kept = (h, z, v, self._version)
         return out
 
     def weights(self) -> torch.Tensor:
