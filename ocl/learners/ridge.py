@@ -116,6 +116,9 @@ class StreamingRidge:
     def logits(self, h: torch.Tensor, keep: bool = False) -> torch.Tensor:
         """``(C, K)`` float64 ``h W`` for features ``h (C, M)`` (every class; unseen ones score 0).
         ``keep``: ``h`` is learned next: keep the work that :meth:`update` can reuse."""
+        if not keep and h.shape[0] > 2 * self.num_classes:
+            # a large batch (a test set): through the weights, M^2 K once instead of M^2 per row
+            return (h.to(self.dtype) @ self.weights().to(self.dtype)).double()
         z, v = self._parts(h)
         out = (z.double() * self._d()) @ self.rotated
         if v is not None:

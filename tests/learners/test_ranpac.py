@@ -27,10 +27,10 @@ def batch_ridge(h, y, lam):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7])
-@pytest.mark.parametrize("dtype, tol", [("float64", 1e-9), ("float32", 1e-3)])
-def test_ridge_equals_batch_ridge_after_every_prefix(chunk, dtype, tol):
+@pytest.mark.parametrize("dtype, tol, atol", [("float64", 1e-9, 1e-10), ("float32", 1e-3, 1e-3)])
+def test_ridge_equals_batch_ridge_after_every_prefix(chunk, dtype, tol, atol):
     h, y = rows(95)
-    q, _ = rows(5, seed=1)
+    q, _ = rows(9, seed=1)  # > 2 K rows: logits through the weights; keep=True: through the Woodbury rows
     ridge = StreamingRidge(M, K, [0.01, 1.0, 100.0], 2, refresh_every=32, first_refresh=2, precision_dtype=dtype)
     refreshes = early_changes = 0
     for s in range(0, 95, chunk):
@@ -39,8 +39,9 @@ def test_ridge_equals_batch_ridge_after_every_prefix(chunk, dtype, tol):
         refreshes += ridge.n0 != before
         early_changes += ridge.index != index and not ridge.n0
         w = batch_ridge(h[: s + chunk], y[: s + chunk], ridge.lam)
-        torch.testing.assert_close(ridge.weights(), w, rtol=tol, atol=tol / 10)
-        torch.testing.assert_close(ridge.logits(q), q.double() @ w, rtol=tol, atol=tol / 10)
+        torch.testing.assert_close(ridge.weights(), w, rtol=tol, atol=atol)
+        torch.testing.assert_close(ridge.logits(q), q.double() @ w, rtol=tol, atol=atol)
+        torch.testing.assert_close(ridge.logits(q, keep=True), q.double() @ w, rtol=tol, atol=atol)
     # the Woodbury rows, several eigendecompositions and a lambda changed before the first one all exercised
     assert refreshes >= 2 and 0 < ridge.r and early_changes
 
