@@ -3,6 +3,7 @@ strength chosen prequentially from a grid (RanPAC's read-out, :mod:`ocl.learners
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -10,6 +11,8 @@ import torch
 from torch.linalg import solve_triangular
 
 from ocl.errors import OCLError
+
+log = logging.getLogger(__name__)
 
 
 class StreamingRidge:
@@ -128,7 +131,7 @@ class StreamingRidge:
         return out
 
     def weights(self) -> torch.Tensor:
-        """``(M, K)`` float64 ``W = (G + lam I)^-1 C`` (for tests and inspection; O(M^2 K))."""
+        """``(M, K)`` float64 ``W = (G + lam I)^-1 C`` (O(M^2 K): what large batches are scored with)."""
         d, r = self._d(), self.r
         inner = d[:, None] * self.rotated
         if r:
@@ -155,19 +158,29 @@ class StreamingRidge:
     def _append(self, h: torch.Tensor, z: torch.Tensor, v: torch.Tensor | None, y: torch.Tensor) -> None:
         """Grow the Woodbury block by the rows ``h`` (rotated ``z``; ``v = L^-1 Z D z^T``)."""
         r, c = self.r, h.shape[0]
-        onehot = torch.zeros(c, self.num_classes, dtype=torch.float64)
-        onehot[torch.arange(c), y] = 1.0
         z64 = z.double()
         zd = z64 * self._d()
         s22 = zd @ z64.T
         s22.diagonal().add_(1.0)  # I_c + Z_n D Z_n^T
         if v is not None:
-            s22 -= v.T @ v
+            s22 -= v.T @ v  # the Schur complement: >= I exactly
+        l22, info = torch.linalg.cholesky_ex(s22)
+        if int(info):
+            if self.dtype == torch.float64:
+                raise OCLError(f"ridge: the Woodbury system lost positive definiteness (lambda {self.lam:g}).")
+            # float32 rounding, amplified by 1 / lam where G has no spread and lam is tiny: go on in float64
+            log.warning("ridge: float32 too coarse at lambda %g; continuing in float64", self.lam)
+            self.dtype = torch.float64
+            self.basis, self._z = self.basis.double(), self._z.double()
+            self._rebuild()
+            return self._append(h, *self._parts(h), y)
+        onehot = torch.zeros(c, self.num_classes, dtype=torch.float64)
+        onehot[torch.arange(c), y] = 1.0
+        if v is not None:
             self._t[:r] += v @ onehot  # the old rows' Z D C^ gains Z D z^T onehot
         self.rotated += z64.T @ onehot
         self.targets += h.double().T @ onehot
         self.counts += onehot.sum(0)
-        l22 = torch.linalg.cholesky(s22)
         b = zd @ self.rotated  # the new rows' Z D C^, C^ already current
         if v is not None:
             b -= v.T @ self._t[:r]
@@ -215,14 +228,21 @@ class StreamingRidge:
         self._kernel_vote()
         self._next = 2 * self.r
         if self.index != before:
-            r, lam = self.r, self.lam
-            h = self._raw[:r].double()
-            kernel = h @ h.T
-            e, v = torch.linalg.eigh(kernel)
-            linv = (1.0 + e.clamp_min(0.0) / lam).rsqrt()[:, None] * v.T
-            self._linv[:r, :r] = linv
-            self._t[:r] = linv @ (kernel @ self._onehot(self._y[:r]) / lam)  # L^-1 Z D C^ = L^-1 H H^T Y / lam
-            self._version += 1
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """``L^-1`` and ``T`` of the pending rows from scratch, in float64: ``S = I + Z D Z^T =
+        V E V^T``, ``L^-1 = E^-1/2 V^T`` (any factor with ``L L^T = S`` serves: blocks grow on it)."""
+        r = self.r
+        z = self._z[:r].double()
+        zd = z * self._d()
+        s = zd @ z.T
+        s.diagonal().add_(1.0)
+        e, v = torch.linalg.eigh(s)
+        linv = e.clamp_min(1.0).rsqrt()[:, None] * v.T  # S >= I
+        self._linv[:r, :r] = linv
+        self._t[:r] = linv @ (zd @ self.rotated)
+        self._version += 1
 
     def refresh(self) -> None:
         """Score the pending rows for the grid, fold them into ``G``, eigendecompose it."""

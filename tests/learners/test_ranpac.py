@@ -147,3 +147,16 @@ def test_ranpac_refuses_bad_options(bad):
     options = dict(lambdas=[1.0], initial_lambda=1.0) if "lambdas" not in bad else dict(initial_lambda=1.0)
     with pytest.raises(OCLError):
         RanPACLearner(4, K, **{**options, **bad})
+
+
+def test_float32_too_coarse_for_a_tiny_lambda_goes_on_in_float64(caplog):
+    # nearly collinear rows and lambda 1e-8: float32 rounding breaks the Woodbury system's
+    # positive definiteness; the ridge switches to float64 and stays exact
+    g = torch.Generator().manual_seed(0)
+    h = (torch.relu(torch.randn(1, 64, generator=g)) + 1e-3 * torch.randn(300, 64, generator=g)).abs()
+    y = torch.randint(K, (300,), generator=g)
+    ridge = StreamingRidge(64, K, [1e-8], 0, refresh_every=128, first_refresh=8, precision_dtype="float32")
+    for s in range(300):
+        ridge.update(h[s : s + 1], y[s : s + 1])
+    assert ridge.dtype == torch.float64 and "continuing in float64" in caplog.text
+    torch.testing.assert_close(ridge.weights(), batch_ridge(h, y, 1e-8), rtol=1e-6, atol=1e-5)
