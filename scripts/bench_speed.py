@@ -33,6 +33,8 @@ Examples::
     .venv/bin/python scripts/bench_speed.py --baseline main --floor 500    # + its AdamW and matmuls alone
     .venv/bin/python scripts/bench_speed.py --baseline a6c7c83 --learner ocl.learners.linear.LinearLearner \
         --steps 3000 --block 200   # another learner (its defaults; --option as for the transformer)
+    .venv/bin/python scripts/bench_speed.py --baseline HEAD --learner ocl.learners.ranpac.RanPACLearner \
+        --baseline-learner ocl.learners.slda.SLDALearner --steps 3000 --block 200   # two learners side by side
 """
 
 from __future__ import annotations
@@ -256,10 +258,11 @@ def kernel_floor(learner, C: int, reps: int) -> dict[str, float]:
 class Worker:
     """A worker subprocess of one implementation for one (D, C), driven step block by block."""
 
-    def __init__(self, stage: Path, src: Path, D: int, C: int, args: argparse.Namespace) -> None:
+    def __init__(self, stage: Path, src: Path, D: int, C: int, args: argparse.Namespace, learner: str,
+                 options: list[str]) -> None:
         cmd = [sys.executable, __file__, "--worker", "--stage", str(stage), "--dim", str(D), "--chunk", str(C),
                "--steps", str(args.steps), "--threads", str(args.threads), "--profile-rows", str(args.profile_rows),
-               "--learner", args.learner, *[f"--option={o}" for o in args.option]]
+               "--learner", learner, *[f"--option={o}" for o in options]]
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         self.log = tempfile.TemporaryFile(mode="w+")  # the worker's stderr, shown if it fails
         self.proc = subprocess.Popen(cmd, cwd=str(src), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -295,10 +298,12 @@ class Worker:
         self.log.close()
 
 
-def compare(trees: dict[str, tuple[Path, Path]], D: int, C: int, args: argparse.Namespace) -> dict[str, Worker]:
+def compare(trees: dict[str, tuple[Path, Path]], D: int, C: int, args: argparse.Namespace,
+            learners: dict[str, tuple[str, list[str]]]) -> dict[str, Worker]:
     """Both implementations at once, in lock step: blocks of ``--block`` steps, alternating,
-    the order flipping every block, so that both see the same load on the machine."""
-    workers = {name: Worker(*tree, D, C, args) for name, tree in trees.items()}
+    the order flipping every block, so that both see the same load on the machine (``learners``:
+    each side's learner class path and options)."""
+    workers = {name: Worker(*tree, D, C, args, *learners[name]) for name, tree in trees.items()}
     try:
         for w in workers.values():
             w.wait_ready()
@@ -343,6 +348,11 @@ def main() -> None:
     ap.add_argument("--learner", default="ocl.learners.transformer.TransformerLearner", metavar="MODULE.CLASS",
                     help="the learner to time (default: the transformer; e.g. ocl.learners.linear.LinearLearner)")
     ap.add_argument("--option", action="append", default=[], help="learner option KEY=VALUE (repeatable)")
+    ap.add_argument("--baseline-learner", default=None, metavar="MODULE.CLASS",
+                    help="time this learner on the baseline side instead of --learner: two learners side by side "
+                         "(with --baseline HEAD, both from this checkout)")
+    ap.add_argument("--baseline-option", action="append", default=None, metavar="KEY=VALUE",
+                    help="the baseline learner's options (default: --option's, or none with --baseline-learner)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the timing, print each implementation's top ops (torch.profiler) over STEPS steps")
     ap.add_argument("--phases", type=int, default=0, metavar="STEPS",
@@ -370,9 +380,12 @@ def main() -> None:
         base_src = export_ref(args.baseline, Path(tmp) / "baseline-src")
         trees = {"baseline": (stage_package(base_src, Path(tmp) / "baseline"), base_src),
                  "current": (stage_package(REPO, Path(tmp) / "current"), REPO)}
+        base_options = args.baseline_option if args.baseline_option is not None else (
+            [] if args.baseline_learner else args.option)
+        learners = {"baseline": (args.baseline_learner or args.learner, base_options), "current": (args.learner, args.option)}
         for D in args.dims:
             for C in args.chunks:
-                w = compare(trees, D, C, args)
+                w = compare(trees, D, C, args, learners)
                 b, c = w["baseline"].totals, w["current"].totals
                 row = [D, C]
                 for key in ("wall", "cpu"):
@@ -384,7 +397,8 @@ def main() -> None:
                                    f"{c['nll'] / c['examples']:.6f}"])
                 print(f"D={D} C={C} done", file=sys.stderr, flush=True)
 
-    print(f"\n{args.learner.rpartition('.')[2]}, predict + update, {args.threads} thread(s); baseline {args.baseline} ({rev}), "
+    other = f" vs {args.baseline_learner.rpartition('.')[2]} (options: {base_options or 'defaults'})" if args.baseline_learner else ""
+    print(f"\n{args.learner.rpartition('.')[2]}{other}, predict + update, {args.threads} thread(s); baseline {args.baseline} ({rev}), "
           f"current {head}{' + uncommitted changes' if dirty else ''}; options: {args.option or 'defaults'}; "
           f"{args.steps} steps each, in alternating blocks of {args.block}")
     print("ex/s: examples per wall-clock second; per CPU s: per second of the worker's CPU time; "

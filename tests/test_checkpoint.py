@@ -121,7 +121,7 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, pr
     same_results(ref, run)
 
 
-LEARNERS = ["linear", "mlp", "er", "knn", "ncm", "slda", "recent", "avalanche_naive", "avalanche_replay",
+LEARNERS = ["linear", "mlp", "er", "knn", "ncm", "slda", "ranpac", "randumb", "recent", "avalanche_naive", "avalanche_replay",
             "avalanche_er_ace", "avalanche_gdumb"]
 
 

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 FAST = {
     "transformer": ["learner.d_model=32"],
     "avalanche_gdumb": ["learner.experience_size=8", "learner.train_epochs=2"],  # retrains within the stream
+    # narrower, and refreshed within the 48 examples (eigendecompositions and lambda choices checked too)
+    "ranpac": ["+learner.dim=64", "+learner.first_refresh=4", "+learner.refresh_every=16"],
+    "randumb": ["+learner.dim=64"],
 }
 
 
