@@ -202,12 +202,13 @@ def with_learner_defaults(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def make_learner(node: DictConfig, feature_dim: int, num_classes: int, seed: int) -> Learner:
+def make_learner(node: DictConfig, feature_dim: int, num_classes: int, seed: int, what: str = "learner") -> Learner:
     """Instantiate a learner config node (a ``_partial_`` factory, e.g. ``cfg.learner`` or
-    :func:`learner_config`) for a stream of ``num_classes`` classes over ``feature_dim``-d features."""
-    learner = build_node(node, "learner", feature_dim=feature_dim, num_classes=num_classes, seed=seed)
+    :func:`learner_config`) for a stream of ``num_classes`` classes over ``feature_dim``-d features
+    (``what``: its name in messages, e.g. ``learner.experts[1]`` for a pooled learner's expert)."""
+    learner = build_node(node, what, feature_dim=feature_dim, num_classes=num_classes, seed=seed)
     if not isinstance(learner, Learner):
-        raise OCLError(f"learner `{node._target_}` must subclass ocl.learners.base.Learner.")
+        raise OCLError(f"{what} `{node._target_}` must subclass ocl.learners.base.Learner.")
     return learner
 
 
