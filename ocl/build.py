@@ -221,13 +221,20 @@ def available_learners() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _table_order(name: str) -> tuple[bool, bool, str]:
-    # the baselines, then the Avalanche strategies (the peer implementation), then the transformer
-    return name == "transformer", name.startswith("avalanche_"), name
+#: The learners that close a table, in this order: the network alone, the read-outs pooled
+#: without it, and the default (the network pooled with them): what the network adds reads off
+#: the last two rows.
+_LAST = ("transformer", "readout_pool", "pooled")
+
+
+def _table_order(name: str) -> tuple[int, bool, str]:
+    # the baselines, then the Avalanche strategies (the peer implementation), then _LAST
+    return (_LAST.index(name) + 1 if name in _LAST else 0), name.startswith("avalanche_"), name
 
 
 #: What ``ocl compare learners=null`` runs: every shipped learner config, in table order
-#: (the baselines, the Avalanche strategies, the transformer; alphabetical within each).
+#: (the baselines, the Avalanche strategies, alphabetical within each; then the transformer and
+#: the two pools).
 ALL_LEARNERS: tuple[str, ...] = tuple(sorted(available_learners(), key=_table_order))
 
 

@@ -142,6 +142,7 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
         info = run.extractor.info
         res.update({
             "learner": learner.name,
+            "experts": getattr(learner, "expert_names", None),  # a pooled learner's experts (None: not a pool)
             "stream": source.name,
             "protocol": stream.name,
             "n_tasks": stream.n_tasks,

@@ -53,9 +53,9 @@ class Learner(abc.ABC):
     #: none (or does not count them).
     skipped_updates: int | None = None
     #: Whether the pooled learner (``learner=pooled``) calibrates this learner's log-probabilities
-    #: with an online temperature of its own by default (an expert item's ``temperature`` says
+    #: with an online temperature of its own by default (an expert item's ``calibrate`` says
     #: otherwise): for learners whose probabilities are far too sharp or too flat (SLDA).
-    pool_temperature: bool = False
+    pool_calibrate: bool = False
 
     def __init__(self, feature_dim: int, num_classes: int, seed: int = 0) -> None:
         self.feature_dim, self.num_classes = int(feature_dim), int(num_classes)

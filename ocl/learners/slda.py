@@ -58,7 +58,7 @@ class SLDALearner(Learner):
     # Its discriminants are overconfident (log-loss 1.35 nats where its accuracy beat the
     # transformer's network on iid CIFAR-10) and a pool weighs experts by log-loss: pooled, SLDA
     # gets its own online temperature, fitted on chunks it has already scored.
-    pool_temperature = True
+    pool_calibrate = True
 
     def __init__(
         self,

@@ -10,9 +10,10 @@ An item of ``experts`` is one of:
 - a mapping with ``_target_`` (your own :class:`~ocl.learners.base.Learner` subclass, a
   plug-in, as ``learner._target_`` takes it) and its options; ``name`` then only labels it.
 
-Either mapping may hold ``temperature: true|false``, the pooled learner's own key: whether the
-pool calibrates that expert with an online temperature (default: the learner class's
-:attr:`~ocl.learners.base.Learner.pool_temperature`, true for SLDA only). Every expert is
+Either mapping may hold ``calibrate: true|false``, the pooled learner's own key (``name`` and
+``calibrate`` never reach the learner): whether the pool calibrates that expert with an online
+temperature (default: the learner class's :attr:`~ocl.learners.base.Learner.pool_calibrate`,
+true for SLDA only). Every expert is
 built like ``learner=<name>`` builds it (:func:`ocl.build.learner_config`,
 :func:`ocl.build.make_learner`: its options are checked, unknown ones refused) with the pooled
 learner's feature size, classes and seed.
@@ -77,7 +78,7 @@ class Calibrated(Learner):
 
 
 def expert_nodes(experts: Sequence[Any]) -> list[tuple[str, Any, bool | None]]:
-    """``experts`` items -> ``(label, learner config node, temperature or None)`` each, every node
+    """``experts`` items -> ``(label, learner config node, calibrate or None)`` each, every node
     checked to name a shipped learner or a ``_target_`` (see the module docstring).
 
     Raises:
@@ -98,30 +99,30 @@ def expert_nodes(experts: Sequence[Any]) -> list[tuple[str, Any, bool | None]]:
         if not isinstance(item, Mapping):
             raise OCLError(f"{where}={item!r}: must be a learner's name or a mapping with `name` or `_target_`.")
         options = dict(item)
-        name, temperature = options.pop("name", None), options.pop("temperature", None)
-        if temperature is not None and not isinstance(temperature, bool):
-            raise OCLError(f"{where}.temperature={temperature!r}: must be true or false.")
+        name, calibrate = options.pop("name", None), options.pop("calibrate", None)
+        if calibrate is not None and not isinstance(calibrate, bool):
+            raise OCLError(f"{where}.calibrate={calibrate!r}: must be true or false.")
         if name is None and "_target_" not in options:
             raise OCLError(f"{where}={item!r}: needs `name` (a shipped learner) or `_target_` (your own).")
         if name is not None and name not in valid and "_target_" not in options:
             raise OCLError(f"{where}: unknown learner {name!r}; valid learners: {', '.join(valid)} "
                            f"(or your own: {{_target_: pkg.module.Class, ...}}).")
         label = str(name) if name is not None else str(options["_target_"]).rsplit(".", 1)[-1]
-        out.append((label, learner_config(label, options), temperature))
+        out.append((label, learner_config(label, options), calibrate))
     return out
 
 
 def build_experts(experts: Sequence[Any], feature_dim: int, num_classes: int, seed: int,
                   temp_lr: float) -> tuple[list[str], list[Learner]]:
     """The experts of ``experts`` built for D = ``feature_dim``, K = ``num_classes`` with
-    ``seed``, each wrapped in :class:`Calibrated` where its temperature is on. Returns their
+    ``seed``, each wrapped in :class:`Calibrated` where it is calibrated. Returns their
     labels (for results and logs) and the learners."""
     from ocl.build import make_learner
 
     labels, learners = [], []
-    for i, (label, node, temperature) in enumerate(expert_nodes(experts)):
+    for i, (label, node, calibrate) in enumerate(expert_nodes(experts)):
         learner = make_learner(node, feature_dim, num_classes, seed, what=f"learner.experts[{i}]")
-        if temperature if temperature is not None else learner.pool_temperature:
+        if calibrate if calibrate is not None else learner.pool_calibrate:
             learner = Calibrated(learner, temp_lr)
         labels.append(label)
         learners.append(learner)
