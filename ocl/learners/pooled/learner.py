@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ocl.errors import OCLError
 from ocl.learners.base import Learner
 from ocl.learners.pooled.experts import build_experts
 from ocl.learners.pooled.heldout import HeldOutPool
@@ -46,6 +47,10 @@ class PooledLearner(Learner):
                  share: float = 0.01, temp_lr: float = 0.01, heldout_mixture: bool = True,
                  heldout_scores: str = "mixed", heldout_lag: int = 100, heldout_skip: int = 64) -> None:
         super().__init__(feature_dim, num_classes, seed)
+        if not 0 <= share < 1:
+            raise OCLError(f"learner.share={share!r}: must be in [0, 1).")
+        if not temp_lr >= 0:
+            raise OCLError(f"learner.temp_lr={temp_lr!r}: must be >= 0.")
         self.expert_names, self.experts = build_experts(experts, feature_dim, num_classes, seed, temp_lr)
         M = len(self.experts)
         self.pool = make_pool(pool, M, share)
