@@ -190,7 +190,7 @@ def test_unknown_or_mistyped_config_keys(previous, monkeypatch, capsys, override
 
 
 @pytest.mark.parametrize("override,expect", [
-    ("+learner.lrr=0.1", "learner: unknown option(s) ['lrr'] for TransformerLearner; valid options: ['attn', 'compile'"),
+    ("+learner.lrr=0.1", "learner: unknown option(s) ['lrr'] for PooledLearner; valid options: ['experts', 'heldout_lag'"),
     ("chunk_size=abc", "chunk_size='abc': must be an integer >= 1"),
     ("checkpoint_every=-5", "checkpoint_every=-5: must be a number of examples >= 1, or null"),
     ("eval_test=maybe", "eval_test='maybe': must be true or false"),

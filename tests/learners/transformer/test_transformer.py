@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
 from ocl.learners.checks import clusters, prequential
+from ocl.learners.common import Temperature
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.kv_cache import KVCache
-from ocl.learners.common import Temperature
 from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner, split_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
