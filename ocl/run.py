@@ -142,7 +142,6 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
         info = run.extractor.info
         res.update({
             "learner": learner.name,
-            "experts": getattr(learner, "expert_names", None),  # a pooled learner's experts (None: not a pool)
             "stream": source.name,
             "protocol": stream.name,
             "n_tasks": stream.n_tasks,
@@ -160,6 +159,8 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
             "host": platform.node(),
             "config": config,
         })
+        if hasattr(learner, "expert_names"):  # a pooled learner: its experts, in pool order
+            res["experts"] = list(learner.expert_names)
         write_json_atomic(out_dir / "results.json", res)
         write_steps_csv(out_dir / "steps.csv", result.tracker)
         if result.near_future is not None:
