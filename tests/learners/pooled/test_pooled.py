@@ -151,6 +151,8 @@ def test_heldout_experts_are_scored_as_they_stood_lag_to_twice_lag_examples_ago(
     for lagged, stopped, now in zip(learner.heldout._lagged, then.experts, learner.experts):
         torch.testing.assert_close(lagged.evaluate(x), stopped.evaluate(x), rtol=0, atol=0)
         assert not torch.allclose(lagged.evaluate(x), now.evaluate(x))
+    # frozen copies of the network in a checkpoint, label blindness with them, ...
+    check_learner(functools.partial(PooledLearner, experts=experts, heldout_scores="lagged", heldout_lag=3))
 
 
 @pytest.mark.parametrize("scores", ["lagged", "past", "mixed"])
