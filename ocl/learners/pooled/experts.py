@@ -59,7 +59,8 @@ class Calibrated(Learner):
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         seen, raw = self._scored or (None, None)
         self._scored = None
-        self.temperature.step(raw if seen is x else self.inner.predict(x), y)
+        same = seen is not None and (seen is x or torch.equal(seen, x))
+        self.temperature.step(raw if same else self.inner.predict(x), y)
         self.inner.update(x, y)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
