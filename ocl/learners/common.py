@@ -2,7 +2,8 @@
 optimizer step that skips non-finite losses and gradients, a classifier head and its
 optimizer, :class:`HeadLearner` (the base of the linear, MLP and ER learners), and the
 closed-form Adam of a few scalars (:class:`Adam`) with the online output
-:class:`Temperature` it fits (the transformer's, and the pooled learner's experts' and pool's)."""
+:class:`Temperature` it fits (the transformer's, the pooled learner's calibrated experts'; the pool's
+exponents take the same step)."""
 
 from __future__ import annotations
 
@@ -264,7 +265,7 @@ class HeadLearner(Learner):
         and SGD's weight decay adds ``wd * param``: the same step as ``torch.optim.SGD`` after
         ``backward()`` (to float rounding; ``tests/learners/test_common.py`` compares them), at a
         fraction of the cost: autograd and the optimizer were ~90% of a step of this learner and
-        of the transformer's linear read-out. Returns whether the step was taken.
+        of the pooled learner's linear read-out. Returns whether the step was taken.
         """
         head = self.head
         xs = self.norm(x) if self.norm is not None else x
