@@ -244,12 +244,13 @@ def with_learner_defaults(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def make_learner(node: DictConfig, feature_dim: int, num_classes: int, seed: int) -> Learner:
+def make_learner(node: DictConfig, feature_dim: int, num_classes: int, seed: int, what: str = "learner") -> Learner:
     """Instantiate a learner config node (a ``_partial_`` factory, e.g. ``cfg.learner`` or
-    :func:`learner_config`) for a stream of ``num_classes`` classes over ``feature_dim``-d features."""
-    learner = build_node(node, "learner", feature_dim=feature_dim, num_classes=num_classes, seed=seed)
+    :func:`learner_config`) for a stream of ``num_classes`` classes over ``feature_dim``-d features
+    (``what``: its name in messages, e.g. ``learner.experts[1]`` for a pooled learner's expert)."""
+    learner = build_node(node, what, feature_dim=feature_dim, num_classes=num_classes, seed=seed)
     if not isinstance(learner, Learner):
-        raise OCLError(f"learner `{node._target_}` must subclass ocl.learners.base.Learner.")
+        raise OCLError(f"{what} `{node._target_}` must subclass ocl.learners.base.Learner.")
     return learner
 
 
@@ -262,13 +263,20 @@ def available_learners() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _table_order(name: str) -> tuple[bool, bool, str]:
-    # the baselines, then the Avalanche strategies (the peer implementation), then the transformer
-    return name == "transformer", name.startswith("avalanche_"), name
+#: The learners that close a table, in this order: the network alone, the read-outs pooled
+#: without it, and the default (the network pooled with them): what the network adds reads off
+#: the last two rows.
+_LAST = ("transformer", "readout_pool", "pooled")
+
+
+def _table_order(name: str) -> tuple[int, bool, str]:
+    # the baselines, then the Avalanche strategies (the peer implementation), then _LAST
+    return (_LAST.index(name) + 1 if name in _LAST else 0), name.startswith("avalanche_"), name
 
 
 #: What ``ocl compare learners=null`` runs: every shipped learner config, in table order
-#: (the baselines, the Avalanche strategies, the transformer; alphabetical within each).
+#: (the baselines, the Avalanche strategies, alphabetical within each; then the transformer and
+#: the two pools).
 ALL_LEARNERS: tuple[str, ...] = tuple(sorted(available_learners(), key=_table_order))
 
 

@@ -164,6 +164,8 @@ def _run_owned(cfg: DictConfig, rd: rundir.RunDir) -> dict[str, Any]:
                 "host": platform.node(),
                 "config": config,
             })
+            if hasattr(learner, "expert_names"):  # a pooled learner: its experts, in pool order
+                res["experts"] = list(learner.expert_names)
             if source.label_map is not None:  # sparse label ids renumbered: class i was label label_map[i]
                 res["label_map"] = source.label_map
             write_json_atomic(out_dir / "results.json", res)

@@ -41,11 +41,13 @@ log = logging.getLogger(__name__)
 #: Rough cost per example of the shipped learners, relative to ``linear`` (examples/s on the
 #: full-size CIFAR-10 split of pretrained features, D=1280, one thread: scripts/results/benchmark/,
 #: with the transformer's and SLDA's current defaults: 72 and 417 ex/s against linear's ~2,900;
-#: ranpac and randumb from their speed next to SLDA's in scripts/bench_speed.py, 0.33x and 0.39x).
+#: ranpac and randumb from their speed next to SLDA's in scripts/bench_speed.py, 0.33x and 0.39x;
+#: the pools: roughly the sum of their experts).
 #: Only the order matters: the slowest runs start first, so that a slow run is not left to
 #: run alone at the end while the other workers sit idle. Other learners count as 1.
 RELATIVE_COST: dict[str, float] = {
-    "transformer": 40, "ranpac": 21, "randumb": 18, "knn": 17, "avalanche_gdumb": 7.8, "slda": 6.9,
+    "pooled": 48, "transformer": 40, "ranpac": 21, "randumb": 18, "knn": 17, "readout_pool": 9,
+    "avalanche_gdumb": 7.8, "slda": 6.9,
     "avalanche_er_ace": 3.5, "mlp": 3.4, "avalanche_replay": 2.7, "er": 1.4, "avalanche_naive": 1.2, "linear": 1.0, "ncm": 0.35, "recent": 0.15,
 }
 

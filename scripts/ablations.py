@@ -1,7 +1,8 @@
 """Ablations of the transformer learner: which parts of the method carry its results.
 
-Runs ``ocl run learner=transformer`` with its defaults and with one part taken away at a time, on
-benchmark streams, for several seeds, and prints one table (mean ± std over seeds):
+Runs ``ocl run learner=pooled`` (the default: the network pooled with a linear read-out and SLDA)
+and ``learner=transformer`` (the network alone) with their defaults and with one part of the
+network taken away at a time, on benchmark streams, for several seeds, and prints one table (mean ± std over seeds):
 
     .venv/bin/python scripts/ablations.py --config-dir scripts/results/benchmark10k/presets \
         --streams bench10k_cifar_split bench10k_cifar_permuted --out runs/ablations \
@@ -9,7 +10,7 @@ benchmark streams, for several seeds, and prints one table (mean ± std over see
 
 Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaults):
 
-- ``default``: the shipped defaults;
+- ``default``: the shipped defaults (``learner=pooled``); the next four change its network;
 - ``W=0``: no KV cache (``window=0``): every chunk sees only itself, no in-context memory;
 - ``R=1``: no replay streams (``replay_streams=1``): train on the newest chunk only;
 - ``R=4``: half the replay streams (not an ablation: a candidate default that
@@ -17,7 +18,7 @@ Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaul
 - ``context``: labels as their own tokens (``label_mode=context``, 2 tokens per example)
   instead of an extra key/value projection;
 - ``network``: the network alone, without the read-out experts it is pooled with
-  (``linear_expert=false slda_expert=false``);
+  (``learner=transformer``);
 - ``network W=0``, ``network R=1``, ``network context``: the three ablations above of the network
   alone (the mixture's linear read-out can make up for what they take away).
 
@@ -42,18 +43,25 @@ import numpy as np
 from ocl.metrics import accuracy_after_switches
 from ocl.report import read_steps_csv
 
-ALONE = ("learner.linear_expert=false", "learner.slda_expert=false")  # the network without read-out experts
-VARIANTS: dict[str, list[str]] = {
-    "default": [],
-    "W=0": ["learner.window=0"],
-    "R=1": ["learner.replay_streams=1"],
-    "R=4": ["learner.replay_streams=4"],  # not an ablation: a candidate default the research log tested
-    "context": ["learner.label_mode=context"],
-    "network": [*ALONE],
+
+def _pooled(*network: str) -> tuple[str, list[str]]:
+    """The default pool whose network takes ``network`` options (``key:value``)."""
+    expert = f"{{name:transformer,{','.join(network)}}}" if network else "transformer"
+    return "pooled", [f"learner.experts=[{expert},linear,slda]"] if network else []
+
+
+#: variant -> (the learner config, its overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "default": _pooled(),
+    "W=0": _pooled("window:0"),
+    "R=1": _pooled("replay_streams:1"),
+    "R=4": _pooled("replay_streams:4"),  # not an ablation: a candidate default the research log tested
+    "context": _pooled("label_mode:context"),
+    "network": ("transformer", []),
     # The same three ablations of the network alone: in the pool the read-outs can hide them.
-    "network W=0": [*ALONE, "learner.window=0"],
-    "network R=1": [*ALONE, "learner.replay_streams=1"],
-    "network context": [*ALONE, "learner.label_mode=context"],
+    "network W=0": ("transformer", ["learner.window=0"]),
+    "network R=1": ("transformer", ["learner.replay_streams=1"]),
+    "network context": ("transformer", ["learner.label_mode=context"]),
 }
 METRICS = ("avg_online_accuracy", "near_future_accuracy", "mean_log_loss", "first100", "examples_per_second")
 HEADERS = ("online acc", "near-future acc", "log-loss", "first 100 after a switch", "ex/s")
@@ -85,9 +93,10 @@ def run_dir(args: argparse.Namespace, stream: str, variant: str, seed: int) -> P
 
 
 def command(args: argparse.Namespace, stream: str, variant: str, seed: int, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "ocl.cli", "run", f"experiment={stream}", "learner=transformer", f"seed={seed}",
+    learner, overrides = VARIANTS[variant]
+    cmd = [sys.executable, "-m", "ocl.cli", "run", f"experiment={stream}", f"learner={learner}", f"seed={seed}",
            "eval_test=false", "progress=false", f"hydra.run.dir={run_dir(args, stream, variant, seed)}",
-           *VARIANTS[variant], *extra]
+           *overrides, *extra]
     if args.config_dir is not None:
         cmd.append(f"hydra.searchpath=[file://{args.config_dir.resolve()}]")
     return cmd

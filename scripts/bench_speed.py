@@ -173,6 +173,10 @@ PHASES = [
     ("ocl.learners.linear", "LinearLearner", "predict"),
     ("ocl.learners.linear", "LinearLearner", "update"),
     ("ocl.learners.transformer.readouts", "Temperature", "step"),
+    ("ocl.learners.pooled.learner", "PooledLearner", "predict"),  # --learner ocl.learners.pooled.PooledLearner
+    ("ocl.learners.pooled.learner", "PooledLearner", "update"),
+    ("ocl.learners.pooled.heldout", "HeldOutPool", "update"),
+    ("ocl.learners.common", "Temperature", "step"),
     ("ocl.learners.transformer.learner", "TransformerLearner", "_batch"),
     ("ocl.learners.transformer.learner", "TransformerLearner", "_finish"),
 ]

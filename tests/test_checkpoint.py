@@ -122,14 +122,17 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, pr
 
 
 LEARNERS = ["linear", "mlp", "er", "knn", "ncm", "slda", "ranpac", "randumb", "recent", "avalanche_naive", "avalanche_replay",
-            "avalanche_er_ace", "avalanche_gdumb"]
+            "avalanche_er_ace", "avalanche_gdumb", "readout_pool"]
+#: The default learner with a tiny network: the pool, its held-out past and the network's replay
+#: history are side files in the run directory.
+TINY_POOLED = ["learner=pooled", "learner.experts=[{name:transformer,d_model:16,window:4,replay_streams:2},linear,slda]"]
 
 
 class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("learner", LEARNERS + ["transformer"])
+@pytest.mark.parametrize("learner", LEARNERS + ["transformer", "pooled"])
 def test_every_learner_resumes_exactly(tmp_path, monkeypatch, learner):
     """Pickling the learner whole restores it exactly, for every learner (in-process crash)."""
     # near-future evaluation after every chunk that holds a 4th step, on step end + 7: records
@@ -138,6 +141,8 @@ def test_every_learner_resumes_exactly(tmp_path, monkeypatch, learner):
             "near_future.offset=7", "near_future.every=4"]
     if learner == "transformer":
         over += TINY_TRANSFORMER[1:]
+    if learner == "pooled":
+        over += TINY_POOLED[1:]
     run_experiment(config(tmp_path, *over), tmp_path / "ref")
     real = ckpt.Checkpointer.__call__
 
@@ -179,8 +184,9 @@ def test_a_checkpoint_of_an_older_format_is_refused_with_a_message_saying_so(tmp
     data = ckpt.dumps({"format": ckpt.FORMAT - 1}, tmp_path).replace(
         f'"format": {ckpt.FORMAT}'.encode(), f'"format": {ckpt.FORMAT - 1}'.encode(), 1)
     path.write_bytes(data)
-    with pytest.raises(OCLError, match=f"older version of ocl .checkpoint format {ckpt.FORMAT - 1}"):
+    with pytest.raises(OCLError, match=f"older version of ocl .checkpoint format {ckpt.FORMAT - 1}") as e:
         ckpt.load(path)
+    assert "learner=transformer is now the network alone" in str(e.value)  # what changed last
 
 
 def test_crash_while_checkpointing_a_run_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -208,16 +214,17 @@ def test_crash_while_checkpointing_a_run_keeps_the_previous_checkpoint(tmp_path,
 def test_resume_refusals_change_nothing(tmp_path):
     run = tmp_path / "run"
     run_experiment(config(tmp_path, "protocol.max_examples=100"), run)
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    files = lambda: {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
     with pytest.raises(OCLError, match="no checkpoint to resume"):
         run_experiment(config(tmp_path, "resume=true"), tmp_path / "empty")
-    with pytest.raises(OCLError, match=r"config differs[\s\S]*learner.lr: 0.001 -> 0.5"):
-        run_experiment(config(tmp_path, "protocol.max_examples=100", "learner.lr=0.5", "resume=true"), run)
+    with pytest.raises(OCLError, match=r"config differs[\s\S]*learner.heldout_lag: 100 -> 5"):
+        run_experiment(config(tmp_path, "protocol.max_examples=100", "learner.heldout_lag=5", "resume=true"), run)
     with pytest.raises(OCLError, match=r"config differs[\s\S]*near_future.every: 20 -> None"):
         run_experiment(config(tmp_path, "protocol.max_examples=100", "near_future.every=null", "resume=true"), run)
     with pytest.raises(OCLError, match="already holds a checkpoint"):
         run_experiment(config(tmp_path, "protocol.max_examples=100"), run)
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert files() == before
     # settings that do not change what is computed may differ
     run_experiment(config(tmp_path, "protocol.max_examples=100", "resume=true", "checkpoint_every=7", "threads=2"), run)
     (run / ckpt.CHECKPOINT).write_bytes(b"PK\x03\x04 truncated")

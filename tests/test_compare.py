@@ -167,13 +167,14 @@ def test_bad_settings_are_clear_errors(tmp_path):
         resolve_seeds([-1, 3], 0)
 
 
-def test_default_learner_list_is_every_shipped_config_baselines_first_transformer_last():
+def test_default_learner_list_is_every_shipped_config_baselines_first_transformer_and_pools_last():
     """ALL_LEARNERS is read from configs/learner/ (a new config joins ``learners=null``), in table
-    order: the baselines, the Avalanche strategies, the transformer."""
-    assert sorted(ALL_LEARNERS) == available_learners() and len(ALL_LEARNERS) >= 12
+    order: the baselines, the Avalanche strategies, then the transformer (the network alone), the
+    read-outs pooled without it and the default pool (network + read-outs)."""
+    assert sorted(ALL_LEARNERS) == available_learners() and len(ALL_LEARNERS) >= 14
+    assert ALL_LEARNERS[-3:] == ("transformer", "readout_pool", "pooled")
     avalanche = [i for i, n in enumerate(ALL_LEARNERS) if n.startswith("avalanche_")]
-    assert ALL_LEARNERS[-1] == "transformer" and avalanche == list(range(len(ALL_LEARNERS) - 1 - len(avalanche),
-                                                                         len(ALL_LEARNERS) - 1))
+    assert avalanche == list(range(len(ALL_LEARNERS) - 3 - len(avalanche), len(ALL_LEARNERS) - 3))
     assert resolve_learners(None) == list(ALL_LEARNERS)
 
 

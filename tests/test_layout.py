@@ -103,7 +103,8 @@ def test_the_design_layout_names_every_module():
     text = (ROOT / "docs" / "DESIGN.md").read_text()
     layout = text[text.index("\n## Layout"):]
     layout = layout[: layout.index("```", layout.index("```") + 3)]
-    stems = {p.stem for folder in ("ocl", "ocl/learners", "ocl/learners/transformer", "streams", "kernels")
+    stems = {p.stem for folder in ("ocl", "ocl/learners", "ocl/learners/transformer", "ocl/learners/pooled", "streams",
+                                                 "kernels")
              for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}
     missing = sorted(s for s in stems if s not in layout)
     assert not missing, f"docs/DESIGN.md's Layout section does not mention: {missing}"

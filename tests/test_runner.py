@@ -198,6 +198,7 @@ def test_blind_learner_is_high_online_and_at_chance_near_future_on_long_runs():
 
 LEARNER_OPTIONS = {  # tiny and fast; every shipped learner config, with its own defaults otherwise
     "transformer": {"d_model": 16, "window": 4, "replay_streams": 2},
+    "pooled": {"experts": [{"name": "transformer", "d_model": 16, "window": 4, "replay_streams": 2}, "linear", "slda"]},
     "avalanche_gdumb": {"experience_size": 20, "train_epochs": 2},
     "knn": {"memory_size": 50},
     "slda": {"refresh_every": 7},  # its precision is refreshed lazily: evaluations fall between refreshes

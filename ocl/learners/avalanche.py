@@ -55,6 +55,8 @@ same memory, draws the same random numbers and makes bit-identical predictions
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import logging
 import warnings
@@ -258,6 +260,16 @@ class AvalancheLearner(Learner):
         finally:
             model.train(was_training)
         return F.log_softmax(logits.float(), dim=1).cpu()
+
+    def frozen(self) -> AvalancheLearner:
+        """A copy that predicts with a copy of the current model (and input statistics); it shares
+        the rest of the strategy, whose state after training holds tensors ``copy.deepcopy``
+        refuses (outputs attached to the autograd graph), so it must not learn."""
+        snap = copy.copy(self)
+        snap.strategy = copy.copy(self.strategy)
+        snap.strategy.model = copy.deepcopy(self.strategy.model)
+        snap.norm = copy.deepcopy(self.norm)
+        return snap
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.check(x, y)

@@ -21,6 +21,7 @@ shape or labels out of range raise :class:`~ocl.errors.OCLError` (:meth:`Learner
 from __future__ import annotations
 
 import abc
+import copy
 from pathlib import Path
 
 import torch
@@ -51,6 +52,10 @@ class Learner(abc.ABC):
     #: that take gradient steps (and reported with the results); ``None``: the learner takes
     #: none (or does not count them).
     skipped_updates: int | None = None
+    #: Whether the pooled learner (``learner=pooled``) calibrates this learner's log-probabilities
+    #: with an online temperature of its own by default (an expert item's ``calibrate`` says
+    #: otherwise): for learners whose probabilities are far too sharp or too flat (SLDA).
+    pool_calibrate: bool = False
 
     def __init__(self, feature_dim: int, num_classes: int, seed: int = 0) -> None:
         self.feature_dim, self.num_classes = int(feature_dim), int(num_classes)
@@ -118,3 +123,14 @@ class Learner(abc.ABC):
         way (SLDA's lazily refreshed precision) may be filled here.
         """
         return self.predict(x)
+
+    def frozen(self) -> Learner:
+        """A copy whose :meth:`evaluate` gives what this learner's gives now, and keeps giving it
+        while this one learns on: the pooled learner scores later examples with its experts as
+        they stood (``heldout_scores=lagged``). The copy need not learn.
+
+        Default: a deep copy. A learner that keeps state outside the object (a side file on
+        disk, e.g. the transformer's replay history) or much that :meth:`evaluate` never reads
+        overrides it with a copy of only what :meth:`evaluate` needs.
+        """
+        return copy.deepcopy(self)

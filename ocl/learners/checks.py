@@ -14,6 +14,8 @@ learner's own error) when the learner breaks the contract:
 - :func:`check_resume`: a learner checkpointed mid-stream and loaded again (as ``resume=true``
   does, side files included) continues exactly like the one that was never stopped;
 - :func:`check_evaluate_is_stateless`: ``evaluate`` changes nothing later predictions see;
+- :func:`check_frozen`: a :meth:`~ocl.learners.base.Learner.frozen` copy evaluates as the
+  learner did when it was made, however the learner learns on, and making it changes nothing;
 - :func:`check_bad_inputs`: a chunk of the wrong shape, or labels out of range, raise
   :class:`~ocl.errors.OCLError`.
 
@@ -162,6 +164,28 @@ def check_evaluate_is_stateless(factory: Factory) -> None:
     assert torch.equal(*runs), "evaluate changed what the learner predicts afterwards"
 
 
+def check_frozen(factory: Factory) -> None:
+    """``frozen()`` mid-stream: the copy's ``evaluate`` stays what the learner's was then while the
+    learner learns the rest of the stream, and the learner predicts that rest as one never copied
+    (what the pooled learner's lagged held-out experts rely on)."""
+    x, y = clusters()
+    probe, _ = clusters(6, seed=1)
+    with tempfile.TemporaryDirectory(prefix="ocl-check-") as tmp:
+        runs = []
+        for copied in (True, False):
+            (Path(tmp) / str(copied)).mkdir()
+            learner = _fresh(factory)
+            learner.set_workdir(Path(tmp) / str(copied))
+            prequential(learner, x, y, 2, end=N // 2)
+            if copied:
+                then = learner.evaluate(probe)
+                snap = learner.frozen()
+                assert torch.equal(snap.evaluate(probe), then), "a frozen() copy evaluates differently from its learner"
+            runs.append(prequential(learner, x, y, 2, start=N // 2))
+        assert torch.equal(snap.evaluate(probe), then), "a frozen() copy changed as its learner learned on"
+    assert torch.equal(*runs), "frozen() changed what the learner predicts afterwards"
+
+
 def check_bad_inputs(factory: Factory) -> None:
     """A chunk of the wrong shape, and labels out of range or of the wrong shape, raise
     :class:`OCLError` (before and after the learner has seen data)."""
@@ -191,7 +215,7 @@ def check_bad_inputs(factory: Factory) -> None:
 
 #: Every check of the contract, in the order :func:`check_learner` runs them.
 CHECKS: tuple[Callable[[Factory], None], ...] = (check_log_probs, check_label_blind, check_same_seed, check_resume,
-                                                 check_evaluate_is_stateless, check_bad_inputs)
+                                                 check_evaluate_is_stateless, check_frozen, check_bad_inputs)
 
 
 def check_learner(factory: Factory) -> None:

@@ -1,6 +1,9 @@
-"""Parts the gradient baselines share: input standardisation with running statistics, an
+"""Parts the gradient learners share: input standardisation with running statistics, an
 optimizer step that skips non-finite losses and gradients, a classifier head and its
-optimizer, and :class:`HeadLearner`, the base of the linear, MLP and ER learners."""
+optimizer, :class:`HeadLearner` (the base of the linear, MLP and ER learners), and the
+closed-form Adam of a few scalars (:class:`Adam`) with the online output
+:class:`Temperature` it fits (the transformer's, the pooled learner's calibrated experts'; the pool's
+exponents take the same step)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,73 @@ from ocl.errors import OCLError
 from ocl.learners.base import Learner
 
 log = logging.getLogger(__name__)
+
+Scalars = float | torch.Tensor  # a Python float, or a float64 tensor of a few scalars
+
+
+class Adam:
+    """``torch.optim.Adam``'s update (no weight decay) of a few scalars whose gradient has a
+    closed form: no autograd, no optimizer object. The one home of that step, used by
+    :class:`Temperature` (a float) and the pooled learner's log-linear pool (a float64 vector).
+
+    Args:
+        lr: step size. betas, eps: Adam's (torch's defaults).
+        zeros: the moments' initial value, shaped like the parameters (``0.0`` for a float).
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 zeros: Scalars = 0.0) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m = self.v = zeros  # the moments (never updated in place: safe to share the start)
+        self.steps = 0
+
+    def delta(self, grad: Scalars) -> Scalars:
+        """One step for ``grad``: what to subtract from the parameters (``torch.optim.Adam``'s
+        ``lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``)."""
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        root = self.v.sqrt() if isinstance(self.v, torch.Tensor) else math.sqrt(self.v)
+        denom = root / math.sqrt(1 - b2**self.steps) + self.eps
+        return self.lr / (1 - b1**self.steps) * self.m / denom
+
+
+class Temperature:
+    """Output calibration ``logits * exp(s)``, s fitted online: one Adam step per scored chunk on
+    that chunk's log-loss (the chunk was scored before, so the fit never sees a label early).
+    Log-probabilities are logits too (a per-row constant changes no softmax): the pooled learner
+    calibrates an expert's log-probabilities with it.
+
+    One scalar needs no autograd: the gradient has a closed form,
+    ``d/ds CE(z e^s, y) = e^s * mean_i(sum_k p_ik z_ik - z_i,y_i)`` with ``p = softmax(z e^s)``,
+    stepped by :class:`Adam`.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.adam = Adam(lr, betas, eps)
+        self.log_scale = 0.0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    @property
+    def steps(self) -> int:
+        return self.adam.steps
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated log-probs ``(C, K)`` of ``logits (C, K)``."""
+        return F.log_softmax(logits * self.scale, dim=1)
+
+    def step(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One step on raw logits ``(C, K)`` and labels ``(C,)``; skipped if the gradient is not finite."""
+        s = self.scale
+        z = logits.detach().float()
+        p = torch.softmax(z * s, dim=1)
+        grad = s * float(((p * z).sum(1) - z.gather(1, y[:, None])[:, 0]).mean())
+        if math.isfinite(grad):
+            self.log_scale -= self.adam.delta(grad)
 
 
 class RunningStandardizer:
@@ -195,7 +265,7 @@ class HeadLearner(Learner):
         and SGD's weight decay adds ``wd * param``: the same step as ``torch.optim.SGD`` after
         ``backward()`` (to float rounding; ``tests/learners/test_common.py`` compares them), at a
         fraction of the cost: autograd and the optimizer were ~90% of a step of this learner and
-        of the transformer's linear read-out. Returns whether the step was taken.
+        of the pooled learner's linear read-out. Returns whether the step was taken.
         """
         head = self.head
         xs = self.norm(x) if self.norm is not None else x

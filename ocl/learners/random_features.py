@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.learners.base import Learner
-from ocl.learners.transformer.readouts import Temperature
+from ocl.learners.common import Temperature
 
 
 class RandomFeatures:
@@ -68,7 +68,7 @@ class RandomFeatureLearner(Learner):
         p(k | x) = (1 - floor) * softmax_k(score_k(h(x)) * t) + floor / K   (seen classes k)
 
     with never-seen classes at ``floor / K`` and ``t`` an online temperature
-    (:class:`~ocl.learners.transformer.readouts.Temperature`: one Adam step on each chunk's
+    (:class:`~ocl.learners.common.Temperature`: one Adam step on each chunk's
     log-loss, on the scores that chunk got before its labels were revealed, so it never sees a
     label early; examples of classes not seen when they were scored carry no information about
     ``t`` and are left out of its step). Before any label the prediction is uniform.

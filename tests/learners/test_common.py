@@ -47,3 +47,23 @@ def test_mlp_and_momentum_keep_the_autograd_path():
     assert not MLPLearner(4, 3, hidden=8)._closed_form
     assert not HeadLearner(4, 3, 0, hidden=0, lr=0.1, momentum=0.9)._closed_form
     assert not HeadLearner(4, 3, 0, hidden=0, lr=0.1, optimizer="adam")._closed_form
+
+
+def test_adam_is_torch_adam_on_a_float_and_on_a_vector():
+    """The one closed-form Adam step (Temperature's and the log-linear pool's) is torch.optim.Adam's,
+    for a Python float and for a float64 vector alike."""
+    from ocl.learners.common import Adam
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.05)
+    vector, scalar = Adam(0.05, zeros=torch.zeros(3, dtype=torch.float64)), Adam(0.05)
+    a, s = torch.zeros(3, dtype=torch.float64), 0.0
+    for _ in range(10):
+        grad = torch.randn(3, generator=g, dtype=torch.float64)
+        p.grad = grad.clone()
+        opt.step()
+        a = a - vector.delta(grad)
+        s -= scalar.delta(float(grad[0]))
+    torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-12)
+    assert abs(s - float(p.detach()[0])) < 1e-12 and vector.steps == scalar.steps == 10

@@ -26,8 +26,10 @@ def test_every_variant_is_one_ocl_run_with_its_overrides(ablations, tmp_path):
     cmd = ablations.command(args, "s", "network W=0", 2, extra)
     assert cmd[3:6] == ["run", "experiment=s", "learner=transformer"]
     assert "seed=2" in cmd and "eval_test=false" in cmd and cmd[-1] == "threads=1"
-    assert {"learner.linear_expert=false", "learner.window=0"} <= set(cmd)
+    assert "learner.window=0" in cmd
     assert f"hydra.run.dir={tmp_path}/s/network_W0_s2" in cmd
+    pooled = ablations.command(args, "s", "W=0", 0, [])  # the default pool, its network without a cache
+    assert pooled[5] == "learner=pooled" and "learner.experts=[{name:transformer,window:0},linear,slda]" in pooled
     assert ablations.command(args, "s", "default", 0, [])[-1].startswith("hydra.run.dir=")  # no overrides
 
 

@@ -49,26 +49,20 @@ the whole training step as captured CUDA graphs (:mod:`.cuda_graphs`).
 CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
 (on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
 
-Prediction: the learner pools the network's distribution with those of read-out experts of
-the same features (:mod:`.readouts`): an online linear read-out (``linear_expert``), which
-learns new classes within tens of examples, and streaming LDA (``slda_expert``), strong on
-stationary streams. By default the pool is a product of experts whose exponents are fitted
-online on the log-loss of scored chunks (``pool=loglinear``; ``fixed_share``: a Bayesian
-mixture that follows whichever expert predicted best recently). The network trains exactly
-as it would alone. Held-out predictions (``evaluate``: test sets, near-future accuracy) use a
-second pool (``heldout_mixture``) fitted on held-out scores (``heldout_scores``: by default
-both the newest example and past ones; past examples only, or lagged experts; see
-:mod:`.readouts`), not the online pool's weights, which follow the current task or class run.
+Prediction: the network's distribution, calibrated by a learned output temperature
+(``temperature``), nothing else. Pooling it with other learners of the same features (an
+online linear read-out, streaming LDA, ...) is the pooled learner's job
+(:mod:`ocl.learners.pooled`, ``learner=pooled``), which uses this learner through the
+:class:`~ocl.learners.base.Learner` interface only.
 
 Modules: :mod:`.model` (the options and the network), :mod:`.learner` (the learner),
-:mod:`.readouts` (the read-out experts, calibration), :mod:`.mixture` (the pools),
-:mod:`.kv_cache` (the ring-buffer cache), :mod:`.replay` (history and replay cursors),
+:mod:`.kv_cache` (the ring-buffer cache), :mod:`.replay` (the replay cursors; the history they
+read is :class:`ocl.learners.memory.History`),
 :mod:`.flat_adamw` (the optimizer), :mod:`.cuda_graphs` (captured steps on a GPU).
 """
 
 from ocl.learners.transformer.learner import TransformerLearner
-from ocl.learners.transformer.readouts import Temperature
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig, alibi_slopes, split_heads
 
-__all__ = ["OnlineTransformer", "Temperature", "TransformerConfig", "TransformerLearner", "alibi_slopes",
+__all__ = ["OnlineTransformer", "TransformerConfig", "TransformerLearner", "alibi_slopes",
            "split_heads"]

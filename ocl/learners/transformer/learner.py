@@ -1,5 +1,6 @@
-"""The transformer learner: predict/update over the stream, replay streams, KV caches, the
-training step and the output temperature (see the package docstring for the method)."""
+"""The transformer learner (the paper's network alone): predict/update over the stream, replay
+streams, KV caches, the training step, held-out evaluation and the output temperature (see the
+package docstring for the method)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import torch.nn.functional as F
 from ocl.errors import OCLError
 from ocl.kernels import check_backend
 from ocl.learners.base import Learner
+from ocl.learners.common import Temperature
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.flat_adamw import FlatAdamW
 from ocl.learners.transformer.kv_cache import KVCache
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
-from ocl.learners.transformer.readouts import ReadOuts, Temperature
-from ocl.learners.transformer.replay import History, ReplayCursors, ReplayPlan
+from ocl.learners.memory import History
+from ocl.learners.transformer.replay import ReplayCursors, ReplayPlan
 
 
 class _Batch(NamedTuple):
@@ -51,7 +53,6 @@ class _Pending(NamedTuple):
 
     x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
     logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
-    experts: torch.Tensor | None  # (M, C, K) the experts' log-probs as the chunk was scored (see readouts.py)
     forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
 
 
@@ -127,10 +128,7 @@ class TransformerLearner(Learner):
         self.skipped_updates = 0
         self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
-        self._past_rng = np.random.default_rng([seed, 1])  # heldout_scores=past: which past example
         self.graphs = StepGraphs(self) if cfg.cuda_graph else None
-        # The prediction: the network pooled with read-out experts of the same features (readouts.py).
-        self.readouts = ReadOuts(feature_dim, num_classes, seed, cfg) if cfg.linear_expert or cfg.slda_expert else None
 
     def set_workdir(self, path) -> None:
         """Keep the replay history (every revealed example) in ``path/replay_history.bin``:
@@ -235,31 +233,17 @@ class TransformerLearner(Learner):
             logits = forward.logits[0].detach()  # stream 0: this chunk
         else:
             logits = self._raw_predict(xd)
-        log_probs = F.log_softmax(logits * self._scale(), dim=1).to(x.device)
-        experts = None
-        if self.readouts is not None:
-            experts = self.readouts.experts(log_probs, x)
-            log_probs = self.readouts.predict(experts)
-        self._pending = _Pending(x, logits, experts, forward)
-        return log_probs
+        self._pending = _Pending(x, logits, forward)
+        return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.opt is None:
+            raise OCLError("transformer: a frozen() copy does not learn.")
         pending, self._pending = self._pending, None
         xd, yd = self._check(x, y)
         same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
-        raw = None  # (C, K) raw logits as the chunk was (or would have been) scored
-        if same:
-            raw = pending.logits
-        elif self.readouts is not None or self.cfg.temperature:
-            raw = self._raw_predict(xd)
-        if self.readouts is not None:  # the pool learns how each expert scored this chunk, then the read-outs learn
-            experts = pending.experts if same else \
-                self.readouts.experts(F.log_softmax(raw * self._scale(), dim=1).to(x.device), x)
-            n_past = self.readouts.past_wanted  # heldout_scores=past|mixed: revealed examples older than the context
-            past = self.history.sample(self._past_rng, self.t - self.cfg.window, x.device, n_past) if n_past else None
-            self.readouts.update(experts, x, y, self, past)
-        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
-            self.temperature.step(raw, yd)
+        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was (or would have been) scored with
+            self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
         lr = self._lr(self.t + xd.shape[0])
         if same and pending.forward is not None:  # predict ran the training forward (labels not in it)
             fwd = pending.forward
@@ -341,23 +325,10 @@ class TransformerLearner(Learner):
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        """Held-out log-probs ``(N, K)``: each example attends to the caches ``eval_context``
-        names as if it were their next example, independently of the others; pooled with the read-outs
-        (held-out weights with ``heldout_mixture``, else the online ones). No state changes."""
+        """Held-out log-probs ``(N, K)`` of ``x (N, D)`` (on ``x``'s device): each example attends to
+        the caches ``eval_context`` names as if it were their next example, independently of the
+        others. No state changes."""
         xd, _ = self._check(x)
-        log_probs = self._net_evaluate(xd).to(x.device)
-        if self.readouts is None:
-            return log_probs
-        return self.readouts.evaluate(self.readouts.experts(log_probs, x))
-
-    @torch.no_grad()
-    def heldout_log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's held-out log-probs ``(N, K)`` of ``x (N, D)``, without the read-outs
-        (on ``x``'s device). No state changes."""
-        return self._net_evaluate(x.to(self.device, torch.float32)).to(x.device)
-
-    def _net_evaluate(self, xd: torch.Tensor) -> torch.Tensor:
-        """The network's held-out log-probs ``(N, K)`` of ``xd (N, D)`` (on the learner's device)."""
         self._set_training(False)
         rows, ctx_pos = self._eval_context()
         n = ctx_pos.shape[0]
@@ -370,16 +341,18 @@ class TransformerLearner(Learner):
             logits = self._stream_forward(xb, None, pos, rows, ctx_pos, isolated=True)[0]  # (n, N', K)
             lp = F.log_softmax(logits * self._scale(), dim=2)
             out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
-        return torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
+        log_probs = torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
+        return log_probs.to(x.device)
 
-    def frozen_network(self) -> TransformerLearner:
-        """A copy whose :meth:`heldout_log_probs` stay what this learner's are now: its own network,
-        caches and temperature; nothing else (no read-outs, optimizer, replay history). The
-        held-out pool scores later examples with it (``heldout_mixture``, readouts.py)."""
+    def frozen(self) -> TransformerLearner:
+        """A copy whose :meth:`evaluate` stays what this learner's is now: its own network, caches
+        and temperature; no optimizer, replay history (on disk: it is not copied) or cursors, so
+        it cannot learn. The pooled learner's held-out pool scores later examples with it
+        (``heldout_scores=lagged``)."""
         frozen = copy.copy(self)
         frozen.model, frozen.cache = copy.deepcopy(self.model), copy.deepcopy(self.cache)
         frozen.temperature = copy.deepcopy(self.temperature)
-        frozen.readouts = frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
+        frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
         return frozen
 
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """The network of the transformer learner: feature tokens (+ label tokens, or label terms in
 keys and values), pre-LN blocks with windowed ALiBi attention over a KV cache, a class head.
 
-:class:`TransformerConfig` holds every option of the learner (the network's and the
-training's); :class:`OnlineTransformer` is the ``nn.Module``. See the package docstring
+:class:`TransformerConfig` holds every option of the learner (the network's, the training's
+and the runtime's); :class:`OnlineTransformer` is the ``nn.Module``. See the package docstring
 (:mod:`ocl.learners.transformer`) for the method.
 """
 
@@ -44,15 +44,7 @@ class TransformerConfig:
     compile: bool = False  # torch.compile the network (static cache shapes); CPU: +5-9% ex/s for ~45 s of compiling
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
-    pool: str = "loglinear"  # how the experts combine: fixed_share (a mixture) | loglinear (a learned product, mixture.py)
-    heldout_mixture: bool = True  # evaluate() pools the experts with weights fitted on held-out-style scores (no experts: nothing to pool)
-    heldout_scores: str = "mixed"  # heldout_mixture fitted on: "lagged" experts scoring the newest example | "past" examples | "mixed": both (readouts.py)
-    heldout_lag: int = 100  # heldout_scores=lagged: how far ahead the held-out scores look, in examples
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
-    linear_expert: bool = True  # an expert pooled with the network: an online linear read-out (mixture.py)
-    share: float = 0.01  # pool=fixed_share: its rate (mixture.py), how fast the weight can move back
-    linear_lr: float = 1.0  # the linear read-out's SGD step (the linear learner's default)
-    slda_expert: bool = True  # an expert pooled with the network: streaming LDA of the same features (slda.py)
     stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
 
     def __post_init__(self) -> None:
@@ -71,7 +63,7 @@ class TransformerConfig:
             raise bad("attn", f"must be one of {BACKENDS}.")
         if self.d_model % self.n_heads:
             raise bad("d_model", f"must be divisible by n_heads={self.n_heads}.")
-        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch", "heldout_lag"):
+        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1.")
         for key in ("window", "warmup", "lr", "weight_decay", "grad_clip", "temp_lr"):
@@ -79,14 +71,6 @@ class TransformerConfig:
                 raise bad(key, "must be >= 0.")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1).")
-        if not 0 <= self.share < 1:
-            raise bad("share", "must be in [0, 1).")
-        if not self.linear_lr > 0:
-            raise bad("linear_lr", "must be > 0.")
-        if self.pool not in ("fixed_share", "loglinear"):
-            raise bad("pool", "must be 'fixed_share' or 'loglinear'.")
-        if self.heldout_scores not in ("lagged", "past", "mixed"):
-            raise bad("heldout_scores", "must be 'lagged', 'past' or 'mixed'.")
         if self.stream0_weight is not None and not 0 < self.stream0_weight <= 1:
             raise bad("stream0_weight", "must be in (0, 1] or null.")
 

@@ -17,8 +17,7 @@ from ocl.learners.transformer import TransformerLearner
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # The network alone: graphs capture its steps; the read-out experts run eagerly either way.
-SMALL = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1e-2, warmup=0, linear_expert=False,
-             slda_expert=False)
+SMALL = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1e-2, warmup=0)
 CUDA = torch.cuda.is_available()
 
 

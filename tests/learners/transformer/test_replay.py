@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ocl.learners.transformer.replay import History, ReplayCursors
+from ocl.learners.memory import History
+from ocl.learners.transformer.replay import ReplayCursors
 
 
 def test_history_grows_and_gathers_chunks():

@@ -12,17 +12,17 @@ from omegaconf import OmegaConf
 
 from ocl.errors import OCLError
 from ocl.learners.checks import clusters, prequential
+from ocl.learners.common import Temperature
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.kv_cache import KVCache
-from ocl.learners.transformer import OnlineTransformer, Temperature, TransformerConfig, TransformerLearner, split_heads
+from ocl.learners.transformer import OnlineTransformer, TransformerConfig, TransformerLearner, split_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MODES = ["kv", "context"]
 # Tiny, fast, and every mechanism on: replay, a window that wraps, calibration.
-# The network alone: the linear expert of the default mixture has its own tests (test_mixture.py).
-TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0, linear_expert=False,
-            slda_expert=False)
+# The learner is the network alone (pooling it with read-outs: tests/learners/pooled/).
+TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=2, lr=1e-2, warmup=0)
 
 
 # ----------------------------------------------------------------- property 1: label blindness
@@ -434,7 +434,7 @@ def test_context_recovers_from_label_permutations_that_weights_cannot_track():
     acc = {}
     for W in (0, 16):
         learner = TransformerLearner(D, K, seed=0, d_model=64, lr=3e-3, lr_decay="constant", replay_streams=4,
-                                     reset_rule="prob", window=W, linear_expert=False, slda_expert=False)
+                                     reset_rule="prob", window=W)
         logp = prequential(learner, x, y, 4)
         acc[W] = (logp.argmax(1) == y)[3 * n // 4 :].float().mean().item()
     assert acc[16] > acc[0] + 0.1, acc

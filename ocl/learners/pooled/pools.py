@@ -1,10 +1,9 @@
-"""How the transformer's experts (its network and the read-outs of :mod:`.readouts`) combine
-their predictive distributions: :class:`FixedShare`, a Bayesian mixture that follows whichever
+"""How the pooled learner's experts combine their predictive distributions (``pool``): :class:`FixedShare`, a Bayesian mixture that follows whichever
 expert has predicted better *recently* (Herbster & Warmuth 1998): its weights are the
 posterior of a prior that lets the best expert switch at any step with probability
 ``share``, so its log-loss is at most the best switching sequence's plus ``log(M/share)`` per
 switch and ``log(1/(1-share))`` (about ``share``) per example
-(``tests/learners/transformer/test_mixture.py`` checks the bound); and
+(``tests/learners/pooled/test_pools.py`` checks the bound); and
 :class:`LogLinearPool` (the default), a product of experts with exponents fitted online,
 which can beat every expert where their errors differ.
 
@@ -17,6 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ocl.errors import OCLError
+from ocl.learners.common import Adam
 
 # A log-probability floor: an expert that gave the true label probability 0 (or NaN) loses
 # all its weight for that example but the mixture stays finite.
@@ -73,9 +75,9 @@ class FixedShare:
 
 class LogLinearPool:
     """Experts pooled geometrically, ``log p ∝ sum_m a_m log p_m``, with the exponents ``a``
-    fitted online (one Adam step per scored chunk on its log-loss, as :class:`Temperature`
-    fits its scale). Unlike a mixture, a product of experts can be more accurate than every
-    one of them where their errors differ; ``a`` also calibrates (its sum is a temperature).
+    fitted online (one :class:`~ocl.learners.common.Adam` step per scored chunk on its log-loss,
+    as :class:`~ocl.learners.common.Temperature` fits its scale). Unlike a mixture, a product
+    of experts can be more accurate than every one of them where their errors differ; ``a`` also calibrates (its sum is a temperature).
 
     Args:
         n_experts: M; ``a`` starts at ``1/M`` each (the geometric mean).
@@ -88,10 +90,12 @@ class LogLinearPool:
     def __init__(self, n_experts: int, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         self.a = torch.full((n_experts,), 1.0 / n_experts, dtype=torch.float64)
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.m = torch.zeros_like(self.a)
-        self.v = torch.zeros_like(self.a)
-        self.steps = 0
+        self.adam = Adam(lr, betas, eps, zeros=torch.zeros_like(self.a))
+
+    @property
+    def steps(self) -> int:
+        """Adam steps taken (scored chunks learned from)."""
+        return self.adam.steps
 
     def _pool(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lp = log_probs.double().nan_to_num(nan=self.FLOOR).clamp_min(self.FLOOR)  # (M, C, K)
@@ -107,16 +111,21 @@ class LogLinearPool:
         lp, out = self._pool(log_probs.cpu())
         p = out.exp()  # (C, K)
         grad = ((p[None] * lp).sum(2) - lp.gather(2, y.cpu()[None, :, None].expand(lp.shape[0], -1, 1))[..., 0]).mean(1)
-        if not bool(torch.isfinite(grad).all()):
-            return
-        b1, b2 = self.betas
-        self.steps += 1
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad * grad
-        denom = (self.v / (1 - b2**self.steps)).sqrt() + self.eps
-        self.a = self.a - self.lr / (1 - b1**self.steps) * self.m / denom
+        if bool(torch.isfinite(grad).all()):
+            self.a = self.a - self.adam.delta(grad)
 
     @property
     def weights(self) -> list[float]:
         """The exponents ``a``."""
         return self.a.tolist()
+
+
+#: The ``pool`` option's values.
+POOLS = ("loglinear", "fixed_share")
+
+
+def make_pool(kind: str, n_experts: int, share: float) -> FixedShare | LogLinearPool:
+    """A fresh pool of ``n_experts``: ``kind`` one of :data:`POOLS` (``share``: fixed_share's rate)."""
+    if kind not in POOLS:
+        raise OCLError(f"learner.pool={kind!r}: must be one of {list(POOLS)}.")
+    return LogLinearPool(n_experts) if kind == "loglinear" else FixedShare(n_experts, share)
