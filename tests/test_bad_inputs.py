@@ -191,7 +191,7 @@ def test_unknown_config_group_option(previous, monkeypatch, capsys, override, ex
 
 @pytest.mark.parametrize("overrides,expect", [
     # hydra used to answer these with exit code 1 and "To append to your config use +learner.lrr=0.1"
-    (["learner.lrr=0.1"], "unknown config key `learner.lrr` (in learner.lrr=0.1); did you mean `learner.lr`?"),
+    (["learner=linear", "learner.lrr=0.1"], "unknown config key `learner.lrr` (in learner.lrr=0.1); did you mean `learner.lr`?"),
     (["chunk_sise=2"], "unknown config key `chunk_sise` (in chunk_sise=2); did you mean `chunk_size`?"),
     (["notakey=1"], "unknown config key `notakey` (in notakey=1); keys at the top level: stream, protocol,"),
     (["lerner.lr=1"], "unknown config key `lerner` (in lerner.lr=1); did you mean `learner`?"),
@@ -214,7 +214,7 @@ def test_extra_learner_option_with_plus_still_works(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override,expect", [
-    ("+learner.lrr=0.1", "learner: unknown option(s) ['lrr'] for PooledLearner; did you mean"),
+    ("+learner.temp_lrr=0.1", "learner: unknown option(s) ['temp_lrr'] for PooledLearner; did you mean learner.temp_lr?"),
     ("chunk_size=abc", "chunk_size='abc': must be an integer >= 1"),
     ("checkpoint_every=-5", "checkpoint_every=-5: must be a number of examples >= 1, or null"),
     ("eval_test=maybe", "eval_test='maybe': must be true or false"),
@@ -487,7 +487,7 @@ def test_help_names_the_configured_default_learner(capsys):
     main(["--help"])
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("ocl run  "))
     defaults = default_groups()
-    assert defaults["learner"] == "transformer" and line.rstrip().endswith(", ".join(defaults.values()))
+    assert defaults["learner"] == "pooled" and line.rstrip().endswith(", ".join(defaults.values()))
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])
