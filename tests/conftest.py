@@ -125,3 +125,29 @@ def shared_data():
         if d and (Path(d) / "README.md").exists():
             return Path(d)
     pytest.skip("needs the project's shared data folder (../shared/data or $OCL_SHARED_DATA)")
+
+
+ROWMEANS_BACKBONE = '''
+import numpy as np
+import torch
+from ocl.streams.features import Extractor
+
+class RowMeans(Extractor):
+    """A cached backbone, exact per image: (n, H, W) -> (n, 8) row means."""
+    feature_dim = 8
+
+    def key(self):
+        return "rowmeans/v1"
+
+    def __call__(self, batch):
+        return torch.from_numpy(np.asarray(batch, np.float32).reshape(len(batch), 8, -1).mean(axis=2))
+'''
+
+
+@pytest.fixture
+def rowmeans_backbone(tmp_path, monkeypatch) -> str:
+    """A tiny cached backbone, exact per image ((n, H, W) -> (n, 8) row means), importable as a
+    plug-in: returns its ``_target_``."""
+    (tmp_path / "rowmeans_backbone.py").write_text(ROWMEANS_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "rowmeans_backbone.RowMeans"

@@ -47,24 +47,7 @@ def test_ocl_run_records_every_option_of_its_learner(tmp_path):
     assert "normalize" not in cfg.learner  # the caller's config is left as it was
 
 
-MEANS_BACKBONE = '''
-import numpy as np
-import torch
-from ocl.streams.features import Extractor
-
-class RowMeans(Extractor):
-    """A cached backbone, exact per image: (n, H, W) -> (n, 8) row means."""
-    feature_dim = 8
-
-    def key(self):
-        return "rowmeans/v1"
-
-    def __call__(self, batch):
-        return torch.from_numpy(np.asarray(batch, np.float32).reshape(len(batch), 8, -1).mean(axis=2))
-'''
-
-
-def test_a_run_extracting_its_features_as_it_goes_equals_a_run_on_a_complete_cache(tmp_path, monkeypatch):
+def test_a_run_extracting_its_features_as_it_goes_equals_a_run_on_a_complete_cache(tmp_path, rowmeans_backbone):
     """ocl run on an empty cache extracts only its stream (and its tasks' test images), in the
     background; its results, step by step, are those of the same run on a complete cache entry."""
     import json
@@ -74,10 +57,8 @@ def test_a_run_extracting_its_features_as_it_goes_equals_a_run_on_a_complete_cac
     from ocl.build import build, load_source
     from ocl.streams.prefetch import extract_features
 
-    (tmp_path / "rowmeans_backbone.py").write_text(MEANS_BACKBONE)
-    monkeypatch.syspath_prepend(str(tmp_path))
     over = ["progress=false", "learner=ncm", "protocol.max_examples=300", "protocol.n_tasks=3",
-            "backbone._target_=rowmeans_backbone.RowMeans", f"cache_dir={tmp_path / 'cache'}"]
+            f"backbone._target_={rowmeans_backbone}", f"cache_dir={tmp_path / 'cache'}"]
     with initialize_config_module(config_module="ocl.configs", version_base=None):
         cfg = compose(config_name="run", overrides=over)
         full = compose(config_name="run", overrides=[*over[:-1], f"cache_dir={tmp_path / 'full'}"])

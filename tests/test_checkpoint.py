@@ -440,31 +440,12 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
     assert checkpoint_step(run) == 100 and not list(run.glob(".*.tmp"))
 
 
-ROWMEANS = '''
-import numpy as np
-import torch
-from ocl.streams.features import Extractor
-
-class RowMeans(Extractor):
-    """A cached backbone: (n, 8, 8) -> (n, 8) row means."""
-    feature_dim = 8
-
-    def key(self):
-        return "rowmeans/v1"
-
-    def __call__(self, batch):
-        return torch.from_numpy(np.asarray(batch, np.float32).reshape(len(batch), 8, -1).mean(axis=2))
-'''
-
-
-def test_a_run_extracting_its_features_as_it_goes_resumes_exactly(tmp_path, monkeypatch):
+def test_a_run_extracting_its_features_as_it_goes_resumes_exactly(tmp_path, monkeypatch, rowmeans_backbone):
     """A cached backbone on an empty cache: the features are extracted in the background as the
     run goes (ocl.streams.prefetch); a crash keeps the shards, and the resumed run, extracting
     what is missing, ends exactly like an uninterrupted one."""
-    (tmp_path / "rowmeans_backbone.py").write_text(ROWMEANS)
-    monkeypatch.syspath_prepend(str(tmp_path))
     over = ["learner=ncm", "checkpoint_every=64", "chunk_size=3", "protocol.max_examples=300",
-            "near_future.offset=7", "near_future.every=4", "backbone._target_=rowmeans_backbone.RowMeans"]
+            "near_future.offset=7", "near_future.every=4", f"backbone._target_={rowmeans_backbone}"]
     run_experiment(config(tmp_path / "a", *over), tmp_path / "ref")
     real = ckpt.Checkpointer.__call__
 
