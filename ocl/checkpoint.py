@@ -50,6 +50,7 @@ import torch
 
 from ocl import sidefile
 from ocl.errors import OCLError
+from ocl.signals import handling
 from ocl.learners.base import Learner
 from ocl.files import write_atomic
 from ocl.runner import RunState
@@ -317,13 +318,5 @@ class Checkpointer:
             log.warning("%s: finishing the current chunk, then checkpointing (Ctrl-C again to abort now)",
                         signal.Signals(signum).name)
 
-        try:
-            old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread
+        with handling(handler, signal.SIGINT, signal.SIGTERM):
             yield
-            return
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ocl.errors import OCLError, describe_os_error, storage_error
 from ocl.files import check_writable_dir
 from ocl.overrides import check_override_keys
+from ocl.signals import sigterm_as_interrupt
 from ocl.report import format_table, weights_label
 
 log = logging.getLogger("ocl")
@@ -304,14 +304,6 @@ COMMANDS: dict[str, Callable[[], Any]] = {"run": _run, "compare": _compare, "ext
 CONFIG_NAMES = {"run": "run", "compare": "compare", "extract": "extract"}
 
 
-def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM (``kill``, a scheduler's stop) ends ``ocl run``/``ocl compare`` the way Ctrl-C
-    does: the same clean message, kept results and exit code, not a silent death that leaves
-    the run directory's lock behind. (Inside the run loop the checkpointer's own handler
-    takes over and checkpoints first.)"""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ocl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -341,13 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     check_override_keys(CONFIG_NAMES[cmd], rest)
     # hydra.main parses sys.argv itself; hand it only the overrides.
     sys.argv = [f"ocl {cmd}", *rest]
-    if cmd in ("run", "compare"):  # extract handles its own signals (ocl/extract.py)
-        old = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-        try:
-            COMMANDS[cmd]()
-        finally:
-            signal.signal(signal.SIGTERM, old)
-    else:
+    # SIGTERM (`kill`, a scheduler's stop) ends every command the way Ctrl-C does: the same clean
+    # message, kept results and exit code, not a silent death that leaves the run directory's lock
+    # behind (inside the run loop the checkpointer's own handler takes over and checkpoints first).
+    with sigterm_as_interrupt():
         COMMANDS[cmd]()
 
 

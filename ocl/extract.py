@@ -40,7 +40,7 @@ from ocl.ray_engine import check_engine, check_ray_config, ray_session, require_
 from ocl.streams.base import ImageSet
 from ocl.streams.prefetch import extract_features
 from ocl.streams.features import Extractor
-from ocl.streams.prefetch import sigterm_as_interrupt
+from ocl.signals import sigterm_as_interrupt
 from ocl.streams.shards import Shard, ShardedEntry
 
 log = logging.getLogger(__name__)

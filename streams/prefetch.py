@@ -15,19 +15,18 @@ set's full entry is assembled, exactly as a whole-set extraction would have writ
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ocl.errors import OCLError
+from ocl.signals import sigterm_as_interrupt
 from ocl.streams.base import ImageSet
 from ocl.streams.cache import check_dtype, compute, extract_batch
 from ocl.streams.features import Extractor
@@ -38,25 +37,6 @@ log = logging.getLogger(__name__)
 
 class ExtractionInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during an extraction; the message says what was kept and how to go on."""
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises :class:`KeyboardInterrupt` in the block, as Ctrl-C does (a batch job's
-    scheduler stops it the same way a user would), instead of ending the process silently.
-    A no-op outside the main thread, where handlers cannot be installed."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _bar(total: int, initial: int, desc: str, progress: bool, **kw: Any) -> Any:
