@@ -34,6 +34,10 @@ POOLS = {
     "pooled[linear,readme]": ["learner.experts=[linear,{_target_:my_ocl.Prototypes,temperature:5.0}]"],
     "pooled[linear,slda]fixed_share,lagged": ["learner.experts=[linear,slda]", "learner.pool=fixed_share",
                                               "learner.heldout_scores=lagged", "learner.heldout_lag=6"],
+    # Transformer-XL segments (a step every 5 examples: resume mid-segment), both label modes
+    "pooled[transformer segment=5]": ["learner.experts=[{name:transformer,d_model:32,segment:5}]"],
+    "pooled[transformer segment=3 context]": [
+        "learner.experts=[{name:transformer,d_model:32,segment:3,label_mode:context}]"],
 }
 
 

@@ -99,18 +99,23 @@ class StepGraphs:
             self.graphs[key] = make()
         return self.graphs[key]
 
-    def predict(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Stream 0's logits ``(C, K)`` for ``x (1, C, D)`` at ``pos (1, C)`` (a fresh tensor)."""
+    def predict(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream 0's logits ``(C, K)`` and keys/values ``(2, L, 1, H, T, Dh)`` for ``x (1, C, D)`` at
+        ``pos (1, C)`` (fresh tensors)."""
         body = self.learner._predict_forward
-        graph = self._get(("predict", *x.shape), lambda: _Graphed(
-            lambda x, pos: (body(x, pos),), {"x": x, "pos": pos}, [], self.capture))
-        return body(x, pos) if graph is None else graph(x=x, pos=pos)[0].clone()
+        graph = self._get(("predict", *x.shape), lambda: _Graphed(body, {"x": x, "pos": pos}, [], self.capture))
+        if graph is None:
+            return body(x, pos)
+        logits, kv = graph(x=x, pos=pos)
+        return logits.clone(), kv.clone()
 
     def train(self, batch: _Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`TransformerLearner._train_step` of ``batch`` at learning rate ``lr``."""
         learner = self.learner
         lr_t = torch.tensor(lr, dtype=torch.float32, device=learner.device)
         inputs = {"xs": batch.xs, "ys": batch.ys, "pos": batch.pos, "ctx_pos": batch.ctx_pos, "lr": lr_t}
+        if batch.q_lo is not None:  # segment > 1
+            inputs["q_lo"] = batch.q_lo
         opt = learner.opt
         state = [opt.flat, opt.exp_avg, opt.exp_avg_sq, *(step for _, _, step in opt.groups)]
         graph = self._get(("train", *batch.xs.shape), lambda: _Graphed(learner._train_step, inputs, state,

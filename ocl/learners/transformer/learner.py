@@ -35,6 +35,7 @@ class _Batch(NamedTuple):
     ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) until they are revealed
     pos: torch.Tensor  # (B, C) example positions in each stream
     ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
+    q_lo: torch.Tensor | None = None  # (B, T) lowest token position each query sees (segment > 1), else None
 
 
 class _Forward(NamedTuple):
@@ -54,15 +55,27 @@ class _Pending(NamedTuple):
     x: torch.Tensor  # the chunk as the caller passed it (to recognise it)
     logits: torch.Tensor  # (C, K) raw logits it was scored with (temperature fit)
     forward: _Forward | None  # the training forward, when predict could run it (see shares_forward)
+    kv: torch.Tensor | None  # (2, L, 1, H, T, Dh) predict's keys/values without labels (segment > 1), else None
 
 
 class TransformerLearner(Learner):
     """Online transformer learner (in-context + in-weights), see the module docstring.
 
-    One step (``predict`` then ``update`` of a chunk) is one training forward over all R
-    streams, one backward and one AdamW step. With C = 1 in kv mode the forward runs in
+    ``segment`` = G = 1: every chunk (``predict`` then ``update``) is one training forward over
+    all R streams, one backward and one AdamW step. With C = 1 in kv mode the forward runs in
     ``predict`` and ``update`` reuses it (:meth:`shares_forward`); otherwise ``predict`` runs
     its own gradient-free forward of stream 0 with the chunk's labels "unknown".
+
+    G > 1 (Transformer-XL training): ``predict`` is a gradient-free forward of the chunk over
+    stream 0's cache; ``update`` adds the chunk's keys/values, labels included, to that cache
+    (in kv mode at C = 1 predict's own keys/values plus the label terms, otherwise a labelled
+    gradient-free forward), so every example is predicted from all revealed examples before it.
+    Once G examples are revealed since the last step, one step learns from them as a segment:
+    stream 0's last G examples and the replay streams' next G, every token attending to the
+    earlier tokens of its segment (labels in) and to its stream's cache, loss on all G x R
+    predictions. Keys, values and the label projection learn through the in-segment attention.
+    Each query sees exactly the context it is predicted with: the W examples before its chunk
+    and its chunk's earlier examples (the cache holds W + G - 1 examples, ``q_lo`` masks).
 
     Args:
         feature_dim: D. num_classes: K. seed: seeds init, dropout and replay cursors.
@@ -120,14 +133,17 @@ class TransformerLearner(Learner):
         self.temperature = Temperature(cfg.temp_lr)
 
         tpe = self.model.tokens_per_example
-        self.cache = KVCache(cfg.n_layers, self.R, cfg.n_heads, cfg.window * tpe, cfg.d_model // cfg.n_heads,
-                             device=self.device)
+        # G > 1: at a step, the segment's first query still needs the W examples before the segment,
+        # while up to G - 1 of its examples are cached already (see _batch)
+        self.cache = KVCache(cfg.n_layers, self.R, cfg.n_heads, (cfg.window + cfg.segment - 1) * tpe,
+                             cfg.d_model // cfg.n_heads, device=self.device)
         self.history = History(feature_dim, device=self.device)
         self.cursors = ReplayCursors(self.R - 1, cfg.reset_rule, seed=seed)
         self.t = 0
         self.skipped_updates = 0
         self._rows_all = torch.arange(self.R, device=self.device)  # cache rows of the streams
         self._pending: _Pending | None = None
+        self._segment: list[tuple[torch.Tensor, torch.Tensor]] = []  # G > 1: chunks revealed since the last step
         self.graphs = StepGraphs(self) if cfg.cuda_graph else None
 
     def set_workdir(self, path) -> None:
@@ -176,42 +192,74 @@ class TransformerLearner(Learner):
         then be a training one), nor with ``cuda_graph`` (predict and the training step are
         captured separately: an autograd graph cannot span two CUDA graphs).
         """
-        return self.model.kv_mode and C == 1 and self.cfg.dropout == 0 and self.graphs is None
+        return (self.model.kv_mode and C == 1 and self.cfg.dropout == 0 and self.graphs is None
+                and self.cfg.segment == 1)
 
     @torch.no_grad()
-    def _raw_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Stream 0's logits ``(C, K)`` for a chunk ``x (C, D)`` whose labels are unknown."""
+    def _raw_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream 0's logits ``(C, K)`` for a chunk ``x (C, D)`` whose labels are unknown, and
+        the forward's keys/values ``(2, L, 1, H, T, Dh)`` (as they would be cached, labels aside)."""
         C = x.shape[0]
         pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
         if self.graphs is not None:
             return self.graphs.predict(x[None], pos)
         return self._predict_forward(x[None], pos)
 
-    def _predict_forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` (no gradient)."""
+    def _predict_forward(self, x: torch.Tensor, pos: torch.Tensor,
+                         y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` and stacked keys/values
+        ``(2, L, 1, H, T, Dh)``, without gradient, over stream 0's cache; labels ``y (1, C)``
+        (None: unknown, as when predicting)."""
         self._set_training(False)
-        y = torch.full(pos.shape, self.K, device=self.device)  # this chunk's labels: unknown
+        if y is None and not (self.model.kv_mode and pos.shape[1] == 1):
+            y = torch.full(pos.shape, self.K, device=self.device)  # this chunk's labels: unknown
+        # (kv mode, one example: its label reaches only its own key/value, which it never sees; without
+        # one they are the keys/values to which update adds the revealed label's terms)
         with torch.no_grad():
-            return self._stream_forward(x, y, pos, slice(0, 1))[0][0]
+            logits, ks, vs, _ = self._stream_forward(x, y, pos, slice(0, 1), q_lo=self._q_lo(pos[:, :1], pos))
+        return logits[0], torch.stack([*ks, *vs]).unflatten(0, (2, self.cfg.n_layers))
 
-    def _batch(self, x: torch.Tensor, y: torch.Tensor | None) -> _Batch:
-        """Stream 0's chunk ``x (C, D)``, ``y (C,)`` (None: labels not revealed yet) and the replay
-        streams' next chunks. Changes no state: the replay plan is committed and the caches of
+    def _q_lo(self, starts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        """Lowest token position each query may attend to, ``(B, T)``: the W examples before its
+        chunk (``starts (B, C)``: the first example of each example's chunk) and the chunk's
+        earlier examples, for examples at ``pos (B, C)``. None while the cache holds W examples
+        only (G = 1), which masks the same."""
+        if self.cfg.segment == 1:
+            return None
+        tpe = self.model.tokens_per_example
+        lo = (starts - self.cfg.window) * tpe  # (B, C)
+        return lo.expand_as(pos).repeat_interleave(tpe, dim=1)
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor | None, start: int | None = None,
+               offsets: torch.Tensor | None = None) -> _Batch:
+        """Stream 0's chunk (G > 1: segment) ``x (C, D)``, ``y (C,)`` (None: labels not revealed
+        yet) starting at example ``start`` (default: the next one), and the replay streams' next
+        chunks (segments) of the same length. ``offsets (C,)``: where each example's chunk starts
+        in the segment (G > 1). Changes no state: the replay plan is committed and the caches of
         streams that jump are emptied when the step is taken (:meth:`_finish`); until then
-        their slots are masked."""
+        their slots are masked, as are stream 0's slots of the segment itself (they are cached
+        already, G > 1)."""
         C = x.shape[0]
+        start = self.t if start is None else start
+        ar = torch.arange(C, device=self.device)
         plan = self.cursors.plan(len(self.history), C)
-        pos0 = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+        pos0 = start + ar[None]  # (1, C)
         y0 = (torch.full((C,), self.K, device=self.device) if y is None else y)[None]  # (1, C)
+        ctx_pos = self.cache.positions(slice(None) if plan.active.any() else slice(0, 1))
+        if start < self.t:  # G > 1: the segment's earlier chunks are in stream 0's cache already
+            ctx_pos = ctx_pos.clone()
+            ctx_pos[0].masked_fill_(ctx_pos[0] >= start * self.model.tokens_per_example, -1)
+        offsets = ar if offsets is None else offsets
         if not plan.active.any():  # no history yet: stream 0 alone
-            return _Batch(plan, x[None], y0, pos0, self.cache.positions(slice(0, 1)))
+            return _Batch(plan, x[None], y0, pos0, ctx_pos, self._q_lo(start + offsets[None], pos0))
         hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
-        hpos = torch.as_tensor(plan.starts, device=self.device)[:, None] + torch.arange(C, device=self.device)
-        ctx_pos = self.cache.positions(slice(None))
+        hstart = torch.as_tensor(plan.starts, device=self.device)[:, None]  # (R-1, 1)
         if plan.reset.any():  # streams that jump start from an empty cache
             jumped = torch.as_tensor(np.concatenate([[False], plan.reset]), device=self.device)
             ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
-        return _Batch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), torch.cat([pos0, hpos]), ctx_pos)
+        pos = torch.cat([pos0, hstart + ar])  # (R, C)
+        q_lo = self._q_lo(torch.cat([pos0[:, :1], hstart]) + offsets, pos)
+        return _Batch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), pos, ctx_pos, q_lo)
 
     def _forward(self, batch: _Batch, labelled: bool = True) -> _Forward:
         """The training forward of a batch; ``labelled=False``: no label enters it (only where
@@ -219,21 +267,21 @@ class TransformerLearner(Learner):
         self._set_training(True)
         rows = slice(0, batch.xs.shape[0])
         logits, ks, vs, tpos = self._stream_forward(batch.xs, batch.ys if labelled else None, batch.pos, rows,
-                                                    batch.ctx_pos)
+                                                    batch.ctx_pos, q_lo=batch.q_lo)
         return _Forward(batch, labelled, logits, ks, vs, tpos)
 
     # ---------------------------------------------------------------- protocol
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         xd, _ = self._check(x)
-        forward = None
+        forward = kv = None
         if self.shares_forward(xd.shape[0]):
             with torch.enable_grad():
                 forward = self._forward(self._batch(xd, None), labelled=False)
             logits = forward.logits[0].detach()  # stream 0: this chunk
         else:
-            logits = self._raw_predict(xd)
-        self._pending = _Pending(x, logits, forward)
+            logits, kv = self._raw_predict(xd)
+        self._pending = _Pending(x, logits, forward, kv if self.cfg.segment > 1 else None)
         return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -242,14 +290,21 @@ class TransformerLearner(Learner):
         pending, self._pending = self._pending, None
         xd, yd = self._check(x, y)
         same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
-        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was (or would have been) scored with
-            self.temperature.step(pending.logits if same else self._raw_predict(xd), yd)
+        if not same and (self.cfg.temperature or self.cfg.segment > 1):  # update without predict: score the
+            logits, kv = self._raw_predict(xd)  # chunk as predict would have (and G > 1: its keys/values)
+            pending = _Pending(x, logits, None, kv if self.cfg.segment > 1 else None)
+        if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
+            self.temperature.step(pending.logits, yd)
+        if self.cfg.segment > 1:
+            self._segment_update(xd, yd, pending.kv)
+            return
         lr = self._lr(self.t + xd.shape[0])
         if same and pending.forward is not None:  # predict ran the training forward (labels not in it)
             fwd = pending.forward
             ys = torch.cat([yd[None], fwd.batch.ys[1:]])  # (B, C): stream 0's labels are revealed now
             kv = self._cache_entries(fwd, ys)  # before the step changes the label weights
             finite = self._train(fwd.logits, ys, lr)
+            self.t += xd.shape[0]
             self._finish(fwd.batch, finite, kv, fwd.tpos, xd, yd)
             return
         batch = self._batch(xd, yd)
@@ -257,13 +312,46 @@ class TransformerLearner(Learner):
             finite, kv, tpos = self.graphs.train(batch, lr)
         else:
             finite, kv, tpos = self._train_step(batch.xs, batch.ys, batch.pos, batch.ctx_pos, lr)
+        self.t += xd.shape[0]
         self._finish(batch, finite, kv, tpos, xd, yd)
 
+    def _segment_update(self, x: torch.Tensor, y: torch.Tensor, kv: torch.Tensor | None) -> None:
+        """G > 1: the revealed chunk ``x (C, D)``, ``y (C,)`` joins stream 0's cache, or, once G
+        examples are revealed since the last step, the step over the segment takes place.
+        ``kv (2, L, 1, H, T, Dh)``: predict's keys/values of the chunk (labels unknown)."""
+        self._segment.append((x.clone(), y.clone()))  # the caller may reuse its buffers
+        C, P = x.shape[0], sum(len(sy) for _, sy in self._segment)
+        if P < self.cfg.segment:  # no step yet: the chunk's keys/values (labels in) enter the cache
+            pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
+            if self.model.kv_mode and C == 1 and kv is not None:  # a lone token's label only enters its own
+                kv = kv + self._label_kv_terms(y[None])  # key/value: predict's forward, plus the label terms
+            else:
+                kv = self._predict_forward(x[None], pos, y[None])[1]
+            tpos = pos.repeat_interleave(self.model.tokens_per_example, dim=1) * self.model.tokens_per_example
+            if not self.model.kv_mode:  # context mode: x, y tokens at 2p, 2p + 1
+                tpos = tpos + torch.arange(2, device=self.device).repeat(C)
+            self.cache.write_stacked(self._rows_all[:1], tpos, kv)
+            self.t += C
+            return
+        xs, ys = (torch.cat(parts) for parts in zip(*self._segment))  # (P, D), (P,)
+        sizes = torch.tensor([len(sy) for _, sy in self._segment], device=self.device)
+        self._segment = []
+        offsets = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)  # (P,) chunk start in the segment
+        batch = self._batch(xs, ys, start=self.t - (P - C), offsets=offsets)
+        lr = self._lr(self.t + C)
+        if self.graphs is not None:
+            finite, kv, tpos = self.graphs.train(batch, lr)
+        else:
+            finite, kv, tpos = self._train_step(batch.xs, batch.ys, batch.pos, batch.ctx_pos, lr, batch.q_lo)
+        self.t += C
+        self._finish(batch, finite, kv, tpos, xs, ys)
+
     def _train_step(self, xs: torch.Tensor, ys: torch.Tensor, pos: torch.Tensor, ctx_pos: torch.Tensor,
-                    lr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    lr: float | torch.Tensor, q_lo: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward (with labels), loss, backward and AdamW step of a batch, all on the device (what
         ``cuda_graph`` captures). Returns the finite flag, the cache entries and their positions."""
-        fwd = self._forward(_Batch(None, xs, ys, pos, ctx_pos))
+        fwd = self._forward(_Batch(None, xs, ys, pos, ctx_pos, q_lo))
         kv = self._cache_entries(fwd, ys)
         return self._train(fwd.logits, ys, lr), kv, fwd.tpos
 
@@ -296,7 +384,6 @@ class TransformerLearner(Learner):
         of the history (replay would hit it again) and the caches, which may now hold non-finite
         K/V, are emptied."""
         self.cursors.commit(batch.plan)
-        self.t += x.shape[0]
         B = batch.xs.shape[0]
         if not bool(finite):
             self.skipped_updates += 1
@@ -331,14 +418,15 @@ class TransformerLearner(Learner):
         xd, _ = self._check(x)
         self._set_training(False)
         rows, ctx_pos = self._eval_context()
-        n = ctx_pos.shape[0]
-        qpos = (ctx_pos.max(1).values + 1).clamp_min(0) if self.cfg.eval_context == "replay" else \
+        n, tpe = ctx_pos.shape[0], self.model.tokens_per_example
+        qpos = (ctx_pos.max(1).values // tpe + 1).clamp_min(0) if self.cfg.eval_context == "replay" else \
             torch.full((n,), self.t, device=self.device)  # (n,) each query as its stream's next example
         out = []
         for s in range(0, xd.shape[0], self.cfg.eval_batch):
             xb = xd[s : s + self.cfg.eval_batch][None].expand(n, -1, -1)  # (n, N', D)
             pos = qpos[:, None].expand(n, xb.shape[1])  # (n, N')
-            logits = self._stream_forward(xb, None, pos, rows, ctx_pos, isolated=True)[0]  # (n, N', K)
+            q_lo = None if self.cfg.segment == 1 else (pos - self.cfg.window) * tpe  # its stream's last W examples
+            logits = self._stream_forward(xb, None, pos, rows, ctx_pos, isolated=True, q_lo=q_lo)[0]  # (n, N', K)
             lp = F.log_softmax(logits * self._scale(), dim=2)
             out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
         log_probs = torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
@@ -353,6 +441,7 @@ class TransformerLearner(Learner):
         frozen.model, frozen.cache = copy.deepcopy(self.model), copy.deepcopy(self.cache)
         frozen.temperature = copy.deepcopy(self.temperature)
         frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
+        frozen._segment = []
         return frozen
 
     def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ class TransformerConfig:
     dropout: float = 0.0  # online learning sees each example once per stream: no overfitting to fight early
     window: int = 64  # W examples of cached context; the paper gains up to ~512 on CLOC, 64 suits small streams
     replay_streams: int = 8  # R (incl. stream 0); paper: 1 far worse than >= 4; digits: 8 > 4 >> 1
+    segment: int = 1  # G: one gradient step per G revealed examples, over Transformer-XL segments of G per stream
     lr: float = 1e-3  # AdamW peak lr; on pretrained features 1e-3 beat 3e-3 and 1e-2 (README, "The transformer learner")
     warmup: int = 100  # examples of linear warm-up (Adam's second moments are noisy at first)
     lr_decay: str = "constant"  # | "inv_sqrt": lr*sqrt(warmup/t), the paper's best on 39M examples; decays too early on short streams
@@ -63,7 +64,7 @@ class TransformerConfig:
             raise bad("attn", f"must be one of {BACKENDS}.")
         if self.d_model % self.n_heads:
             raise bad("d_model", f"must be divisible by n_heads={self.n_heads}.")
-        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "eval_batch"):
+        for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "segment", "eval_batch"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1.")
         for key in ("window", "warmup", "lr", "weight_decay", "grad_clip", "temp_lr"):
