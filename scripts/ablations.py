@@ -20,7 +20,12 @@ Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaul
 - ``network``: the network alone, without the read-out experts it is pooled with
   (``learner=transformer``);
 - ``network W=0``, ``network R=1``, ``network context``: the three ablations above of the network
-  alone (the mixture's linear read-out can make up for what they take away).
+  alone (the mixture's linear read-out can make up for what they take away);
+- ``readout_pool``, ``linear``, ``mlp``: the baselines each row is read against (the pool without
+  the network, and two learners of the same features).
+
+Any other variant is ``network`` or ``default`` followed by the network's options, e.g.
+``"network segment=8 lr=0.003"`` (the research sweeps of ``docs/research/``).
 
 Runs that finished (a ``results.json`` in their directory) are not redone, so the script can be
 stopped and restarted. Held-out test evaluation is off (``eval_test=false``): the table is about
@@ -62,7 +67,24 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "network W=0": ("transformer", ["learner.window=0"]),
     "network R=1": ("transformer", ["learner.replay_streams=1"]),
     "network context": ("transformer", ["learner.label_mode=context"]),
+    "readout_pool": ("readout_pool", []),
+    "linear": ("linear", []),
+    "mlp": ("mlp", []),
 }
+
+
+def learner_of(name: str) -> tuple[str, list[str]]:
+    """The learner config and overrides of a variant: one of :data:`VARIANTS`, or ``network`` /
+    ``default`` and ``key=value`` options of the network (``"network segment=8 lr=0.003"``)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    base, *options = name.split()
+    if base not in ("network", "default") or not options or not all("=" in o for o in options):
+        raise SystemExit(f"error: variant {name!r} is none of {', '.join(VARIANTS)}, nor 'network'/'default' "
+                         "followed by key=value options of the network")
+    if base == "network":
+        return "transformer", [f"learner.{o}" for o in options]
+    return _pooled(*(o.replace("=", ":", 1) for o in options))
 METRICS = ("avg_online_accuracy", "near_future_accuracy", "mean_log_loss", "first100", "examples_per_second")
 HEADERS = ("online acc", "near-future acc", "log-loss", "first 100 after a switch", "ex/s")
 
@@ -75,9 +97,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="overrides after -- go to every `ocl run` (e.g. -- threads=1)")
     p.add_argument("--streams", nargs="+", default=["bench10k_cifar_split", "bench10k_cifar_permuted"],
                    metavar="EXPERIMENT", help="experiment configs to run (default: the 10k split and permuted presets)")
-    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "R=4"], choices=list(VARIANTS),
-                   metavar="VARIANT", help=f"which variants (of {', '.join(VARIANTS)}; default: all but R=4)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("R=4", "readout_pool", "linear",
+                                                                                       "mlp")],
+                   metavar="VARIANT", help=f"which variants (of {', '.join(VARIANTS)}, or 'network k=v ...'; default: "
+                                           "all but R=4 and the baselines)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from this one (default 0: the benchmark's; research sweeps use others, e.g. 100)")
     p.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--config-dir", type=Path, default=None,
                    help="a folder with experiment/<name>.yaml files (added to hydra's search path)")
@@ -87,13 +113,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(argv), extra
 
 
+def seeds(args: argparse.Namespace) -> range:
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
 def run_dir(args: argparse.Namespace, stream: str, variant: str, seed: int) -> Path:
-    safe = variant.replace("=", "").replace(" ", "_")
+    safe = variant.replace("=", "").replace(" ", "_").replace(":", "")
     return args.out / stream / f"{safe}_s{seed}"
 
 
 def command(args: argparse.Namespace, stream: str, variant: str, seed: int, extra: list[str]) -> list[str]:
-    learner, overrides = VARIANTS[variant]
+    learner, overrides = learner_of(variant)
     cmd = [sys.executable, "-m", "ocl.cli", "run", f"experiment={stream}", f"learner={learner}", f"seed={seed}",
            "eval_test=false", "progress=false", f"hydra.run.dir={run_dir(args, stream, variant, seed)}",
            *overrides, *extra]
@@ -114,7 +144,7 @@ def combine(args: argparse.Namespace) -> list[dict[str, Any]]:
     for stream in args.streams:
         for variant in args.variants:
             per_seed: dict[str, list[float]] = {m: [] for m in METRICS}
-            for seed in range(args.seeds):
+            for seed in seeds(args):
                 d = run_dir(args, stream, variant, seed)
                 if not (d / "results.json").is_file():
                     continue
@@ -144,8 +174,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     args, extra = parse_args(argv)
+    for name in args.variants:
+        learner_of(name)  # a bad variant fails before anything runs
     if not args.combine_only:
-        jobs = [(s, v, seed) for s in args.streams for v in args.variants for seed in range(args.seeds)
+        jobs = [(s, v, seed) for s in args.streams for v in args.variants for seed in seeds(args)
                 if not (run_dir(args, s, v, seed) / "results.json").is_file()]
         print(f"{len(jobs)} runs to do", file=sys.stderr)
 

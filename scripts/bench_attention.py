@@ -10,7 +10,9 @@ Two tables, every figure from one run on one machine (the device is printed firs
    cache positions change every step). Forward and forward+backward, in ms, and the ratios
    to the Triton kernel.
 2. ``learner``: examples/s of the predict+update loop with each backend on synthetic
-   features (the learner's defaults otherwise); ``--cuda-graph`` adds each backend with
+   features (the learner's defaults otherwise), for every chunk size C in ``--learner-chunks``
+   and segment G in ``--learner-segments`` (a gradient step every G examples; G < C is
+   skipped but G = 1, a step per chunk); ``--cuda-graph`` adds each backend with
    ``learner.cuda_graph=true`` (predict and the training step replayed as CUDA graphs),
    ``--compile`` each with the compiled network (and compiled + captured).
 
@@ -25,9 +27,9 @@ Examples::
     .venv/bin/python scripts/bench_attention.py                 # both tables, 1 thread
     .venv/bin/python scripts/bench_attention.py kernel --windows 64 1024 --chunks 16
     .venv/bin/python scripts/bench_attention.py learner --compile
-    # the GPU figures of issue 14: every backend, eager and captured, C = 1, 8, 32, W = 64..1024, D = 384
+    # the GPU figures: every backend, eager and captured, C and G = 1, 8, 32, W = 64, D = 1280
     .venv/bin/python scripts/bench_attention.py learner --device cuda --cuda-graph --examples 2000 \
-        --learner-windows 64 256 1024 --learner-chunks 1 8 32
+        --features 1280 --learner-windows 64 --learner-chunks 1 8 32 --learner-segments 1 8 32
 """
 
 from __future__ import annotations
@@ -133,15 +135,15 @@ def learner_table(args, device: torch.device) -> str:
     g = torch.Generator().manual_seed(0)
     rows = []
     for W in args.learner_windows:
-        for C in args.learner_chunks:
-            n = args.examples * max(1, C // 4)  # bigger chunks are cheaper per example: more of them
+        for C, G in [(C, G) for C in args.learner_chunks for G in args.learner_segments if G == 1 or G >= C]:
+            n = args.examples * max(1, C // 4, G // 4)  # bigger chunks/segments are cheaper per example: more
             x = torch.randn(n, args.features, generator=g)
             y = torch.randint(0, 10, (n,), generator=g)
             for backend, compiled, graphed in variants:
                 name = backend + (" +compile" if compiled else "") + (" +graph" if graphed else "")
                 try:
                     learner = TransformerLearner(args.features, 10, seed=0, window=W, attn=backend, compile=compiled,
-                                                 cuda_graph=graphed, device=device.type)
+                                                 cuda_graph=graphed, device=device.type, segment=G)
                     warm = max(C, n // 4)  # fills the ring, starts replay, compiles and captures if asked
 
                     def run(a, b):
@@ -156,12 +158,12 @@ def learner_table(args, device: torch.device) -> str:
                     if cuda:
                         torch.cuda.synchronize()
                     t2 = time.perf_counter()
-                    rows.append([name, W, C, f"{(n - warm) / (t2 - t1):.1f}", f"{t1 - t0:.1f}"])
+                    rows.append([name, W, C, G, f"{(n - warm) / (t2 - t1):.1f}", f"{t1 - t0:.1f}"])
                 except Exception as e:  # one variant that cannot run must not cost the others' figures
-                    log.exception("learner %s W=%d C=%d failed", name, W, C)
-                    rows.append([name, W, C, f"failed: {type(e).__name__}", "-"])
-                log.info("learner %s W=%d C=%d done", name, W, C)
-    return format_table(rows, ["backend", "W", "C", "examples/s", "warm-up s"])
+                    log.exception("learner %s W=%d C=%d G=%d failed", name, W, C, G)
+                    rows.append([name, W, C, G, f"failed: {type(e).__name__}", "-"])
+                log.info("learner %s W=%d C=%d G=%d done", name, W, C, G)
+    return format_table(rows, ["backend", "W", "C", "G", "examples/s", "warm-up s"])
 
 
 def main() -> None:
@@ -178,6 +180,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.25, help="seconds of repeats per measurement")
     p.add_argument("--learner-windows", type=int, nargs="+", default=[64, 512])
     p.add_argument("--learner-chunks", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--learner-segments", type=int, nargs="+", default=[1, 8],
+                   help="segments G: a gradient step every G examples")
     p.add_argument("--examples", type=int, default=300, help="examples per learner run (x C/4 for C > 4)")
     p.add_argument("--features", type=int, default=384, help="feature dim D (DINO ViT-S width)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd network")

@@ -45,6 +45,7 @@ class KVCache:
         self.kv = torch.zeros((2, n_layers, n_streams, n_heads, window, head_dim), device=device, dtype=dtype)
         self.k, self.v = self.kv.unbind(0)  # views, each (L, B, H, S, Dh)
         self.pos = torch.full((n_streams, window), -1, device=device, dtype=torch.long)  # (B, S)
+        self.labels = torch.full((n_streams, window), -1, device=device, dtype=torch.long)  # (B, S), -1: none
         self._heads = torch.arange(n_heads, device=device)  # (H,) index helper for writes
 
     def reset(self, b: int | None = None) -> None:
@@ -52,6 +53,7 @@ class KVCache:
         rows = slice(None) if b is None else b
         self.kv[:, :, rows] = 0
         self.pos[rows] = -1
+        self.labels[rows] = -1
 
     def read(self, layer: int, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of ``layer`` for the selected streams, each ``(B', H, S, Dh)``.
@@ -81,16 +83,21 @@ class KVCache:
         self.write_stacked(rows, tpos, torch.stack([*ks, *vs]).unflatten(0, (2, self.n_layers)))
 
     @torch.no_grad()
-    def write_stacked(self, rows: torch.Tensor, tpos: torch.Tensor, kv: torch.Tensor) -> None:
-        """:meth:`write` with keys and values stacked: ``kv (2, L, B', H, T, Dh)``."""
+    def write_stacked(self, rows: torch.Tensor, tpos: torch.Tensor, kv: torch.Tensor,
+                      labels: torch.Tensor | None = None) -> None:
+        """:meth:`write` with keys and values stacked: ``kv (2, L, B', H, T, Dh)``; ``labels (B', T)``:
+        the tokens' labels (kept for the copy read-out; -1 or None: none)."""
         S = self.window
         if S == 0:
             return
         T = tpos.shape[1]
+        if labels is None:
+            labels = torch.full_like(tpos, -1)
         if T > S:  # only the last S tokens survive in the ring anyway
-            tpos, kv = tpos[:, T - S :], kv[..., T - S :, :]
+            tpos, kv, labels = tpos[:, T - S :], kv[..., T - S :, :], labels[:, T - S :]
         slots = tpos % S  # (B', T')
         # Broadcast advanced index (B', H, T') selecting kv[:, :, row, head, slot, :] (adjacent
         # advanced indices keep their place: the target is (2, L, B', H, T', Dh), like kv).
         self.kv[:, :, rows[:, None, None], self._heads[None, :, None], slots[:, None, :]] = kv
         self.pos.index_put_((rows[:, None], slots), tpos)
+        self.labels.index_put_((rows[:, None], slots), labels)

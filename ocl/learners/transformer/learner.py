@@ -167,6 +167,8 @@ class TransformerLearner(Learner):
         """Model forward over the cached context of the selected streams (``rows``: slice);
         ``ctx_pos`` overrides the cache's slot positions (-1 masks a slot)."""
         ctx = [self.cache.read(layer, rows) for layer in range(self.cfg.n_layers)]
+        if self.cfg.copy:
+            kw["ctx_labels"] = self.cache.labels[rows]
         return self.model(x, y, pos, ctx, self.cache.positions(rows) if ctx_pos is None else ctx_pos, **kw)
 
     def _lr(self, t: int) -> float:
@@ -330,7 +332,7 @@ class TransformerLearner(Learner):
             tpos = pos.repeat_interleave(self.model.tokens_per_example, dim=1) * self.model.tokens_per_example
             if not self.model.kv_mode:  # context mode: x, y tokens at 2p, 2p + 1
                 tpos = tpos + torch.arange(2, device=self.device).repeat(C)
-            self.cache.write_stacked(self._rows_all[:1], tpos, kv)
+            self.cache.write_stacked(self._rows_all[:1], tpos, kv, y[None] if self.model.kv_mode else None)
             self.t += C
             return
         xs, ys = (torch.cat(parts) for parts in zip(*self._segment))  # (P, D), (P,)
@@ -394,7 +396,8 @@ class TransformerLearner(Learner):
         # fused kernels' backward reads the cache in place.
         for b in np.flatnonzero(batch.plan.reset):
             self.cache.reset(int(b) + 1)
-        self.cache.write_stacked(self._rows_all[:B], tpos, kv)
+        labels = torch.cat([y[None], batch.ys[1:]]) if self.model.kv_mode else None  # (B, C): stream 0's revealed
+        self.cache.write_stacked(self._rows_all[:B], tpos, kv, labels)
         self.history.append(x, y)
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ class TransformerConfig:
     window: int = 64  # W examples of cached context; the paper gains up to ~512 on CLOC, 64 suits small streams
     replay_streams: int = 8  # R (incl. stream 0); paper: 1 far worse than >= 4; digits: 8 > 4 >> 1
     segment: int = 1  # G: one gradient step per G revealed examples, over Transformer-XL segments of G per stream
+    copy: bool = False  # kv mode: mix a copy of the labels the last layer attends to into the prediction
     lr: float = 1e-3  # AdamW peak lr; on pretrained features 1e-3 beat 3e-3 and 1e-2 (README, "The transformer learner")
     warmup: int = 100  # examples of linear warm-up (Adam's second moments are noisy at first)
     lr_decay: str = "constant"  # | "inv_sqrt": lr*sqrt(warmup/t), the paper's best on 39M examples; decays too early on short streams
@@ -74,6 +75,8 @@ class TransformerConfig:
             raise bad("dropout", "must be in [0, 1).")
         if self.stream0_weight is not None and not 0 < self.stream0_weight <= 1:
             raise bad("stream0_weight", "must be in (0, 1] or null.")
+        if self.copy and self.label_mode != "kv":
+            raise bad("copy", "needs learner.label_mode=kv (labels in keys and values).")
 
 
 class AttentionMask(NamedTuple):
@@ -136,7 +139,9 @@ class Block(nn.Module):
         ctx_v: torch.Tensor,  # (B, H, S, Dh) cached values
         mask: AttentionMask,  # which keys each query sees (shared by the layers of a forward)
         trace: list | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the new residual stream, the chunk's keys and values as the cache stores them
+        (detached, label terms in) and its queries and keys as attention used them ``(B, H, T, Dh)``."""
         B, T, d = h.shape
         H = self.n_heads
         q, kv = self.qkv(self.ln1(h)).split([d, 2 * d], dim=2)  # (B, T, d), (B, T, 2d)
@@ -148,6 +153,7 @@ class Block(nn.Module):
         a = windowed_attention(q, k, v, lab_k, lab_v, ctx_k, ctx_v, mask.ctx_pos, mask.tpos, sink_k, sink_v,
                                mask.slopes, mask.strict, isolated=mask.isolated, q_lo=mask.q_lo, backend=mask.backend,
                                bias=mask.bias)  # (B, H, T, Dh)
+        qk = (q, k if lab_k is None else k + lab_k)  # for the copy read-out (attached: keys learn through it)
         if lab_k is not None:  # the keys/values the cache stores (it detaches them anyway)
             k, v = (k + lab_k).detach(), (v + lab_v).detach()
         if trace is not None:
@@ -155,7 +161,7 @@ class Block(nn.Module):
         a = a.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
         h = h + self.drop(self.proj(a))
         h = h + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(h)))))
-        return h, k, v
+        return h, k, v, qk
 
 
 def split_heads(kv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +187,9 @@ class OnlineTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(L))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_classes)
+        if cfg.copy:  # the copy read-out's weight (sigmoid(0) = 1/2 at first) and its heads' (equal at first)
+            self.copy_gate = nn.Parameter(torch.zeros(()))
+            self.copy_heads = nn.Parameter(torch.zeros(cfg.n_heads))
         # ALiBi slope per head, per *token* so distances count in examples in both modes.
         self.register_buffer("slopes", alibi_slopes(cfg.n_heads) / self.tokens_per_example, persistent=False)
         self._init_weights()
@@ -238,13 +247,15 @@ class OnlineTransformer(nn.Module):
         pos: torch.Tensor,  # (B, C) example positions in each stream
         ctx: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer (B, H, S, Dh) x2
         ctx_pos: torch.Tensor | None = None,  # (B, S)
+        ctx_labels: torch.Tensor | None = None,  # (B, S) labels of the cached examples, -1 = none (copy)
         *,
         isolated: bool = False,
         q_lo: torch.Tensor | None = None,  # (B, T) token-position lower bound per query
         trace: list | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Returns logits ``(B, C, K)``, per-layer chunk keys and values ``(B, H, T, Dh)`` and
-        the chunk's token positions ``(B, T)`` (T = C, or 2C in context mode)."""
+        """Returns logits ``(B, C, K)`` (log-probabilities with ``copy``), per-layer chunk keys and
+        values ``(B, H, T, Dh)`` and the chunk's token positions ``(B, T)`` (T = C, or 2C in
+        context mode)."""
         B, C, _ = x.shape
         d, L, H = self.cfg.d_model, self.cfg.n_layers, self.cfg.n_heads
         h = self.in_proj(self.in_ln(x))  # (B, C, d)
@@ -265,10 +276,49 @@ class OnlineTransformer(nn.Module):
         mask = self.attention_mask(tpos, ctx_pos, isolated, q_lo)
         ks, vs = [], []
         for block, lab, (ctx_k, ctx_v) in zip(self.blocks, labs, ctx):
-            h, k, v = block(h, lab, ctx_k, ctx_v, mask, trace)
+            h, k, v, qk = block(h, lab, ctx_k, ctx_v, mask, trace)
             ks.append(k)
             vs.append(v)
         if not self.kv_mode and not isolated:
             h = h[:, 0::2]  # predictions are read at x-tokens
         logits = self.head(self.ln_f(h))  # (B, C, K)
+        if self.cfg.copy:
+            chunk_labels = y if y is not None and not isolated else torch.full_like(pos, -1)
+            if ctx_labels is None:
+                ctx_labels = torch.full_like(ctx_pos, -1)
+            logits = self.copy_readout(logits, *qk, ctx[-1][0], ctx_labels, chunk_labels, mask)
         return logits, ks, vs, tpos
+
+    def copy_readout(
+        self,
+        logits: torch.Tensor,  # (B, T, K) the head's
+        q: torch.Tensor,  # (B, H, T, Dh) the last layer's queries
+        k: torch.Tensor,  # (B, H, T, Dh) and the chunk's keys (label terms in)
+        ctx_k: torch.Tensor,  # (B, H, S, Dh) its cached keys
+        ctx_labels: torch.Tensor,  # (B, S) their labels, -1 = none
+        chunk_labels: torch.Tensor,  # (B, T) the chunk's, -1 or K = not revealed
+        mask: AttentionMask,
+    ) -> torch.Tensor:
+        """kv mode, ``copy``: the head's distribution mixed with a copy of the labels the last
+        layer attends to, ``log((1 - lam m) softmax(logits) + lam sum_j a_j onehot(y_j))`` ``(B, T, K)``:
+        a_j the last layer's attention weights on the labelled keys, averaged over heads with
+        learned weights (softmax of ``copy_heads``: the heads' ALiBi slopes span recency scales), m
+        their sum, lam = sigmoid(copy_gate). In-context learning from the first example: ALiBi
+        makes the untrained attention recency-weighted, and training sharpens it (queries always;
+        keys where they attend within a segment)."""
+        B, H, T, Dh = q.shape
+        bias = mask.bias
+        if bias is None:  # the fused backends build theirs in the kernel
+            bias = attention_bias(mask.ctx_pos, mask.tpos, mask.slopes, mask.strict, mask.isolated, mask.q_lo,
+                                  dtype=q.dtype)
+        sink_k = self.blocks[-1].sink_kv[0]  # (H, Dh)
+        keys = torch.cat([sink_k[None, :, None].expand(B, H, 1, Dh), ctx_k.detach(), k], dim=2)  # (B, H, 1+S+T, Dh)
+        att = (q @ keys.transpose(2, 3) / math.sqrt(Dh) + bias).softmax(-1)  # (B, H, T, 1+S+T)
+        att = torch.einsum("h,bhts->bts", self.copy_heads.softmax(0), att)  # (B, T, 1+S+T)
+        labels = torch.cat([ctx_labels, chunk_labels], dim=1)  # (B, S+T)
+        known = (labels >= 0) & (labels < self.num_classes)
+        onehot = F.one_hot(labels.where(known, self.num_classes), self.num_classes + 1)[..., :-1]  # (B, S+T, K)
+        copied = att[:, :, 1:] @ onehot.to(att.dtype)  # (B, T, K)
+        lam = torch.sigmoid(self.copy_gate)
+        p = (1 - lam * copied.sum(-1, keepdim=True)) * logits.softmax(-1) + lam * copied
+        return p.clamp_min(1e-12).log()

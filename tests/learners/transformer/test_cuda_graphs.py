@@ -21,11 +21,11 @@ SMALL = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1
 CUDA = torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("mode,C", [("kv", 1), ("kv", 3), ("context", 2)])
-def test_static_step_functions_match_the_eager_learner(mode, C):
+@pytest.mark.parametrize("mode,C,G", [("kv", 1, 1), ("kv", 3, 1), ("context", 2, 1), ("kv", 1, 4), ("context", 2, 4)])
+def test_static_step_functions_match_the_eager_learner(mode, C, G):
     x, y = clusters(31)  # 31 % C != 0 for C = 2, 3: a short last chunk (an uncaptured shape)
-    eager = TransformerLearner(8, 3, seed=0, label_mode=mode, **SMALL)
-    graphed = TransformerLearner(8, 3, seed=0, label_mode=mode, **SMALL)
+    eager = TransformerLearner(8, 3, seed=0, label_mode=mode, segment=G, **SMALL)
+    graphed = TransformerLearner(8, 3, seed=0, label_mode=mode, segment=G, **SMALL)
     graphed.graphs = StepGraphs(graphed, capture=False)
     assert not graphed.shares_forward(1)
     a, b = prequential(eager, x, y, C), prequential(graphed, x, y, C)
@@ -46,10 +46,10 @@ def test_cuda_graph_needs_a_gpu_and_no_dropout():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("attn", ["torch", "triton"])
-@pytest.mark.parametrize("C", [1, 8])
-def test_captured_steps_predict_like_the_eager_learner_on_the_gpu(attn, C):
+@pytest.mark.parametrize("C,G", [(1, 1), (8, 1), (1, 8), (8, 32)])
+def test_captured_steps_predict_like_the_eager_learner_on_the_gpu(attn, C, G):
     x, y = clusters(8 * 24, 32, 5)
-    cfg = dict(d_model=64, n_heads=4, window=16, replay_streams=4, attn=attn, device="cuda")
+    cfg = dict(d_model=64, n_heads=4, window=16, replay_streams=4, attn=attn, device="cuda", segment=G)
     eager = TransformerLearner(32, 5, seed=0, **cfg)
     graphed = TransformerLearner(32, 5, seed=0, cuda_graph=True, **cfg)
     a, b = prequential(eager, x, y, C), prequential(graphed, x, y, C)
@@ -58,6 +58,7 @@ def test_captured_steps_predict_like_the_eager_learner_on_the_gpu(attn, C):
     bad = x[:C].clone()
     bad[0, 0] = float("nan")
     before = graphed.opt.flat.clone()
-    graphed.predict(bad)
-    graphed.update(bad, y[:C])
+    for _ in range(max(1, G // C)):  # a whole segment of them: its step is the one skipped
+        graphed.predict(bad)
+        graphed.update(bad, y[:C])
     assert graphed.skipped_updates == 1 and torch.equal(graphed.opt.flat, before)

@@ -68,3 +68,17 @@ def test_written_values_are_detached():
     k = torch.ones(1, 1, 1, 1, requires_grad=True)
     cache.write(torch.tensor([0]), torch.tensor([[0]]), [k * 2], [k * 3])
     assert not cache.k.requires_grad and not cache.v.requires_grad
+
+
+def test_labels_travel_with_their_slots_and_reset_clears_them():
+    cache = KVCache(n_layers=1, n_streams=2, n_heads=1, window=3, head_dim=2)
+    rows = torch.tensor([0, 1])
+    for p in range(7):  # wraps twice; label of position p: 10 p (row 0), 10 p + 1 (row 1)
+        tpos = torch.tensor([[p], [p]])
+        kv = torch.zeros(2, 1, 2, 1, 1, 2)
+        cache.write_stacked(rows, tpos, kv, labels=10 * tpos + torch.tensor([[0], [1]]))
+    assert torch.equal(cache.labels, 10 * cache.pos + torch.tensor([[0], [1]]))
+    cache.write_stacked(rows[:1], torch.tensor([[7]]), torch.zeros(2, 1, 1, 1, 1, 2))  # no labels: -1
+    assert cache.labels[0, 7 % 3] == -1
+    cache.reset(1)
+    assert (cache.labels[1] == -1).all()

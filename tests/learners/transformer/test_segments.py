@@ -14,14 +14,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 MODES = ["kv", "context"]
 TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1e-2, warmup=0)
 GRID = [(1, 1), (4, 1), (4, 2), (4, 3), (6, 2)]  # (G, C): C divides G or not, G = 1 as today
+#: label mode and the copy read-out (kv mode only)
+VARIANTS = {"kv": dict(label_mode="kv"), "context": dict(label_mode="context"), "copy": dict(copy=True)}
 
 
 @pytest.mark.parametrize("G,C", GRID, ids=[f"G{g}C{c}" for g, c in GRID])
-@pytest.mark.parametrize("mode", MODES)
-def test_future_labels_never_change_logged_predictions(mode, G, C):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_future_labels_never_change_logged_predictions(variant, G, C):
     n, K = 20, 3
     x, y = clusters(n, classes=K)
-    make = lambda: TransformerLearner(8, K, seed=0, label_mode=mode, segment=G, **TINY)  # noqa: E731
+    make = lambda: TransformerLearner(8, K, seed=0, segment=G, **VARIANTS[variant], **TINY)  # noqa: E731
     base = prequential(make(), x, y, C)
     g = torch.Generator().manual_seed(1)
     for t in [0, 5, 11]:
@@ -41,14 +43,15 @@ def full_recompute(model, x, y, chunk_start, W):
     return model(x, y, torch.arange(n)[None], q_lo=q_lo)[0]
 
 
-@pytest.mark.parametrize("G,C", [(4, 1), (4, 3), (5, 2)], ids=["G4C1", "G4C3", "G5C2"])
-@pytest.mark.parametrize("mode", MODES)
-def test_predictions_from_the_cache_equal_full_recomputation_when_weights_are_frozen(mode, G, C):
+@pytest.mark.parametrize("G,C", [(1, 1), (4, 1), (4, 3), (5, 2)], ids=["G1C1", "G4C1", "G4C3", "G5C2"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_predictions_from_the_cache_equal_full_recomputation_when_weights_are_frozen(variant, G, C):
     """With lr = 0 the weights never move: every logged prediction, made from the cache that
-    updates and steps filled (the ring wraps many times), equals one forward over the stream."""
+    updates and steps filled (the ring wraps many times; with ``copy``, the cached labels too),
+    equals one forward over the stream."""
     n, W = 23, 3
     x, y = clusters(n)
-    learner = TransformerLearner(8, 3, seed=0, label_mode=mode, segment=G,
+    learner = TransformerLearner(8, 3, seed=0, segment=G, **VARIANTS[variant],
                                  **{**TINY, "window": W, "lr": 0.0, "temperature": False})
     with torch.no_grad():
         for p in learner.model.parameters():
@@ -59,7 +62,7 @@ def test_predictions_from_the_cache_equal_full_recomputation_when_weights_are_fr
     with torch.no_grad():
         for s in range(0, n, C):  # each chunk as predicted: the stream so far, the chunk's labels unknown
             e = min(s + C, n)
-            y_seen = torch.cat([y[:s], torch.full((e - s,), 3)])  # 3 = K: "unknown"
+            y_seen = torch.cat([y[:s], torch.full((e - s,), 3)])  # 3 = K: "unknown" (copy: not revealed)
             ref.append(full_recompute(learner.model.eval(), x[None, :e], y_seen[None], starts[:e], W)[0, s:])
     torch.testing.assert_close(logged, F.log_softmax(torch.cat(ref), 1), rtol=1e-4, atol=1e-5)
     # and held-out examples see stream 0's last W examples, as a next example would at C = 1
@@ -117,3 +120,18 @@ def test_segments_learn_gaussian_clusters_online(mode):
     logp = prequential(learner, x, y, 1)
     acc = (logp.argmax(1) == y).float()
     assert acc[200:].mean() > 0.7 > acc[:20].mean()  # chance 0.25; G = 1 gets 0.80 (kv), 0.76 (context)
+
+
+def test_a_non_finite_segment_is_skipped_whole_and_learning_goes_on():
+    x, y = clusters(20)
+    learner = TransformerLearner(8, 3, seed=0, segment=4, **TINY)
+    prequential(learner, x[:10], y[:10], 2)  # two steps, and half a segment
+    params = learner.opt.flat.clone()
+    bad = x[10:12].clone()
+    bad[0, 0] = float("nan")
+    learner.predict(bad)
+    learner.update(bad, y[10:12])  # completes the segment: its loss is not finite
+    assert learner.skipped_updates == 1 and len(learner.history) == 8 and torch.equal(learner.opt.flat, params)
+    assert (learner.cache.positions(slice(None)) == -1).all()  # caches that may hold NaN are emptied
+    logp = prequential(learner, x[12:], y[12:], 2)
+    assert torch.isfinite(logp).all() and learner.skipped_updates == 1 and len(learner.history) == 16
