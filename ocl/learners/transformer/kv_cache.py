@@ -72,6 +72,7 @@ class KVCache:
         tpos: torch.Tensor,
         ks: list[torch.Tensor],
         vs: list[torch.Tensor],
+        labels: torch.Tensor | None = None,
     ) -> None:
         """Append a chunk of T consecutive tokens to each selected stream, in every layer.
 
@@ -79,8 +80,9 @@ class KVCache:
             rows: ``(B',)`` long, the streams written.
             tpos: ``(B', T)`` long, token positions of the chunk (consecutive per row).
             ks, vs: per layer ``(B', H, T, Dh)``; stored detached (no gradient into the past).
+            labels: ``(B', T)`` long, each token's label (-1: none), or None.
         """
-        self.write_stacked(rows, tpos, torch.stack([*ks, *vs]).unflatten(0, (2, self.n_layers)))
+        self.write_stacked(rows, tpos, torch.stack([*ks, *vs]).unflatten(0, (2, self.n_layers)), labels)
 
     @torch.no_grad()
     def write_stacked(self, rows: torch.Tensor, tpos: torch.Tensor, kv: torch.Tensor,

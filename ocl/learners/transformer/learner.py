@@ -332,7 +332,7 @@ class TransformerLearner(Learner):
             tpos = pos.repeat_interleave(self.model.tokens_per_example, dim=1) * self.model.tokens_per_example
             if not self.model.kv_mode:  # context mode: x, y tokens at 2p, 2p + 1
                 tpos = tpos + torch.arange(2, device=self.device).repeat(C)
-            self.cache.write_stacked(self._rows_all[:1], tpos, kv, y[None] if self.model.kv_mode else None)
+            self.cache.write_stacked(self._rows_all[:1], tpos, kv, self.model.token_labels(y[None]))
             self.t += C
             return
         xs, ys = (torch.cat(parts) for parts in zip(*self._segment))  # (P, D), (P,)
@@ -396,7 +396,7 @@ class TransformerLearner(Learner):
         # fused kernels' backward reads the cache in place.
         for b in np.flatnonzero(batch.plan.reset):
             self.cache.reset(int(b) + 1)
-        labels = torch.cat([y[None], batch.ys[1:]]) if self.model.kv_mode else None  # (B, C): stream 0's revealed
+        labels = self.model.token_labels(torch.cat([y[None], batch.ys[1:]]))  # (B, T): stream 0's revealed now
         self.cache.write_stacked(self._rows_all[:B], tpos, kv, labels)
         self.history.append(x, y)
 

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 MODES = ["kv", "context"]
 TINY = dict(d_model=16, n_layers=2, n_heads=2, window=4, replay_streams=3, lr=1e-2, warmup=0)
 GRID = [(1, 1), (4, 1), (4, 2), (4, 3), (6, 2)]  # (G, C): C divides G or not, G = 1 as today
-#: label mode and the copy read-out (kv mode only)
-VARIANTS = {"kv": dict(label_mode="kv"), "context": dict(label_mode="context"), "copy": dict(copy=True)}
+#: label modes, with the copy read-out (the default) and without
+VARIANTS = {"kv": dict(label_mode="kv"), "context": dict(label_mode="context"),
+            "kv-nocopy": dict(label_mode="kv", copy=False), "context-nocopy": dict(label_mode="context", copy=False)}
 
 
 @pytest.mark.parametrize("G,C", GRID, ids=[f"G{g}C{c}" for g, c in GRID])

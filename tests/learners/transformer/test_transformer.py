@@ -72,8 +72,9 @@ def incremental(model, x, y, chunks, W, cache=None):
     for c in chunks:
         pos = torch.arange(s, s + c)[None].expand(B, c)
         ctx = [cache.read(layer, slice(None)) for layer in range(L)]
-        logits, ks, vs, tpos = model(x[:, s : s + c], y[:, s : s + c], pos, ctx, cache.positions(slice(None)))
-        cache.write(rows, tpos, ks, vs)
+        logits, ks, vs, tpos = model(x[:, s : s + c], y[:, s : s + c], pos, ctx, cache.positions(slice(None)),
+                                     cache.labels)
+        cache.write(rows, tpos, ks, vs, model.token_labels(y[:, s : s + c]))
         out.append(logits)
         s += c
     return torch.cat(out, 1)
