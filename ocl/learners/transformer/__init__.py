@@ -49,8 +49,21 @@ the whole training step as captured CUDA graphs (:mod:`.cuda_graphs`).
 CPU note: the per-example loop runs many tiny kernels; intra-op threads only add overhead
 (on a busy 2-core machine ``torch.set_num_threads(1)`` was 10x faster than 2 threads).
 
-Prediction: the network's distribution, calibrated by a learned output temperature
-(``temperature``), nothing else. Pooling it with other learners of the same features (an
+Segments (``segment`` = G > 1, Transformer-XL training): ``predict`` is a gradient-free forward
+over stream 0's cache, which ``update`` fills with the revealed examples' keys/values (labels in);
+every G examples one step learns from segments of G consecutive examples per stream, whose
+tokens attend causally to each other with gradients: the only way keys, values and the label
+projection learn (at G = 1, C = 1 a query attends to detached cache entries only). The cache then
+holds W + G - 1 examples and ``q_lo`` keeps every query to the context it is predicted with.
+
+Copy read-out (``copy``): the head's distribution is mixed with the labels the last layer's
+attention weighs (cached examples keep their labels, :attr:`.kv_cache.KVCache.labels`), with a
+learned gate and learned head weights: in-context prediction from the first example (recency
+through ALiBi before any training), sharpened by training (see
+:meth:`.model.OnlineTransformer.copy_readout`).
+
+Prediction: the network's distribution (with ``copy``, mixed with the copied labels), calibrated
+by a learned output temperature (``temperature``), nothing else. Pooling it with other learners of the same features (an
 online linear read-out, streaming LDA, ...) is the pooled learner's job
 (:mod:`ocl.learners.pooled`, ``learner=pooled``), which uses this learner through the
 :class:`~ocl.learners.base.Learner` interface only.

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from ocl.learners.transformer.learner import TransformerLearner, _Batch
+    from ocl.learners.transformer.learner import TransformerLearner
+    from ocl.learners.transformer.replay import StepBatch
 
 
 class _Graphed:
@@ -109,7 +110,7 @@ class StepGraphs:
         logits, kv = graph(x=x, pos=pos)
         return logits.clone(), kv.clone()
 
-    def train(self, batch: _Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def train(self, batch: StepBatch, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`TransformerLearner._train_step` of ``batch`` at learning rate ``lr``."""
         learner = self.learner
         lr_t = torch.tensor(lr, dtype=torch.float32, device=learner.device)

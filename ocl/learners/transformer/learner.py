@@ -4,7 +4,6 @@ package docstring for the method)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -20,28 +19,17 @@ from ocl.learners.base import Learner
 from ocl.learners.common import Temperature
 from ocl.learners.transformer.cuda_graphs import StepGraphs
 from ocl.learners.transformer.flat_adamw import FlatAdamW
+from ocl.learners.transformer.heldout import HeldOutEvaluation
 from ocl.learners.transformer.kv_cache import KVCache
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
 from ocl.learners.memory import History
-from ocl.learners.transformer.replay import ReplayCursors, ReplayPlan
-
-
-class _Batch(NamedTuple):
-    """The inputs of one training forward: stream 0 (the new chunk) and, once there is history,
-    the R-1 replay streams' chunks (B = 1 or R; stream b is cache row b)."""
-
-    plan: ReplayPlan  # the replay streams' chunks (committed when the step is taken)
-    xs: torch.Tensor  # (B, C, D)
-    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) until they are revealed
-    pos: torch.Tensor  # (B, C) example positions in each stream
-    ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
-    q_lo: torch.Tensor | None = None  # (B, T) lowest token position each query sees (segment > 1), else None
+from ocl.learners.transformer.replay import ReplayCursors, StepBatch
 
 
 class _Forward(NamedTuple):
     """A training forward over a batch, by ``predict`` or ``update``."""
 
-    batch: _Batch
+    batch: StepBatch
     labelled: bool  # False: run without any label (see TransformerLearner.shares_forward)
     logits: torch.Tensor  # (B, C, K), attached to the autograd graph
     ks: list[torch.Tensor]  # per layer (B, H, T, Dh): the chunk's keys, for the cache
@@ -58,7 +46,7 @@ class _Pending(NamedTuple):
     kv: torch.Tensor | None  # (2, L, 1, H, T, Dh) predict's keys/values without labels (segment > 1), else None
 
 
-class TransformerLearner(Learner):
+class TransformerLearner(HeldOutEvaluation, Learner):
     """Online transformer learner (in-context + in-weights), see the module docstring.
 
     ``segment`` = G = 1: every chunk (``predict`` then ``update``) is one training forward over
@@ -66,16 +54,12 @@ class TransformerLearner(Learner):
     ``predict`` and ``update`` reuses it (:meth:`shares_forward`); otherwise ``predict`` runs
     its own gradient-free forward of stream 0 with the chunk's labels "unknown".
 
-    G > 1 (Transformer-XL training): ``predict`` is a gradient-free forward of the chunk over
-    stream 0's cache; ``update`` adds the chunk's keys/values, labels included, to that cache
-    (in kv mode at C = 1 predict's own keys/values plus the label terms, otherwise a labelled
-    gradient-free forward), so every example is predicted from all revealed examples before it.
-    Once G examples are revealed since the last step, one step learns from them as a segment:
-    stream 0's last G examples and the replay streams' next G, every token attending to the
-    earlier tokens of its segment (labels in) and to its stream's cache, loss on all G x R
-    predictions. Keys, values and the label projection learn through the in-segment attention.
-    Each query sees exactly the context it is predicted with: the W examples before its chunk
-    and its chunk's earlier examples (the cache holds W + G - 1 examples, ``q_lo`` masks).
+    G > 1 (Transformer-XL training): ``predict`` is a gradient-free forward over stream 0's cache;
+    ``update`` adds the chunk's keys/values, labels in, to it (kv mode at C = 1: predict's plus the
+    label terms; else a labelled gradient-free forward); every G examples one step learns from
+    segments (stream 0's last G examples, the replay streams' next G; loss on all G x R). Each
+    query sees the context it is predicted with: the W examples before its chunk and its chunk's
+    earlier ones (the cache holds W + G - 1 examples, ``q_lo`` masks).
 
     Args:
         feature_dim: D. num_classes: K. seed: seeds init, dropout and replay cursors.
@@ -233,7 +217,7 @@ class TransformerLearner(Learner):
         return lo.expand_as(pos).repeat_interleave(tpe, dim=1)
 
     def _batch(self, x: torch.Tensor, y: torch.Tensor | None, start: int | None = None,
-               offsets: torch.Tensor | None = None) -> _Batch:
+               offsets: torch.Tensor | None = None) -> StepBatch:
         """Stream 0's chunk (G > 1: segment) ``x (C, D)``, ``y (C,)`` (None: labels not revealed
         yet) starting at example ``start`` (default: the next one), and the replay streams' next
         chunks (segments) of the same length. ``offsets (C,)``: where each example's chunk starts
@@ -253,7 +237,7 @@ class TransformerLearner(Learner):
             ctx_pos[0].masked_fill_(ctx_pos[0] >= start * self.model.tokens_per_example, -1)
         offsets = ar if offsets is None else offsets
         if not plan.active.any():  # no history yet: stream 0 alone
-            return _Batch(plan, x[None], y0, pos0, ctx_pos, self._q_lo(start + offsets[None], pos0))
+            return StepBatch(plan, x[None], y0, pos0, ctx_pos, self._q_lo(start + offsets[None], pos0))
         hx, hy = self.history.chunks(plan.starts, C)  # (R-1, C, D), (R-1, C)
         hstart = torch.as_tensor(plan.starts, device=self.device)[:, None]  # (R-1, 1)
         if plan.reset.any():  # streams that jump start from an empty cache
@@ -261,9 +245,9 @@ class TransformerLearner(Learner):
             ctx_pos = ctx_pos.masked_fill(jumped[:, None], -1)
         pos = torch.cat([pos0, hstart + ar])  # (R, C)
         q_lo = self._q_lo(torch.cat([pos0[:, :1], hstart]) + offsets, pos)
-        return _Batch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), pos, ctx_pos, q_lo)
+        return StepBatch(plan, torch.cat([x[None], hx]), torch.cat([y0, hy]), pos, ctx_pos, q_lo)
 
-    def _forward(self, batch: _Batch, labelled: bool = True) -> _Forward:
+    def _forward(self, batch: StepBatch, labelled: bool = True) -> _Forward:
         """The training forward of a batch; ``labelled=False``: no label enters it (only where
         :meth:`shares_forward`)."""
         self._set_training(True)
@@ -353,7 +337,7 @@ class TransformerLearner(Learner):
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward (with labels), loss, backward and AdamW step of a batch, all on the device (what
         ``cuda_graph`` captures). Returns the finite flag, the cache entries and their positions."""
-        fwd = self._forward(_Batch(None, xs, ys, pos, ctx_pos, q_lo))
+        fwd = self._forward(StepBatch(None, xs, ys, pos, ctx_pos, q_lo))
         kv = self._cache_entries(fwd, ys)
         return self._train(fwd.logits, ys, lr), kv, fwd.tpos
 
@@ -379,7 +363,7 @@ class TransformerLearner(Learner):
         kv = torch.stack([*fwd.ks, *fwd.vs]).unflatten(0, (2, self.cfg.n_layers))
         return kv if fwd.labelled else kv + self._label_kv_terms(ys)
 
-    def _finish(self, batch: _Batch, finite: torch.Tensor, kv: torch.Tensor, tpos: torch.Tensor, x: torch.Tensor,
+    def _finish(self, batch: StepBatch, finite: torch.Tensor, kv: torch.Tensor, tpos: torch.Tensor, x: torch.Tensor,
                 y: torch.Tensor) -> None:
         """After the step: the replay streams move on, the chunk's keys/values enter the caches
         and the chunk the history; after a non-finite loss (no step was taken) the chunk stays out
@@ -412,53 +396,3 @@ class TransformerLearner(Learner):
         cfg = self.cfg
         lab = self.model.label_kv(self.model.label_emb(ys))  # (B, C, L * 2 * d): per layer [key | value]
         return lab.view(B, C, cfg.n_layers, 2, cfg.n_heads, -1).permute(3, 2, 0, 4, 1, 5)
-
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        """Held-out log-probs ``(N, K)`` of ``x (N, D)`` (on ``x``'s device): each example attends to
-        the caches ``eval_context`` names as if it were their next example, independently of the
-        others. No state changes."""
-        xd, _ = self._check(x)
-        self._set_training(False)
-        rows, ctx_pos = self._eval_context()
-        n, tpe = ctx_pos.shape[0], self.model.tokens_per_example
-        qpos = (ctx_pos.max(1).values // tpe + 1).clamp_min(0) if self.cfg.eval_context == "replay" else \
-            torch.full((n,), self.t, device=self.device)  # (n,) each query as its stream's next example
-        out = []
-        for s in range(0, xd.shape[0], self.cfg.eval_batch):
-            xb = xd[s : s + self.cfg.eval_batch][None].expand(n, -1, -1)  # (n, N', D)
-            pos = qpos[:, None].expand(n, xb.shape[1])  # (n, N')
-            q_lo = None if self.cfg.segment == 1 else (pos - self.cfg.window) * tpe  # its stream's last W examples
-            logits = self._stream_forward(xb, None, pos, rows, ctx_pos, isolated=True, q_lo=q_lo)[0]  # (n, N', K)
-            lp = F.log_softmax(logits * self._scale(), dim=2)
-            out.append(torch.logsumexp(lp, 0) - math.log(n))  # the contexts' average distribution
-        log_probs = torch.cat(out) if out else torch.zeros(0, self.K, device=self.device)
-        return log_probs.to(x.device)
-
-    def frozen(self) -> TransformerLearner:
-        """A copy whose :meth:`evaluate` stays what this learner's is now: its own network, caches
-        and temperature; no optimizer, replay history (on disk: it is not copied) or cursors, so
-        it cannot learn. The pooled learner's held-out pool scores later examples with it
-        (``heldout_scores=lagged``)."""
-        frozen = copy.copy(self)
-        frozen.model, frozen.cache = copy.deepcopy(self.model), copy.deepcopy(self.cache)
-        frozen.temperature = copy.deepcopy(self.temperature)
-        frozen.opt = frozen.history = frozen.cursors = frozen.graphs = frozen._pending = None
-        frozen._segment = []
-        return frozen
-
-    def _eval_context(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cache rows ``(n,)`` and slot positions ``(n, S)`` that held-out examples attend to
-        (``eval_context``): stream 0's cache; each non-empty replay cache (their predictions are
-        averaged: a held-out example is not the stream's next one, so the current run of labels
-        should not decide it; none yet: no context); or no context (every slot masked)."""
-        mode = self.cfg.eval_context
-        rows = torch.arange(1, self.R, device=self.device) if mode == "replay" else self._rows_all[:1]
-        ctx_pos = self.cache.positions(rows)
-        if mode == "replay":
-            keep = (ctx_pos >= 0).any(1)
-            rows, ctx_pos = rows[keep], ctx_pos[keep]
-        if mode == "none" or rows.numel() == 0:
-            rows = self._rows_all[:1]
-            ctx_pos = torch.full_like(self.cache.positions(rows), -1)
-        return rows, ctx_pos

@@ -11,9 +11,11 @@ spread over the whole history: multi-epoch training that stays strictly sequenti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+import torch
 
 from ocl.learners.memory import History  # noqa: F401  (the store the replay streams read)
 
@@ -98,3 +100,15 @@ class ReplayCursors:
         """Take a plan of :meth:`plan` (made from the current state): the cursors move on."""
         if plan.after is not None:
             self.pos, self.rng.bit_generator.state = plan.after
+
+
+class StepBatch(NamedTuple):
+    """The inputs of one training forward: stream 0 (the new chunk) and, once there is history,
+    the R-1 replay streams' chunks (B = 1 or R; stream b is cache row b)."""
+
+    plan: ReplayPlan  # the replay streams' chunks (committed when the step is taken)
+    xs: torch.Tensor  # (B, C, D)
+    ys: torch.Tensor  # (B, C) labels; stream 0's are "unknown" (K) until they are revealed
+    pos: torch.Tensor  # (B, C) example positions in each stream
+    ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
+    q_lo: torch.Tensor | None = None  # (B, T) lowest token position each query sees (segment > 1), else None
