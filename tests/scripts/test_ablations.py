@@ -48,3 +48,18 @@ def test_the_table_gives_mean_and_sample_std_over_seeds_and_recovery_after_switc
     table = ablations.markdown(rows)
     assert "| s | default | 2 | 0.6000 ± 0.1414 | - | 1.0000 ± 0.0000 | 0.5000 ± 0.7071 | 50 ± 0 |" in table
     assert "| s | R=1 | 0 | - | - | - | - | - |" in table
+
+
+def test_research_variants_and_seeds_from_the_command_line(ablations, tmp_path):
+    args, _ = ablations.parse_args(["--streams", "s", "--out", str(tmp_path), "--first-seed", "100", "--seeds", "2",
+                                    "--variants", "network segment=8 lr=0.003", "default copy=false", "linear"])
+    assert list(ablations.seeds(args)) == [100, 101]
+    cmd = ablations.command(args, "s", "network segment=8 lr=0.003", 100, [])
+    assert "learner=transformer" in cmd and "learner.segment=8" in cmd and "learner.lr=0.003" in cmd
+    assert f"hydra.run.dir={tmp_path}/s/network_segment8_lr0.003_s100" in cmd
+    pooled = ablations.command(args, "s", "default copy=false", 101, [])
+    assert "learner.experts=[{name:transformer,copy:false},linear,slda]" in pooled and "seed=101" in pooled
+    assert "learner=linear" in ablations.command(args, "s", "linear", 100, [])
+    for bad in ("netwrk segment=8", "network segment", "linear lr=0.1"):
+        with pytest.raises(SystemExit, match="variant"):
+            ablations.learner_of(bad)
