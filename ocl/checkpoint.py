@@ -58,7 +58,7 @@ from ocl.runner import RunState
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = 9  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
+FORMAT = 10  # bump when the checkpoint layout changes (2: near-future records; 3: checksummed header, relative
 #            side files; 4: learner classes moved, e.g. ocl.learners.transformer became a package: a checkpoint
 #            pickles the learner by its classes' module paths, so older ones are refused, not half-loaded;
 #            5: the transformer's read-out experts and Temperature moved to ocl.learners.transformer.readouts;
@@ -67,10 +67,11 @@ FORMAT = 9  # bump when the checkpoint layout changes (2: near-future records; 3
 #            expert (heldout_scores=lagged) and the learner an RNG for past examples (past, mixed);
 #            8: the held-out pool scores past examples in batches and keeps the scored ones until used;
 #            9: the read-outs and pools left the transformer for the pooled learner (ocl.learners.pooled),
-#            History moved to ocl.learners.memory; see LAST_CHANGE)
+#            History moved to ocl.learners.memory;
+#            10: the transformer gained segments and the copy read-out (its cache keeps labels); see LAST_CHANGE)
 #: What the newest format changed, for the message that refuses an older checkpoint.
-LAST_CHANGE = ("learner=transformer is now the network alone; the default learner (the network pooled with a "
-               "linear read-out and SLDA) is learner=pooled")
+LAST_CHANGE = ("the transformer gained Transformer-XL segments (learner.segment) and a copy read-out "
+               "(learner.copy, on by default), and its cache keeps each example's label")
 MAGIC = b"OCL-CHECKPOINT "
 #: Top-level config keys that may change between a run and its resume: they affect how the
 #: run is executed or displayed, never what it computes (``data_dir``/``cache_dir`` only say
