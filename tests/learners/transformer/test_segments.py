@@ -2,6 +2,8 @@
 cache, a gradient step every G examples over segments in which keys, values and the label
 projection learn. The properties of DESIGN.md section 2 over a grid of G and C."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,17 @@ def test_a_non_finite_segment_is_skipped_whole_and_learning_goes_on():
     assert (learner.cache.positions(slice(None)) == -1).all()  # caches that may hold NaN are emptied
     logp = prequential(learner, x[12:], y[12:], 2)
     assert torch.isfinite(logp).all() and learner.skipped_updates == 1 and len(learner.history) == 16
+
+
+def test_the_copy_read_out_predicts_from_context_before_any_weight_has_learned():
+    """lr = 0: no weight ever moves, the head stays uniform; on runs of labels whose features say
+    nothing, the copied labels of the recent (ALiBi-weighted) context alone follow the runs."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 2, 1, 0, 1, 2]).repeat_interleave(20)
+    x = torch.randn(len(y), 8, generator=g)
+    frozen = {**TINY, "window": 16, "lr": 0.0, "temperature": False}
+    logp = prequential(TransformerLearner(8, 3, seed=0, **frozen), x, y, 1)
+    later = torch.arange(len(y)) % 20 >= 10  # the second half of each run
+    assert (logp.argmax(1) == y)[later].float().mean() > 0.9
+    plain = prequential(TransformerLearner(8, 3, seed=0, copy=False, **frozen), x, y, 1)
+    torch.testing.assert_close(plain, torch.full_like(plain, -math.log(3)))  # without it: the uniform head
