@@ -108,7 +108,7 @@ class StepGraphs:
         if graph is None:
             return body(x, pos)
         logits, kv = graph(x=x, pos=pos)
-        return logits.clone(), kv.clone()
+        return logits.clone(), None if kv is None else kv.clone()
 
     def train(self, batch: StepBatch, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`TransformerLearner._train_step` of ``batch`` at learning rate ``lr``."""

@@ -184,7 +184,7 @@ class TransformerLearner(HeldOutEvaluation, Learner):
     @torch.no_grad()
     def _raw_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stream 0's logits ``(C, K)`` for a chunk ``x (C, D)`` whose labels are unknown, and
-        the forward's keys/values ``(2, L, 1, H, T, Dh)`` (as they would be cached, labels aside)."""
+        G > 1 the forward's keys/values ``(2, L, 1, H, T, Dh)`` (as they would be cached, labels aside)."""
         C = x.shape[0]
         pos = self.t + torch.arange(C, device=self.device)[None]  # (1, C)
         if self.graphs is not None:
@@ -193,9 +193,9 @@ class TransformerLearner(HeldOutEvaluation, Learner):
 
     def _predict_forward(self, x: torch.Tensor, pos: torch.Tensor,
                          y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` and stacked keys/values
-        ``(2, L, 1, H, T, Dh)``, without gradient, over stream 0's cache; labels ``y (1, C)``
-        (None: unknown, as when predicting)."""
+        """``x (1, C, D)`` at positions ``pos (1, C)`` -> logits ``(C, K)`` and, G > 1 (where
+        ``update`` caches them), stacked keys/values ``(2, L, 1, H, T, Dh)`` (else None), without
+        gradient, over stream 0's cache; labels ``y (1, C)`` (None: unknown, as when predicting)."""
         self._set_training(False)
         if y is None and not (self.model.kv_mode and pos.shape[1] == 1):
             y = torch.full(pos.shape, self.K, device=self.device)  # this chunk's labels: unknown
@@ -203,6 +203,8 @@ class TransformerLearner(HeldOutEvaluation, Learner):
         # one they are the keys/values to which update adds the revealed label's terms)
         with torch.no_grad():
             logits, ks, vs, _ = self._stream_forward(x, y, pos, slice(0, 1), q_lo=self._q_lo(pos[:, :1], pos))
+        if self.cfg.segment == 1:
+            return logits[0], None
         return logits[0], torch.stack([*ks, *vs]).unflatten(0, (2, self.cfg.n_layers))
 
     def _q_lo(self, starts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
@@ -267,7 +269,7 @@ class TransformerLearner(HeldOutEvaluation, Learner):
             logits = forward.logits[0].detach()  # stream 0: this chunk
         else:
             logits, kv = self._raw_predict(xd)
-        self._pending = _Pending(x, logits, forward, kv if self.cfg.segment > 1 else None)
+        self._pending = _Pending(x, logits, forward, kv)
         return F.log_softmax(logits * self._scale(), dim=1).to(x.device)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -278,7 +280,7 @@ class TransformerLearner(HeldOutEvaluation, Learner):
         same = pending is not None and (pending.x is x or torch.equal(pending.x, x))
         if not same and (self.cfg.temperature or self.cfg.segment > 1):  # update without predict: score the
             logits, kv = self._raw_predict(xd)  # chunk as predict would have (and G > 1: its keys/values)
-            pending = _Pending(x, logits, None, kv if self.cfg.segment > 1 else None)
+            pending = _Pending(x, logits, None, kv)
         if self.cfg.temperature:  # one step on the chunk just scored, using the logits it was scored with
             self.temperature.step(pending.logits, yd)
         if self.cfg.segment > 1:
@@ -313,10 +315,8 @@ class TransformerLearner(HeldOutEvaluation, Learner):
                 kv = kv + self._label_kv_terms(y[None])  # key/value: predict's forward, plus the label terms
             else:
                 kv = self._predict_forward(x[None], pos, y[None])[1]
-            tpos = pos.repeat_interleave(self.model.tokens_per_example, dim=1) * self.model.tokens_per_example
-            if not self.model.kv_mode:  # context mode: x, y tokens at 2p, 2p + 1
-                tpos = tpos + torch.arange(2, device=self.device).repeat(C)
-            self.cache.write_stacked(self._rows_all[:1], tpos, kv, self.model.token_labels(y[None]))
+            self.cache.write_stacked(self._rows_all[:1], self.model.token_positions(pos), kv,
+                                     self.model.token_labels(y[None]))
             self.t += C
             return
         xs, ys = (torch.cat(parts) for parts in zip(*self._segment))  # (P, D), (P,)

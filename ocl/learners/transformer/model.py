@@ -267,7 +267,7 @@ class OnlineTransformer(nn.Module):
         else:
             hy = self.label_emb(y)  # (B, C, d)
             h = torch.stack([h, hy], dim=2).view(B, 2 * C, d)  # (B, 2C, d): x1 y1 x2 y2 ...
-            tpos = (2 * pos[:, :, None] + torch.arange(2, device=pos.device)).view(B, 2 * C)
+            tpos = self.token_positions(pos)
         if ctx is None:
             empty = h.new_zeros(B, H, 0, d // H)
             ctx, ctx_pos = [(empty, empty)] * L, tpos.new_zeros(B, 0)
@@ -287,6 +287,13 @@ class OnlineTransformer(nn.Module):
             rows = slice(0, None, 2) if not self.kv_mode and not isolated else slice(None)  # the x-tokens' queries
             logits = self.copy_readout(logits, *qk, ctx[-1][0], ctx_labels, chunk_labels, mask, rows)
         return logits, ks, vs, tpos
+
+    def token_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Token positions ``(B, T)`` of examples at positions ``pos (B, C)``: kv mode the same;
+        context mode x-token ``2p``, y-token ``2p + 1``."""
+        if self.kv_mode:
+            return pos
+        return (2 * pos[:, :, None] + torch.arange(2, device=pos.device)).flatten(1)
 
     def token_labels(self, y: torch.Tensor) -> torch.Tensor:
         """The label each token of examples labelled ``y (B, C)`` carries, ``(B, T)``: kv mode the
