@@ -83,7 +83,8 @@ def _constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v):
-    """``[sink, cache, chunk]`` keys and values, each ``(B, H, 1+S+T, Dh)``."""
+    """``[sink, cache, chunk]`` keys ``(B, H, 1+S+T, Dh)`` and values ``(B, H, 1+S+T, Dv)`` (Dv: the
+    values' own width, Dh in the learner's layers; the copy read-out attends to one-hot labels)."""
     B, H, _, Dh = q.shape
     if k_label is not None:
         k = k + k_label
@@ -92,7 +93,7 @@ def _keys_values(q, k, v, k_label, v_label, k_cache, v_cache, sink_k, sink_v):
     sink_k = sink_k if sink_k.dtype == k.dtype else sink_k.to(k.dtype)
     sink_v = sink_v if sink_v.dtype == v.dtype else sink_v.to(v.dtype)
     keys = torch.cat([sink_k.unsqueeze(1).expand(B, H, 1, Dh), _constant(k_cache, k.dtype), k], dim=2)
-    vals = torch.cat([sink_v.unsqueeze(1).expand(B, H, 1, Dh), _constant(v_cache, v.dtype), v], dim=2)
+    vals = torch.cat([sink_v.unsqueeze(1).expand(B, H, 1, -1), _constant(v_cache, v.dtype), v], dim=2)
     return keys, vals
 
 

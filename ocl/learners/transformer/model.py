@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ocl.errors import OCLError
 from ocl.kernels import BACKENDS, resolve_backend, windowed_attention
-from ocl.kernels.reference import attention_bias
+from ocl.kernels.reference import attention_bias, sdpa_attention
 
 
 @dataclass
@@ -325,15 +325,17 @@ class OnlineTransformer(nn.Module):
         if bias is None:  # the fused backends build theirs in the kernel
             bias = attention_bias(mask.ctx_pos, mask.tpos, mask.slopes, mask.strict, mask.isolated, mask.q_lo,
                                   dtype=q.dtype)
-        q, bias = q[:, :, rows], bias[:, :, rows]  # (B, H, T', Dh), (B, H, T', 1+S+T)
-        sink_k = self.blocks[-1].sink_kv[0]  # (H, Dh)
-        keys = torch.cat([sink_k[None, :, None].expand(B, H, 1, Dh), ctx_k.detach(), k], dim=2)  # (B, H, 1+S+T, Dh)
-        att = (q @ keys.transpose(2, 3) / math.sqrt(Dh) + bias).softmax(-1)  # (B, H, T', 1+S+T)
-        att = torch.einsum("h,bhts->bts", self.copy_heads.softmax(0), att)  # (B, T', 1+S+T)
-        labels = torch.cat([ctx_labels, chunk_labels], dim=1)  # (B, S+T)
-        known = (labels >= 0) & (labels < self.num_classes)
-        onehot = F.one_hot(labels.where(known, self.num_classes), self.num_classes + 1)[..., :-1]  # (B, S+T, K)
-        copied = att[:, :, 1:] @ onehot.to(att.dtype)  # (B, T, K)
+        K = self.num_classes
+
+        def onehot(labels: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, H, N, K); -1 or K: zeros
+            known = (labels >= 0) & (labels < K)
+            return F.one_hot(labels.where(known, K), K + 1)[..., :K].to(q.dtype)[:, None].expand(-1, H, -1, -1)
+
+        # the layer's attention with one-hot labels for values (the sink's: nothing): (B, H, T', K)
+        copied = sdpa_attention(q[:, :, rows], k, onehot(chunk_labels), None, None, ctx_k, onehot(ctx_labels),
+                                mask.ctx_pos, mask.tpos, self.blocks[-1].sink_kv[0], q.new_zeros(H, K), mask.slopes,
+                                mask.strict, bias=bias[:, :, rows])
+        copied = torch.einsum("h,bhtk->btk", self.copy_heads.softmax(0), copied)  # (B, T', K)
         lam = torch.sigmoid(self.copy_gate)
         p = (1 - lam * copied.sum(-1, keepdim=True)) * logits.softmax(-1) + lam * copied
         return p.clamp_min(1e-12).log()
