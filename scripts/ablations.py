@@ -27,6 +27,10 @@ Variants (``--variants``; each is a set of ``learner.*`` overrides of the defaul
 Any other variant is ``network`` or ``default`` followed by the network's options, e.g.
 ``"network segment=8 lr=0.003"`` (the research sweeps of ``docs/research/``).
 
+``--paired BASE`` adds, per stream, each other variant minus ``BASE`` paired by seed (the same
+seed is the same stream order): what the one difference between the two adds, with its spread
+over seeds (ex/s as a ratio).
+
 Runs that finished (a ``results.json`` in their directory) are not redone, so the script can be
 stopped and restarted. Held-out test evaluation is off (``eval_test=false``): the table is about
 the online, prequential metrics. "first 100" is online accuracy over the first 100 examples after
@@ -108,8 +112,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config-dir", type=Path, default=None,
                    help="a folder with experiment/<name>.yaml files (added to hydra's search path)")
     p.add_argument("--out", type=Path, default=Path("runs/ablations"), help="run directories (default runs/ablations)")
-    p.add_argument("--results", type=Path, default=None, help="write ablations.md and ablations.json here")
+    p.add_argument("--results", type=Path, default=None, help="write <name>.md and <name>.json here")
+    p.add_argument("--name", default="ablations", help="the stem of those two files (default: ablations)")
     p.add_argument("--combine-only", action="store_true", help="build the table from finished runs, run nothing")
+    p.add_argument("--paired", default=None, metavar="VARIANT",
+                   help="add each other variant minus this one, paired by seed (what the difference between them adds)")
     return p.parse_args(argv), extra
 
 
@@ -139,24 +146,46 @@ def first_after_switch(directory: Path, first: int = 100) -> float:
     return float(np.nanmean(m[:, :first])) if m.size else float("nan")
 
 
+def per_seed(args: argparse.Namespace, stream: str, variant: str) -> dict[int, dict[str, float]]:
+    """The finished runs of one variant on one stream: seed -> metric -> value."""
+    out = {}
+    for seed in seeds(args):
+        d = run_dir(args, stream, variant, seed)
+        if not (d / "results.json").is_file():
+            continue
+        res = json.loads((d / "results.json").read_text())
+        res["first100"] = first_after_switch(d)
+        out[seed] = {m: float(res[m]) if res.get(m) is not None else float("nan") for m in METRICS}
+    return out
+
+
+def mean_std(values: Sequence[float]) -> list[float] | None:
+    n = len(values)
+    return [float(np.mean(values)), float(np.std(values, ddof=1)) if n > 1 else 0.0] if n else None
+
+
 def combine(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per stream and variant: mean and sample std over seeds of every metric; with
+    ``--paired BASE``, also one row per other variant of ``variant - BASE`` paired by seed (same
+    seed, same stream order; ex/s as the ratio ``variant / BASE``), over the seeds both finished."""
     rows = []
     for stream in args.streams:
+        runs = {v: per_seed(args, stream, v) for v in args.variants}
         for variant in args.variants:
-            per_seed: dict[str, list[float]] = {m: [] for m in METRICS}
-            for seed in seeds(args):
-                d = run_dir(args, stream, variant, seed)
-                if not (d / "results.json").is_file():
-                    continue
-                res = json.loads((d / "results.json").read_text())
-                res["first100"] = first_after_switch(d)
-                for m in METRICS:
-                    per_seed[m].append(float(res[m]) if res.get(m) is not None else float("nan"))
-            n = len(per_seed[METRICS[0]])
-            row: dict[str, Any] = {"stream": stream, "variant": variant, "seeds": n}
-            for m in METRICS:
-                row[m] = [float(np.mean(per_seed[m])), float(np.std(per_seed[m], ddof=1)) if n > 1 else 0.0] if n else None
-            rows.append(row)
+            got = runs[variant]
+            rows.append({"stream": stream, "variant": variant, "seeds": len(got),
+                         **{m: mean_std([r[m] for r in got.values()]) for m in METRICS}})
+        if args.paired is None:
+            continue
+        base = runs[args.paired]
+        for variant in args.variants:
+            both = sorted(set(runs[variant]) & set(base))
+            if variant == args.paired or not both:
+                continue
+            a, b = runs[variant], base
+            rows.append({"stream": stream, "variant": f"{variant} - {args.paired}", "seeds": len(both), "paired": True,
+                         **{m: mean_std([a[s][m] / b[s][m] if m == "examples_per_second" else a[s][m] - b[s][m]
+                                         for s in both]) for m in METRICS}})
     return rows
 
 
@@ -166,8 +195,12 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         cells = []
         for m in METRICS:
             v = r[m]
-            cells.append("-" if v is None or np.isnan(v[0]) else
-                         (f"{v[0]:.0f} ± {v[1]:.0f}" if m == "examples_per_second" else f"{v[0]:.4f} ± {v[1]:.4f}"))
+            if v is None or np.isnan(v[0]):
+                cells.append("-")
+            elif m == "examples_per_second":
+                cells.append(f"{v[0]:.2f}x ± {v[1]:.2f}" if r.get("paired") else f"{v[0]:.0f} ± {v[1]:.0f}")
+            else:
+                cells.append(f"{v[0]:+.4f} ± {v[1]:.4f}" if r.get("paired") else f"{v[0]:.4f} ± {v[1]:.4f}")
         lines.append(f"| {r['stream']} | {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -176,6 +209,8 @@ def main(argv: Sequence[str]) -> int:
     args, extra = parse_args(argv)
     for name in args.variants:
         learner_of(name)  # a bad variant fails before anything runs
+    if args.paired is not None and args.paired not in args.variants:
+        raise SystemExit(f"error: --paired {args.paired!r} is not one of --variants {args.variants}")
     if not args.combine_only:
         jobs = [(s, v, seed) for s in args.streams for v in args.variants for seed in seeds(args)
                 if not (run_dir(args, s, v, seed) / "results.json").is_file()]
@@ -199,8 +234,8 @@ def main(argv: Sequence[str]) -> int:
     print(table)
     if args.results is not None:
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "ablations.md").write_text(table)
-        (args.results / "ablations.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.results / f"{args.name}.md").write_text(table)
+        (args.results / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 

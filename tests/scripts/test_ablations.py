@@ -63,3 +63,23 @@ def test_research_variants_and_seeds_from_the_command_line(ablations, tmp_path):
     for bad in ("netwrk segment=8", "network segment", "linear lr=0.1"):
         with pytest.raises(SystemExit, match="variant"):
             ablations.learner_of(bad)
+
+
+def test_paired_rows_are_differences_over_the_seeds_both_variants_finished(ablations, tmp_path):
+    args, _ = ablations.parse_args(["--streams", "s", "--variants", "default", "R=1", "--seeds", "3",
+                                    "--out", str(tmp_path), "--combine-only", "--paired", "R=1"])
+    task = np.zeros(300, dtype=int)
+    for seed, acc in ((0, 0.6), (1, 0.8), (2, 0.9)):
+        fake_run(tmp_path / "s" / f"default_s{seed}", acc, np.ones(300), task)
+    for seed, acc in ((0, 0.5), (1, 0.5)):  # seed 2 of R=1 did not finish: out of the pairs
+        fake_run(tmp_path / "s" / f"R1_s{seed}", acc, np.ones(300), task)
+    rows = ablations.combine(args)
+    paired = [r for r in rows if r.get("paired")]
+    assert [r["variant"] for r in paired] == ["default - R=1"] and paired[0]["seeds"] == 2
+    assert paired[0]["avg_online_accuracy"] == pytest.approx([0.2, np.std([0.1, 0.3], ddof=1)])
+    assert paired[0]["mean_log_loss"] == pytest.approx([0.0, 0.0])
+    assert paired[0]["examples_per_second"] == pytest.approx([1.0, 0.0])  # a ratio, not a difference
+    assert "| s | default - R=1 | 2 | +0.2000 ± 0.1414 | - | +0.0000 ± 0.0000 | - | 1.00x ± 0.00 |" in ablations.markdown(rows)
+    with pytest.raises(SystemExit, match="--paired"):
+        ablations.main(["--streams", "s", "--variants", "default", "--out", str(tmp_path), "--combine-only",
+                        "--paired", "R=1"])
