@@ -33,6 +33,7 @@ class TransformerConfig:
     replay_streams: int = 4  # R (incl. stream 0); paper: 1 far worse than >= 4; with copy, 4 beat 8 on 3 of 5 streams
     segment: int = 1  # G: one gradient step per G revealed examples, over Transformer-XL segments of G per stream
     copy: bool = True  # mix a copy of the labels the last layer attends to into the prediction (permuted +14)
+    copy_recency: bool = False  # copy: learn a per-head scale of its ALiBi slopes (how strongly it favours recent labels)
     lr: float = 1e-3  # AdamW peak lr; on pretrained features 1e-3 beat 3e-3 and 1e-2 (README, "The transformer learner")
     warmup: int = 100  # examples of linear warm-up (Adam's second moments are noisy at first)
     lr_decay: str = "constant"  # | "inv_sqrt": lr*sqrt(warmup/t), the paper's best on 39M examples; decays too early on short streams
@@ -188,6 +189,8 @@ class OnlineTransformer(nn.Module):
         if cfg.copy:  # the copy read-out's weight (sigmoid(0) = 1/2 at first) and its heads' (equal at first)
             self.copy_gate = nn.Parameter(torch.zeros(()))
             self.copy_heads = nn.Parameter(torch.zeros(cfg.n_heads))
+            if cfg.copy_recency:  # log-scale of each head's ALiBi slope in the copy's attention (0: the layer's)
+                self.copy_slope_log_scale = nn.Parameter(torch.zeros(cfg.n_heads))
         # ALiBi slope per head, per *token* so distances count in examples in both modes.
         self.register_buffer("slopes", alibi_slopes(cfg.n_heads) / self.tokens_per_example, persistent=False)
         self._init_weights()
@@ -325,6 +328,11 @@ class OnlineTransformer(nn.Module):
         if bias is None:  # the fused backends build theirs in the kernel
             bias = attention_bias(mask.ctx_pos, mask.tpos, mask.slopes, mask.strict, mask.isolated, mask.q_lo,
                                   dtype=q.dtype)
+        if self.cfg.copy_recency:  # bias = -slope * distance (0 at the sink, -inf where masked): a positive factor
+            # per head rescales the slopes; masked entries are set apart (0 * -inf in the backward would be NaN)
+            masked = torch.isinf(bias)
+            bias = (bias.masked_fill(masked, 0.0) * self.copy_slope_log_scale.exp()[None, :, None, None]).masked_fill(
+                masked, float("-inf"))
         K = self.num_classes
 
         def onehot(labels: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, H, N, K); -1 or K: zeros
