@@ -325,14 +325,10 @@ class OnlineTransformer(nn.Module):
         keys where they attend within a segment)."""
         B, H, T, Dh = q.shape
         bias = mask.bias
-        if bias is None:  # the fused backends build theirs in the kernel
-            bias = attention_bias(mask.ctx_pos, mask.tpos, mask.slopes, mask.strict, mask.isolated, mask.q_lo,
-                                  dtype=q.dtype)
-        if self.cfg.copy_recency:  # bias = -slope * distance (0 at the sink, -inf where masked): a positive factor
-            # per head rescales the slopes; masked entries are set apart (0 * -inf in the backward would be NaN)
-            masked = torch.isinf(bias)
-            bias = (bias.masked_fill(masked, 0.0) * self.copy_slope_log_scale.exp()[None, :, None, None]).masked_fill(
-                masked, float("-inf"))
+        if bias is None or self.cfg.copy_recency:  # the fused backends build theirs in the kernel; copy_recency
+            # rescales each head's slope by a learned factor (1 at first): the bias is built from those
+            slopes = mask.slopes * self.copy_slope_log_scale.exp() if self.cfg.copy_recency else mask.slopes
+            bias = attention_bias(mask.ctx_pos, mask.tpos, slopes, mask.strict, mask.isolated, mask.q_lo, dtype=q.dtype)
         K = self.num_classes
 
         def onehot(labels: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, H, N, K); -1 or K: zeros
