@@ -19,6 +19,8 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 
+from filelock import FileLock
+
 from ocl.errors import OCLError, free_bytes, storage_error
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ def extract_zip(zip_path: str) -> str:
     are not wanted. A one-line notice says where and how large; a complete extraction made by
     an earlier version beside the zip (``.<zipstem>-extracted``) is still reused. A marker file
     (written last, recording the zip's path, size and mtime) makes later calls reuse a complete
-    extraction and redo a partial or stale one. The archive's timestamps are kept, so the
+    extraction and redo a partial or stale one; runs started together unpack it once (a file lock
+    beside the folder: the others wait). The archive's timestamps are kept, so the
     image folder's fingerprint (and its feature cache entries) does not depend on where or
     when it was unpacked.
 
@@ -177,6 +180,26 @@ def extract_zip(zip_path: str) -> str:
     for target in (own, other, legacy):
         if _is_complete(target, stamp):
             return target
+    if not _writable_dir(cache):
+        raise OCLError(f"{zip_path}: cannot unpack it into {cache} (not writable); set OCL_EXTRACT_DIR=DIR to a "
+                       "writable folder, or unpack the zip yourself and pass the folder as root.")
+    files, size = _members(zip_path)
+    free = free_bytes(cache)
+    if free is not None and free < size:
+        raise OCLError(f"{zip_path}: unpacking it needs {size / 1e6:,.0f} MB in {cache}, which has "
+                       f"{free / 1e6:,.0f} MB free; set OCL_EXTRACT_DIR=DIR to a folder with room, or unpack the "
+                       "zip yourself and pass the folder as root.")
+    # One process unpacks, the others wait and reuse its folder: runs started together (ocl compare,
+    # the benchmark's workers) would otherwise each delete and replace the same stale folder.
+    with FileLock(os.path.join(cache, f".{stem}.lock")):
+        for target in (own, other):
+            if _is_complete(target, stamp):  # unpacked by another process while this one waited
+                return target
+        return _unpack(zip_path, own, other, stamp, files, size)
+
+
+def _unpack(zip_path: str, own: str, other: str, stamp: str, files: int, size: int) -> str:
+    """Unpack into ``own`` (``other`` if ``own`` holds another zip's finished extraction); caller holds the lock."""
     # a stem already taken by another zip's finished extraction: this zip gets its own folder
     try:
         with open(os.path.join(own, _MARKER)) as f:
@@ -185,26 +208,14 @@ def extract_zip(zip_path: str) -> str:
         taken = False
     target = other if taken else own
     parent = os.path.dirname(target)
-    if not _writable_dir(parent):
-        raise OCLError(f"{zip_path}: cannot unpack it into {parent} (not writable); set OCL_EXTRACT_DIR=DIR to a "
-                       "writable folder, or unpack the zip yourself and pass the folder as root.")
-    files, size = _members(zip_path)
-    free = free_bytes(parent)
-    if free is not None and free < size:
-        raise OCLError(f"{zip_path}: unpacking it needs {size / 1e6:,.0f} MB in {parent}, which has "
-                       f"{free / 1e6:,.0f} MB free; set OCL_EXTRACT_DIR=DIR to a folder with room, or unpack the "
-                       "zip yourself and pass the folder as root.")
     log.info("unpacking %s (%s files, %.0f MB) into %s, once (later runs reuse it; OCL_EXTRACT_DIR moves it)",
              zip_path, f"{files:,}", size / 1e6, target)
-    tmp = tempfile.mkdtemp(prefix=f".{stem}-partial-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(own)}-partial-", dir=parent)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the extraction is ordinary data
         _extract_into(zip_path, tmp)
         with open(os.path.join(tmp, _MARKER), "w") as f:
             f.write(stamp)
-        if _is_complete(target, stamp):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return target
         if os.path.lexists(target):  # partial or stale extraction
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -2,7 +2,10 @@ import calendar
 import logging
 import os
 import socket
+import threading
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -171,3 +174,35 @@ def test_extract_zip_corrupt(tmp_path, unpacked):
 def test_extract_zip_missing(tmp_path):
     with pytest.raises(OCLError, match="nope.zip"):
         extract_zip(str(tmp_path / "nope.zip"))
+
+
+def test_extract_zip_runs_started_together_unpack_once(tmp_path, unpacked, monkeypatch):
+    """Runs started at once over a stale extraction: one unpacks, the others wait and reuse it.
+
+    Without the lock both would delete and replace the same stale folder (one of them failing
+    with "No such file or directory" half-way).
+    """
+    z = _zip(tmp_path / "d.zip", {"a.txt": b"new"})
+    (unpacked / "d").mkdir(parents=True)
+    (unpacked / "d" / "a.txt").write_bytes(b"stale")  # no marker: partial or stale
+    extract_into = download._extract_into
+    busy, most, calls = [0], [0], []
+    guard = threading.Lock()
+
+    def slow_extract(zip_path, tmp):
+        with guard:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+            calls.append(tmp)
+        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        extract_into(zip_path, tmp)
+        with guard:
+            busy[0] -= 1
+
+    monkeypatch.setattr(download, "_extract_into", slow_extract)
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: extract_zip(z), range(2)))
+    assert outs == [str(unpacked / "d")] * 2
+    assert most[0] == 1 and len(calls) == 1  # unpacked once, never two at a time
+    assert (unpacked / "d" / "a.txt").read_bytes() == b"new"
+    assert not [p for p in os.listdir(unpacked) if "partial" in p]
