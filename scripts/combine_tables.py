@@ -5,8 +5,9 @@ be set side by side without re-running the others. ``--drop FOLDER:LEARNER`` lea
 later folder replaces. Example (the 10k benchmark with today's learners):
 
     .venv/bin/python scripts/combine_tables.py scripts/results/benchmark10k scripts/results/benchmark10k_ranpac \
-        scripts/results/benchmark10k_pooled scripts/results/benchmark10k_copy --drop benchmark10k:transformer \
-        benchmark10k_pooled:transformer benchmark10k_pooled:pooled > scripts/results/benchmark10k/all_learners.md
+        scripts/results/benchmark10k_pooled scripts/results/benchmark10k_copy scripts/results/benchmark10k_recency \
+        --drop benchmark10k:transformer benchmark10k_pooled:transformer benchmark10k_pooled:pooled \
+        benchmark10k_copy:transformer benchmark10k_copy:pooled > scripts/results/benchmark10k/all_learners.md
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ Copy read-out (``copy``): the head's distribution is mixed with the labels the l
 attention weighs (cached examples keep their labels, :attr:`.kv_cache.KVCache.labels`), with a
 learned gate and learned head weights: in-context prediction from the first example (recency
 through ALiBi before any training), sharpened by training (see
-:meth:`.model.OnlineTransformer.copy_readout`). ``copy_recency`` (off by default) lets it learn
+:meth:`.model.OnlineTransformer.copy_readout`). ``copy_recency`` (on by default) lets it learn
 how steep that recency is, per head.
 
 Prediction: the network's distribution (with ``copy``, mixed with the copied labels), calibrated

@@ -33,7 +33,7 @@ class TransformerConfig:
     replay_streams: int = 4  # R (incl. stream 0); paper: 1 far worse than >= 4; with copy, 4 beat 8 on 3 of 5 streams
     segment: int = 1  # G: one gradient step per G revealed examples, over Transformer-XL segments of G per stream
     copy: bool = True  # mix a copy of the labels the last layer attends to into the prediction (permuted +14)
-    copy_recency: bool = False  # copy: learn a per-head scale of its ALiBi slopes (how strongly it favours recent labels)
+    copy_recency: bool = True  # copy: learn a per-head scale of its ALiBi slopes (how strongly it favours recent labels)
     lr: float = 1e-3  # AdamW peak lr; on pretrained features 1e-3 beat 3e-3 and 1e-2 (README, "The transformer learner")
     warmup: int = 100  # examples of linear warm-up (Adam's second moments are noisy at first)
     lr_decay: str = "constant"  # | "inv_sqrt": lr*sqrt(warmup/t), the paper's best on 39M examples; decays too early on short streams
