@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ocl.errors import OCLError, free_bytes, storage_error
 
@@ -191,11 +191,19 @@ def extract_zip(zip_path: str) -> str:
                        "zip yourself and pass the folder as root.")
     # One process unpacks, the others wait and reuse its folder: runs started together (ocl compare,
     # the benchmark's workers) would otherwise each delete and replace the same stale folder.
-    with FileLock(os.path.join(cache, f".{stem}.lock")):
+    lock = FileLock(os.path.join(cache, f".{stem}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # say why this run seems to hang (CIFAR-10's 60,000 files take about a minute)
+        log.info("waiting for another run that is unpacking %s into %s", zip_path, cache)
+        lock.acquire()
+    try:
         for target in (own, other):
             if _is_complete(target, stamp):  # unpacked by another process while this one waited
                 return target
         return _unpack(zip_path, own, other, stamp, files, size)
+    finally:
+        lock.release()
 
 
 def _unpack(zip_path: str, own: str, other: str, stamp: str, files: int, size: int) -> str:

@@ -176,8 +176,9 @@ def test_extract_zip_missing(tmp_path):
         extract_zip(str(tmp_path / "nope.zip"))
 
 
-def test_extract_zip_runs_started_together_unpack_once(tmp_path, unpacked, monkeypatch):
-    """Runs started at once over a stale extraction: one unpacks, the others wait and reuse it.
+def test_extract_zip_runs_started_together_unpack_once(tmp_path, unpacked, monkeypatch, caplog):
+    """Runs started at once over a stale extraction: one unpacks, the others wait (and say so)
+    and reuse it.
 
     Without the lock both would delete and replace the same stale folder (one of them failing
     with "No such file or directory" half-way).
@@ -200,9 +201,11 @@ def test_extract_zip_runs_started_together_unpack_once(tmp_path, unpacked, monke
             busy[0] -= 1
 
     monkeypatch.setattr(download, "_extract_into", slow_extract)
-    with ThreadPoolExecutor(2) as pool:
+    with caplog.at_level(logging.INFO, logger=download.__name__), ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda _: extract_zip(z), range(2)))
     assert outs == [str(unpacked / "d")] * 2
     assert most[0] == 1 and len(calls) == 1  # unpacked once, never two at a time
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for another run")]
+    assert len(waits) == 1 and str(z) in waits[0]  # the one that waited said why it seemed to hang
     assert (unpacked / "d" / "a.txt").read_bytes() == b"new"
     assert not [p for p in os.listdir(unpacked) if "partial" in p]
