@@ -262,8 +262,8 @@ def markdown(args: argparse.Namespace, rows: Sequence[dict[str, Any]], notes: Se
            for s in setups.values()}
     cmd = shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]])
     lines = ["# Benchmark: every learner on every stream", "",
-             f"Made by `{cmd}` (mean ± std over seeds {sorted(range(args.seeds))}; rebuilt from the run "
-             "directories with `--combine-only`).", ""]
+             f"Made by `{cmd}` (mean ± std over seeds {sorted(range(args.seeds))}; `--combine-only` "
+             "rebuilds it from the run directories).", ""]
     for model, size, weights, dim in sorted(backbones, key=str):
         lines.append(f"Features: {model}" + (f" at {size} px" if size else "") + f" (weights: {weights}), D={dim}.")
     for nf in sorted(nfs, key=str):
