@@ -49,6 +49,7 @@ class TransformerConfig:
     eval_batch: int = 256  # held-out examples per evaluate() forward
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
+    qk_init: float = 0.0  # > 0: each layer's query and key weights start equal, N(0, qk_init^2): attention (and the copy) a similarity look-up from step 0
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> OCLError:
@@ -69,7 +70,7 @@ class TransformerConfig:
         for key in ("d_model", "n_layers", "n_heads", "mlp_ratio", "replay_streams", "segment", "eval_batch"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1.")
-        for key in ("window", "warmup", "lr", "weight_decay", "grad_clip", "temp_lr"):
+        for key in ("window", "warmup", "lr", "weight_decay", "grad_clip", "temp_lr", "qk_init"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0.")
         if not 0 <= self.dropout < 1:
@@ -203,6 +204,17 @@ class OnlineTransformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
                 nn.init.normal_(p, std=std)
         nn.init.normal_(self.in_proj.weight, std=0.02)
+        if self.cfg.qk_init > 0:
+            # q . k' = h^T W^T W h': with one random W for both, a random projection that keeps inner
+            # products, so a query attends most to the cached examples most like it (and the copy
+            # read-out copies their labels) before any step; with the default init (independent, std
+            # 0.02) q . k is a near-zero random bilinear form and ALiBi recency decides
+            d = self.cfg.d_model
+            with torch.no_grad():
+                for block in self.blocks:
+                    w = block.qkv.weight  # (3d, d): rows [q | k | v]
+                    w[:d].normal_(std=self.cfg.qk_init)
+                    w[d:2 * d].copy_(w[:d])
         nn.init.normal_(self.label_emb.weight, std=1.0)  # unit scale like a LayerNorm output
         with torch.no_grad():
             self.label_emb.weight[self.num_classes].zero_()  # "unknown": no label information

@@ -388,11 +388,44 @@ def test_non_finite_loss_skips_the_step_and_keeps_history_clean(path):
     assert torch.isfinite(logp).all() and learner.skipped_updates == 1
 
 
+def test_qk_init_starts_queries_equal_to_keys_so_attention_prefers_similar_examples():
+    """qk_init > 0: each layer's query and key weights start as the same N(0, qk_init^2) matrix, so
+    q . k' is a random projection of h . h' and the first layer scores a near-copy of the query
+    above unrelated examples; the default (0) keeps them independent and changes nothing else."""
+    D, K, d = 24, 3, TransformerConfig().d_model
+    torch.manual_seed(0)
+    plain = OnlineTransformer(D, K, TransformerConfig())
+    torch.manual_seed(0)
+    tied = OnlineTransformer(D, K, TransformerConfig(qk_init=0.1))
+    for a, b in zip(plain.blocks, tied.blocks):
+        assert not torch.equal(a.qkv.weight[:d], a.qkv.weight[d:2 * d])
+        assert torch.equal(b.qkv.weight[:d], b.qkv.weight[d:2 * d])
+        assert 0.08 < float(b.qkv.weight[:d].detach().std()) < 0.12
+        assert torch.equal(a.qkv.weight[2 * d:], b.qkv.weight[2 * d:])  # values, and all else, as before
+    assert torch.equal(plain.in_proj.weight, tied.in_proj.weight)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, D, generator=g)
+    others = torch.randn(20, D, generator=g)
+    near = x + 0.05 * torch.randn(1, D, generator=g)
+    for model, margin in ((tied, 5.0), (plain, None)):
+        block = model.blocks[0]
+        h = block.ln1(model.in_proj(model.in_ln(torch.cat([x, near, others]))))
+        q, k, _ = block.qkv(h).split([d, d, d], dim=1)
+        scores = (k[1:] @ q[0]).detach()  # (21,): the near-copy first
+        if margin is not None:
+            assert scores[0] > scores[1:].max() + margin
+        else:  # untied and small: no preference worth the name
+            assert abs(float(scores[0])) < 1.0
+
+
 def test_bad_inputs_and_config_raise_ocl_errors():
     with pytest.raises(OCLError, match="unknown"):
         TransformerLearner(8, 3, windw=4)
     with pytest.raises(OCLError, match="label_mode"):
         TransformerLearner(8, 3, label_mode="tokens")
+    with pytest.raises(OCLError, match="qk_init"):
+        TransformerLearner(8, 3, qk_init=-0.1)
     learner = TransformerLearner(8, 3, **TINY)
     with pytest.raises(OCLError, match="shape"):
         learner.predict(torch.randn(2, 5))
