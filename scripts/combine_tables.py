@@ -2,12 +2,22 @@
 
 Rows of learners run at different times (new learners, or a learner whose defaults changed) can
 be set side by side without re-running the others. ``--drop FOLDER:LEARNER`` leaves out a row a
-later folder replaces. Example (the 10k benchmark with today's learners):
+later folder replaces; ``--same A=B`` puts stream A's rows in stream B's column where both names
+are one preset (the EMNIST stream is the same 1,000 examples in the 10k and the full-size
+benchmark). Example (the 10k benchmark with today's learners):
 
     .venv/bin/python scripts/combine_tables.py scripts/results/benchmark10k scripts/results/benchmark10k_ranpac \
         scripts/results/benchmark10k_pooled scripts/results/benchmark10k_copy scripts/results/benchmark10k_recency \
         --drop benchmark10k:transformer benchmark10k_pooled:transformer benchmark10k_pooled:pooled \
         benchmark10k_copy:transformer benchmark10k_copy:pooled > scripts/results/benchmark10k/all_learners.md
+
+and the full-size one, whose EMNIST rows of today's `transformer` and `pooled` are the 10k ones:
+
+    .venv/bin/python scripts/combine_tables.py scripts/results/benchmark scripts/results/benchmark_ranpac \
+        scripts/results/benchmark_recency scripts/results/benchmark10k_recency --drop benchmark:transformer \
+        --same bench10k_emnist_split=bench_emnist_split \
+        --streams bench_cifar_split bench_cifar_iid bench_cifar_permuted bench_cifar_bursty bench_emnist_split \
+        > scripts/results/benchmark/all_learners.md
 """
 
 from __future__ import annotations
@@ -25,25 +35,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="result folders holding benchmark.csv")
     p.add_argument("--drop", nargs="*", default=[], help="FOLDER_NAME:LEARNER rows to leave out")
+    p.add_argument("--same", nargs="*", default=[], metavar="A=B",
+                   help="stream A is stream B under another name (the same preset): its rows go in B's column")
+    p.add_argument("--streams", nargs="*", default=None, help="only these streams' columns (after --same)")
     args = p.parse_args()
     drop = {tuple(d.split(":", 1)) for d in args.drop}
+    same = dict(a.split("=", 1) for a in args.same)
     rows, streams, learners, origin = {}, [], [], {}
     for folder in args.folders:
         with open(folder / "benchmark.csv", newline="") as f:
             for r in csv.DictReader(f):
-                if (folder.name, r["learner"]) in drop:
+                r["stream"] = same.get(r["stream"], r["stream"])
+                if (folder.name, r["learner"]) in drop or (args.streams is not None and r["stream"] not in args.streams):
                     continue
                 if r["stream"] not in streams:
                     streams.append(r["stream"])
                 if r["learner"] not in learners:
                     learners.append(r["learner"])
                 rows[r["learner"], r["stream"]] = r
-                origin[r["learner"]] = folder.name
+                if folder.name not in origin.setdefault(r["learner"], []):
+                    origin[r["learner"]].append(folder.name)
     out = ["# The benchmark, every learner", "",
            "Combined from " + ", ".join(f"`{f}`" for f in args.folders) + " by `scripts/combine_tables.py`"
-           + (f" (left out: {', '.join(sorted(args.drop))})" if args.drop else "") + "; mean ± std over seeds; "
+           + (f" (left out: {', '.join(sorted(args.drop))})" if args.drop else "")
+           + (f" (the same preset under two names: {', '.join(args.same)})" if args.same else "") + "; mean ± std over seeds; "
            "**bold**: best per stream. Where each row was made: "
-           + ", ".join(f"{lr} ({origin[lr]})" for lr in learners) + ".", ""]
+           + ", ".join(f"{lr} ({' + '.join(origin[lr])})" for lr in learners) + ".", ""]
     for key, title, higher in METRICS:
         out += [f"## {title}", "", "| learner | " + " | ".join(streams) + " |",
                 "| :--- | " + " | ".join("---:" for _ in streams) + " |"]
