@@ -50,6 +50,7 @@ class TransformerConfig:
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
     stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
     qk_init: float = 0.0  # > 0: each layer's query and key weights start equal, N(0, qk_init^2): attention (and the copy) a similarity look-up from step 0
+    qk_init_layers: str = "all"  # which layers qk_init ties: "all" | "first" | "last" (the copy read-out's)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> OCLError:
@@ -61,6 +62,8 @@ class TransformerConfig:
             raise bad("lr_decay", "must be 'constant' or 'inv_sqrt'.")
         if self.eval_context not in ("stream0", "replay", "none"):
             raise bad("eval_context", "must be 'stream0', 'replay' or 'none'.")
+        if self.qk_init_layers not in ("all", "first", "last"):
+            raise bad("qk_init_layers", "must be 'all', 'first' or 'last'.")
         if self.reset_rule not in ("prob", "start"):
             raise bad("reset_rule", "must be 'prob' or 'start'.")
         if self.attn not in BACKENDS:
@@ -209,9 +212,10 @@ class OnlineTransformer(nn.Module):
             # products, so a query attends most to the cached examples most like it (and the copy
             # read-out copies their labels) before any step; with the default init (independent, std
             # 0.02) q . k is a near-zero random bilinear form and ALiBi recency decides
-            d = self.cfg.d_model
+            d, which = self.cfg.d_model, self.cfg.qk_init_layers
+            tied = self.blocks if which == "all" else [self.blocks[0 if which == "first" else -1]]
             with torch.no_grad():
-                for block in self.blocks:
+                for block in tied:
                     w = block.qkv.weight  # (3d, d): rows [q | k | v]
                     w[:d].normal_(std=self.cfg.qk_init)
                     w[d:2 * d].copy_(w[:d])

@@ -419,6 +419,20 @@ def test_qk_init_starts_queries_equal_to_keys_so_attention_prefers_similar_examp
             assert abs(float(scores[0])) < 1.0
 
 
+@pytest.mark.parametrize("layers, tied", [("first", [True, False]), ("last", [False, True])])
+def test_qk_init_layers_ties_only_the_named_layer(layers, tied):
+    """qk_init_layers: the first layer alone, or the last (whose attention the copy read-out
+    reuses) alone; the other layers keep the default init, draw for draw."""
+    d = TransformerConfig().d_model
+    torch.manual_seed(0)
+    plain = OnlineTransformer(12, 3, TransformerConfig())
+    torch.manual_seed(0)
+    model = OnlineTransformer(12, 3, TransformerConfig(qk_init=0.1, qk_init_layers=layers))
+    assert [torch.equal(b.qkv.weight[:d], b.qkv.weight[d:2 * d]) for b in model.blocks] == tied
+    for a, b, t in zip(plain.blocks, model.blocks, tied):
+        assert torch.equal(a.qkv.weight, b.qkv.weight) != t
+
+
 def test_bad_inputs_and_config_raise_ocl_errors():
     with pytest.raises(OCLError, match="unknown"):
         TransformerLearner(8, 3, windw=4)
@@ -426,6 +440,8 @@ def test_bad_inputs_and_config_raise_ocl_errors():
         TransformerLearner(8, 3, label_mode="tokens")
     with pytest.raises(OCLError, match="qk_init"):
         TransformerLearner(8, 3, qk_init=-0.1)
+    with pytest.raises(OCLError, match="qk_init_layers"):
+        TransformerLearner(8, 3, qk_init_layers="middle")
     learner = TransformerLearner(8, 3, **TINY)
     with pytest.raises(OCLError, match="shape"):
         learner.predict(torch.randn(2, 5))
