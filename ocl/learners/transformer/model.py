@@ -48,7 +48,7 @@ class TransformerConfig:
     cuda_graph: bool = False  # CUDA: replay predict and the training step as captured CUDA graphs (needs dropout 0)
     eval_batch: int = 256  # held-out examples per evaluate() forward
     eval_context: str = "stream0"  # what held-out examples attend to: stream0's cache | replay: each replay cache, averaged | none
-    stream0_weight: float | None = None  # loss weight of stream 0 (the newest chunk) against replay; None: 1/B, as every stream
+    stream0_weight: float | None = 0.5  # loss weight of stream 0 (the newest chunk); replay shares the rest; None: 1/B each (+1.6 permuted)
     qk_init: float = 0.0  # > 0: each layer's query and key weights start equal, N(0, qk_init^2): attention (and the copy) a similarity look-up from step 0
     qk_init_layers: str = "all"  # which layers qk_init ties: "all" | "first" | "last" (the copy read-out's)
 

@@ -54,8 +54,9 @@ def stream(D: int, K: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 def test_pooled_predicts_what_the_transformer_with_read_outs_predicted(case):
     D, K, n, C, network, pool, compare_evaluate = CASES[case]
     x, y = stream(D, K, n)
-    # the network as it was then: without the copy read-out and its replay streams of then (R = 8)
-    then = {"copy": False, "replay_streams": 8, "lr": 1e-3, **network}
+    # the network as it was then: without the copy read-out, its replay streams of then (R = 8) and
+    # with every stream weighing the same in the loss
+    then = {"copy": False, "replay_streams": 8, "lr": 1e-3, "stream0_weight": None, **network}
     learner = PooledLearner(D, K, seed=3, experts=[{"name": "transformer", **then}, "linear", "slda"], **pool)
     logged, along = [], []
     for s in range(0, n, C):

@@ -310,15 +310,17 @@ def test_runs_are_deterministic_for_a_seed_and_differ_across_seeds():
 def test_stream0_weight_one_learns_as_if_there_were_no_replay_streams():
     """``stream0_weight=1``: the replay streams still run but get no loss, and streams are
     independent in the forward, so the weights (hence every prediction) follow R = 1's; any
-    other weight changes them (the option is wired in)."""
+    other weight changes them (the option is wired in), and the default (0.5) is not the uniform
+    weighting (null)."""
     x, y = clusters(30)
     alone = prequential(TransformerLearner(8, 3, seed=0, **{**TINY, "replay_streams": 1}), x, y, 1)
     cfg = {**TINY, "replay_streams": 3}
     ignored = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=1.0), x, y, 1)
     torch.testing.assert_close(ignored, alone, rtol=0, atol=1e-4)  # float rounding: B = 3 vs 1 forwards
     half = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=0.5), x, y, 1)
-    uniform = prequential(TransformerLearner(8, 3, seed=0, **cfg), x, y, 1)
+    uniform = prequential(TransformerLearner(8, 3, seed=0, **cfg, stream0_weight=None), x, y, 1)
     assert (half - alone).abs().max() > 1e-3 and (half - uniform).abs().max() > 1e-3
+    torch.testing.assert_close(prequential(TransformerLearner(8, 3, seed=0, **cfg), x, y, 1), half, rtol=0, atol=0)
     with pytest.raises(OCLError, match="stream0_weight"):
         TransformerLearner(8, 3, stream0_weight=0.0)
 

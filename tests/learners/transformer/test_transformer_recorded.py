@@ -32,8 +32,8 @@ SMALL = dict(d_model=32, n_layers=2, n_heads=4, window=8, replay_streams=4, warm
 # recent-heavy replay reset the defaults). These recordings are of the network alone, which is what
 # learner=transformer is now; the default learner of those days with its read-outs (learner=pooled)
 # is compared with its own recordings in tests/learners/pooled/test_pooled_recorded.py.
-# The copy read-out and Transformer-XL segments came later, off here (and R as it was).
-RECORDED_DEFAULTS = dict(lr=3e-3, reset_rule="start", copy=False, replay_streams=8, segment=1)
+# The copy read-out, Transformer-XL segments and stream 0's loss weight came later, off here (and R as it was).
+RECORDED_DEFAULTS = dict(lr=3e-3, reset_rule="start", copy=False, replay_streams=8, segment=1, stream0_weight=None)
 
 #: name -> (feature dim D, classes K, examples n, chunk size C, learner options).
 CASES: dict[str, tuple[int, int, int, int, dict]] = {
