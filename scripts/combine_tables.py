@@ -8,8 +8,9 @@ benchmark). Example (the 10k benchmark with today's learners):
 
     .venv/bin/python scripts/combine_tables.py scripts/results/benchmark10k scripts/results/benchmark10k_ranpac \
         scripts/results/benchmark10k_pooled scripts/results/benchmark10k_copy scripts/results/benchmark10k_recency \
-        --drop benchmark10k:transformer benchmark10k_pooled:transformer benchmark10k_pooled:pooled \
-        benchmark10k_copy:transformer benchmark10k_copy:pooled > scripts/results/benchmark10k/all_learners.md
+        scripts/results/benchmark10k_stream0 --drop benchmark10k:transformer benchmark10k_pooled:transformer \
+        benchmark10k_pooled:pooled benchmark10k_copy:transformer benchmark10k_copy:pooled \
+        benchmark10k_recency:transformer benchmark10k_recency:pooled > scripts/results/benchmark10k/all_learners.md
 
 and the full-size one, whose EMNIST rows of today's `transformer` and `pooled` are the 10k ones:
 
