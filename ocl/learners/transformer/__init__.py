@@ -35,7 +35,8 @@ one cache-free forward with the matching block-banded mask (``q_lo``, used by th
 Positions are relative: ALiBi biases ``-slope_h * distance_in_examples``, so any stream
 length works. Replay (:mod:`.replay`): stream 0 is the newest chunk; streams
 1..R-1 walk over the revealed history with their own caches; one forward and one AdamW
-step per chunk cover all streams at once (the batch dimension is the stream). A chunk whose
+step per chunk cover all streams at once (the batch dimension is the stream; the newest chunk
+weighs ``stream0_weight`` = 1/2 of the loss, the replay streams share the rest). A chunk whose
 loss is not finite is skipped (counted in ``skipped_updates``) and kept out of the history.
 
 Cost of a step (one chunk): one training forward over the R streams, one backward, one
