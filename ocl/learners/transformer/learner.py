@@ -344,17 +344,30 @@ class TransformerLearner(HeldOutEvaluation, Learner):
     def _train(self, logits: torch.Tensor, ys: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         """Loss of ``logits (B, C, K)`` on ``ys (B, C)``, backward, one clipped AdamW step at ``lr``;
         no step (decided on the device) when the loss is not finite. Returns that flag (0-dim)."""
-        w0, B = self.cfg.stream0_weight, ys.shape[0]
-        if w0 is None or B == 1:
+        B, C = ys.shape
+        if self.cfg.stream0_weight is None or B == 1:
             loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
         else:  # stream 0 (the newest chunk) weighs w0, the replay streams share the rest equally
-            per = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1), reduction="none").view(B, -1).mean(1)
-            loss = w0 * per[0] + (1 - w0) * per[1:].mean()
+            ce = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1), reduction="none").view(B, C)
+            loss = (ce * self._loss_weights(B, C)).sum()
         finite = torch.isfinite(loss)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step(lr, skip=~finite)
         return finite
+
+    def _loss_weights(self, B: int, C: int) -> torch.Tensor:
+        """Per-example loss weights ``(B, 1)`` of a batch of B streams of C examples: stream 0's
+        examples share ``stream0_weight``, the replay streams' the rest. Made once per shape (one
+        multiply and one sum per step, not per-stream means)."""
+        made = self.__dict__.setdefault("_weights", {})  # (B, C) -> weights; made lazily: a learner
+        w = made.get((B, C))                             # checkpointed before this lacks it
+        if w is None:
+            w0 = self.cfg.stream0_weight
+            w = torch.full((B, 1), (1 - w0) / ((B - 1) * C), device=self.device)
+            w[0] = w0 / C
+            made[(B, C)] = w
+        return w
 
     @torch.no_grad()
     def _cache_entries(self, fwd: _Forward, ys: torch.Tensor) -> torch.Tensor:

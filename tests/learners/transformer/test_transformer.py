@@ -325,6 +325,16 @@ def test_stream0_weight_one_learns_as_if_there_were_no_replay_streams():
         TransformerLearner(8, 3, stream0_weight=0.0)
 
 
+@pytest.mark.parametrize("B,C", [(2, 1), (4, 1), (4, 3)])
+def test_stream0_weight_splits_the_loss_between_the_newest_chunk_and_the_replay_streams(B, C):
+    """The step's loss is ``w0 * mean CE of stream 0 + (1 - w0) * mean over the replay streams of
+    their mean CE``, for any number of streams B and chunk size C."""
+    learner = TransformerLearner(8, 3, seed=0, **TINY, stream0_weight=0.3)
+    ce = torch.rand(B, C, generator=torch.Generator().manual_seed(B * 10 + C))
+    expected = 0.3 * ce[0].mean() + 0.7 * ce[1:].mean(1).mean()
+    torch.testing.assert_close((ce * learner._loss_weights(B, C)).sum(), expected)
+
+
 # ----------------------------------------------------------------------- protocol details
 @pytest.mark.parametrize("mode", MODES)
 def test_eval_context_picks_which_caches_held_out_examples_attend_to(mode):
