@@ -43,7 +43,7 @@ import torch
 
 from ocl.kernels import windowed_attention
 from ocl.kernels.attention import triton_available
-from ocl.learners.transformer import TransformerLearner, alibi_slopes
+from ocl.learners.transformer import TransformerConfig, TransformerLearner, alibi_slopes
 from ocl.report import format_table
 
 log = logging.getLogger("bench_attention")
@@ -173,7 +173,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--windows", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--streams", type=int, default=8, help="B = R replay streams (learner default 8)")
+    p.add_argument("--streams", type=int, default=8, help="B: streams per attention call (the learner's R; default 8)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32, help="Dh (learner default d_model 128 / 4 heads)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -200,7 +200,9 @@ def main() -> None:
     if args.part in ("kernel", "both"):
         print("\nattention call (median ms)\n" + kernel_table(args, device))
     if args.part in ("learner", "both"):
-        print("\nlearner predict+update loop (defaults: d_model 128, 2 layers, 4 heads, R 8)\n"
+        c = TransformerConfig()
+        print(f"\nlearner predict+update loop (defaults: d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads, "
+              f"R {c.replay_streams})\n"
               + learner_table(args, device))
 
 
