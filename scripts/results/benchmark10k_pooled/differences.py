@@ -3,6 +3,7 @@ difference of each seed's run (same seed = same stream order), then mean ± samp
 
     python scripts/results/benchmark10k_pooled/differences.py runs/benchmark10k_pooled pooled readout_pool \
         [--ref runs/benchmark10k_linear]     # the second learner's runs from another folder
+        [--streams bench_cifar_split ...]    # other streams (default: the 10k benchmark's five)
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def main() -> None:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--ref", type=Path, default=None, help="folder of b's runs (default: the same)")
+    p.add_argument("--streams", nargs="+", default=list(STREAMS), help="streams (default: the 10k benchmark's)")
     args = p.parse_args()
     print(f"| stream | {' | '.join(f'{m}: {args.a} - {args.b}' for m in METRICS)} | seeds |")
     print("| :--- |" + " ---: |" * (len(METRICS) + 1))
-    for stream in STREAMS:
+    for stream in args.streams:
         a, b = runs(args.runs, stream, args.a), runs(args.ref or args.runs, stream, args.b)
         seeds = sorted(set(a) & set(b))
         if not seeds:
