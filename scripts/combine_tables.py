@@ -12,10 +12,12 @@ benchmark). Example (the 10k benchmark with today's learners):
         benchmark10k_pooled:pooled benchmark10k_copy:transformer benchmark10k_copy:pooled \
         benchmark10k_recency:transformer benchmark10k_recency:pooled > scripts/results/benchmark10k/all_learners.md
 
-and the full-size one, whose EMNIST rows of today's `transformer` and `pooled` are the 10k ones:
+and the full-size one, whose EMNIST rows of today's `transformer`, `pooled` and `readout_pool` are the
+10k ones:
 
     .venv/bin/python scripts/combine_tables.py scripts/results/benchmark scripts/results/benchmark_ranpac \
-        scripts/results/benchmark_recency scripts/results/benchmark10k_recency --drop benchmark:transformer \
+        scripts/results/benchmark_stream0 scripts/results/benchmark10k_pooled scripts/results/benchmark10k_stream0 \
+        --drop benchmark:transformer benchmark10k_pooled:pooled benchmark10k_pooled:transformer \
         --same bench10k_emnist_split=bench_emnist_split \
         --streams bench_cifar_split bench_cifar_iid bench_cifar_permuted bench_cifar_bursty bench_emnist_split \
         > scripts/results/benchmark/all_learners.md
