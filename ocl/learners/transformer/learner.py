@@ -23,7 +23,7 @@ from ocl.learners.transformer.heldout import HeldOutEvaluation
 from ocl.learners.transformer.kv_cache import KVCache
 from ocl.learners.transformer.model import OnlineTransformer, TransformerConfig
 from ocl.learners.memory import History
-from ocl.learners.transformer.replay import ReplayCursors, StepBatch
+from ocl.learners.transformer.replay import ReplayCursors, StepBatch, stream_weights
 
 
 class _Forward(NamedTuple):
@@ -349,25 +349,12 @@ class TransformerLearner(HeldOutEvaluation, Learner):
             loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
         else:  # stream 0 (the newest chunk) weighs w0, the replay streams share the rest equally
             ce = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1), reduction="none").view(B, C)
-            loss = (ce * self._loss_weights(B, C)).sum()
+            loss = (ce * stream_weights(B, C, self.cfg.stream0_weight, self.device)).sum()
         finite = torch.isfinite(loss)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step(lr, skip=~finite)
         return finite
-
-    def _loss_weights(self, B: int, C: int) -> torch.Tensor:
-        """Per-example loss weights ``(B, 1)`` of a batch of B streams of C examples: stream 0's
-        examples share ``stream0_weight``, the replay streams' the rest. Made once per shape (one
-        multiply and one sum per step, not per-stream means)."""
-        made = self.__dict__.setdefault("_weights", {})  # (B, C) -> weights; made lazily: a learner
-        w = made.get((B, C))                             # checkpointed before this lacks it
-        if w is None:
-            w0 = self.cfg.stream0_weight
-            w = torch.full((B, 1), (1 - w0) / ((B - 1) * C), device=self.device)
-            w[0] = w0 / C
-            made[(B, C)] = w
-        return w
 
     @torch.no_grad()
     def _cache_entries(self, fwd: _Forward, ys: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ spread over the whole history: multi-epoch training that stays strictly sequenti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -112,3 +113,13 @@ class StepBatch(NamedTuple):
     pos: torch.Tensor  # (B, C) example positions in each stream
     ctx_pos: torch.Tensor  # (B, S) token positions of the streams' cache slots; -1: empty, or the stream jumps
     q_lo: torch.Tensor | None = None  # (B, T) lowest token position each query sees (segment > 1), else None
+
+
+@functools.lru_cache(maxsize=64)  # made once per shape: the training step only reads it (never modify it)
+def stream_weights(B: int, C: int, w0: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Loss weight of each example of a step over B streams of C examples, ``(B, 1)``: stream 0's
+    (the newest chunk's) share ``w0``, the replay streams' share the rest equally, so the step's
+    loss is ``(ce (B, C) * weights).sum()``: one product and one sum, not per-stream means."""
+    w = torch.full((B, 1), (1 - w0) / ((B - 1) * C), device=device)
+    w[0] = w0 / C
+    return w
