@@ -8,9 +8,10 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default: $OUT if set, else runs/gpu_check
 #
-# Needs none of ocl's other dependencies (hydra, Avalanche, ...): it imports the package from this
-# checkout through a tree of symbolic links that mirrors pyproject.toml's package-dir mapping. Logs:
-# OUT_DIR/tests.log, learner.log, kernel.log; the exit code is the worst part's (124: a time limit).
+# Needs Python 3.11+ and none of ocl's other dependencies (hydra, Avalanche, ...): it imports the
+# package from this checkout through a tree of symbolic links that mirrors pyproject.toml's
+# package-dir mapping. Logs: OUT_DIR/device.log, tests.log, learner.log, kernel.log; the exit code is
+# the worst part's (124: a time limit).
 set -uo pipefail
 
 out=${1:-${OUT:-runs/gpu_check}}
@@ -18,14 +19,14 @@ py=${PYTHON:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 
-# ocl -> ocl/, ocl.kernels -> kernels/, ocl.streams -> streams/, ocl.configs -> configs/
+# ocl -> ocl/, ocl.kernels -> kernels/, ...: the package tree bench_speed.py stages from pyproject.toml
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir "$stage/ocl"
-ln -s "$repo"/ocl/* "$stage/ocl/"
-for sub in kernels streams configs; do ln -s "$repo/$sub" "$stage/ocl/$sub"; done
+"$py" -P -c 'import runpy, sys; from pathlib import Path
+runpy.run_path(sys.argv[1])["stage_package"](Path(sys.argv[2]), Path(sys.argv[3]))' \
+    "$repo/scripts/bench_speed.py" "$repo" "$stage" || { echo "error: could not stage ocl with $py" >&2; exit 2; }
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# python -P: the checkout's own ocl/ (without kernels/ etc. under it) must not shadow the staged one
+# python -P (3.11+): the checkout's own ocl/ (without kernels/ etc. under it) must not shadow the staged one
 
 "$py" -P - <<'EOF' 2>&1 | tee "$out/device.log"
 import torch, triton, ocl, ocl.kernels, ocl.learners.transformer

@@ -347,7 +347,7 @@ class TransformerLearner(HeldOutEvaluation, Learner):
         B, C = ys.shape
         if self.cfg.stream0_weight is None or B == 1:
             loss = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1))
-        else:  # stream 0 (the newest chunk) weighs w0, the replay streams share the rest equally
+        else:  # stream 0 (the newest chunk) weighs stream0_weight, the replay streams share the rest equally
             ce = F.cross_entropy(logits.reshape(-1, self.K), ys.reshape(-1), reduction="none").view(B, C)
             loss = (ce * stream_weights(B, C, self.cfg.stream0_weight, self.device)).sum()
         finite = torch.isfinite(loss)
